@@ -1,0 +1,39 @@
+# DermML: `make demo` and `make test` work on a fresh clone (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install demo test test-fast lint lock clean
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24" wheel setuptools
+	# pip, not uv: pip takes torch from the machine's local wheel files.
+	$(BIN)/python -m pip install -q -r requirements/lock.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dermml demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: $(STAMP)
+	$(BIN)/ruff check dermml components pipelines tests benchmarks
+
+# Re-pin after editing requirements/*.in (keeps the install reproducible).
+lock:
+	rm -rf /tmp/dermml-lock && $(PYTHON) -m venv /tmp/dermml-lock
+	/tmp/dermml-lock/bin/pip install -q -r requirements/base.in -r requirements/dev.in
+	/tmp/dermml-lock/bin/pip freeze --exclude-editable > requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .dermml .pytest_cache

@@ -1,0 +1,17 @@
+"""Evaluation component: metrics on the test split, also shown as KFP Metrics."""
+
+from kfp import dsl
+
+from components.image import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def evaluate_model(model_uri: str, manifest_uri: str, splits: str, parent_run_id: str,
+                   metrics: dsl.Output[dsl.Metrics]) -> str:
+    from dermml.evaluation.run import evaluate
+
+    result = evaluate(model_uri, manifest_uri, splits.split(","), parent_run_id)
+    for split, values in result.metrics.items():
+        for name, value in values.items():
+            metrics.log_metric(f"{split}_{name}", value)
+    return result.run_id

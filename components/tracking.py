@@ -1,0 +1,19 @@
+"""Parent MLflow run of a pipeline execution: opened first, closed by the exit handler."""
+
+from kfp import dsl
+
+from components.image import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def start_pipeline_run(task: str, pipeline: str) -> str:
+    from dermml.orchestration.tracking import start_pipeline_run as start
+
+    return start(task, pipeline)
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def finish_pipeline_run(parent_run_id: str):
+    from dermml.orchestration.tracking import finish_pipeline_run as finish
+
+    finish(parent_run_id)

@@ -1,0 +1,20 @@
+"""Training component: Ray Train on the GPU pool (placement is set in the pipeline)."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components.image import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def train_model(task: str, config: str, overrides: list, manifest_uri: str,
+                parent_run_id: str) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
+    from collections import namedtuple
+
+    from dermml.training.run import resolve_config, train
+
+    sets = [str(o) for o in overrides] + [f"data.manifest={manifest_uri}"]
+    cfg = resolve_config(task, config or None, sets)
+    outcome = train(task, cfg, parent_run_id=parent_run_id, progress=False)
+    return namedtuple("TrainOutputs", ["run_id", "model_uri"])(outcome.run_id, outcome.model_uri)

@@ -1,0 +1,294 @@
+"""The ``dermml`` command: every stage callable from the shell."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, train, evaluate, "
+                  "registry, serve, pipeline, demo).", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.", no_args_is_help=True)
+registry_app = typer.Typer(help="Model registry: register, promote, rollback, history.",
+                           no_args_is_help=True)
+pipeline_app = typer.Typer(help="KFP pipelines: run locally, compile to YAML.",
+                           no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
+app.add_typer(pipeline_app, name="pipeline")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input (files, config, flags): reported in one line, not a traceback."""
+    from dermml.config import ConfigError
+    from dermml.data.images import ImageReadError
+    from dermml.data.manifest import ManifestError
+    from dermml.storage import StorageError
+
+    errors: list[type[BaseException]] = [ConfigError, ManifestError, StorageError, ImageReadError,
+                                         FileExistsError, FileNotFoundError, KeyError, ValueError]
+    try:
+        from dermml.data.importers import DatasetImportError
+
+        errors.append(DatasetImportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def cli_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            typer.secho(f"error: {message}", fg="red", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- data
+@data_app.command("demo")
+@cli_errors
+def data_demo(
+    out: Annotated[str, typer.Option(help="Output folder or s3:// prefix (must not exist)")],
+    n: Annotated[int, typer.Option(help="Number of samples")] = 200,
+    size: Annotated[int, typer.Option(help="Image size in pixels")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes)")] = 0,
+):
+    """Procedural dermoscopy-like images with lesion/attribute masks and diagnosis labels."""
+    from dermml.data.demo import generate_demo
+    from dermml.data.importers import manifest_info
+
+    uri = generate_demo(out, n=n, size=size, seed=seed, progress=True)
+    typer.echo(manifest_info(uri))
+
+
+@data_app.command("import")
+@cli_errors
+def data_import(
+    fmt: Annotated[str, typer.Argument(help="segmentation|classification|isic2018|ph2|coco")],
+    src: Annotated[str, typer.Argument(help="Dataset folder (local or s3://)")],
+    out: Annotated[str, typer.Option(help="Manifest to write (.parquet)")],
+    seed: Annotated[int, typer.Option(help="Seed of assigned splits")] = 0,
+    group: Annotated[str | None, typer.Option(help="Split by group column: patient_id or "
+                                                   "lesion_id")] = None,
+    annotations: Annotated[str | None, typer.Option(help="COCO JSON file (coco)")] = None,
+):
+    """Turn a public dataset layout into a manifest (images referenced, not copied)."""
+    from dermml.data.importers import import_dataset, manifest_info
+
+    options = {"annotations": annotations} if annotations else {}
+    uri, _ = import_dataset(fmt, src, out, seed=seed, group=group, progress=True, **options)
+    typer.echo(manifest_info(uri))
+
+
+@data_app.command("info")
+@cli_errors
+def data_info(manifest: Annotated[str, typer.Argument(help="Manifest URI or dataset folder")]):
+    """Counts per split and label, and the dataset version."""
+    from dermml.data.importers import manifest_info
+
+    typer.echo(manifest_info(manifest))
+
+
+# ----------------------------------------------------------------------------- validate
+@app.command("validate")
+@cli_errors
+def validate_cmd(
+    manifest: Annotated[str, typer.Argument(help="Manifest URI or dataset folder")],
+    suite: Annotated[str, typer.Option(help="segmentation|classification|attributes")] =
+        "segmentation",
+    report: Annotated[str | None, typer.Option(help="Folder for validation.json and facts.csv")]
+        = None,
+    warn_only: Annotated[bool, typer.Option(help="Report problems but exit 0")] = False,
+    write_clean: Annotated[str | None, typer.Option(help="Write a manifest without quarantined "
+                                                         "rows here")] = None,
+    require_splits: Annotated[str, typer.Option(help="Comma-separated splits that must be "
+                                                     "non-empty")] = "",
+    track: Annotated[bool, typer.Option(help="Log the report to MLflow")] = True,
+):
+    """Check every image and mask; exit non-zero naming each bad file."""
+    from dermml.validation.run import ValidationFailed, validate
+
+    splits = tuple(s for s in require_splits.split(",") if s)
+    try:
+        outcome = validate(manifest, suite, report, splits, warn_only, write_clean, track=track)
+    except ValidationFailed as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(outcome.report.summary())
+
+
+# ----------------------------------------------------------------------------- train
+@app.command("train")
+@cli_errors
+def train_cmd(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. segmentation")],
+    config: Annotated[str | None, typer.Option(help="YAML config file")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override, key=value")] = None,
+    resume: Annotated[str | None, typer.Option(help="MLflow run id to resume")] = None,
+    parent_run_id: Annotated[str | None, typer.Option(help="Parent MLflow run")] = None,
+):
+    """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
+    from dermml.orchestration.tracking import ui_command
+    from dermml.training.run import resolve_config, train
+
+    cfg = resolve_config(task, config, set_)
+    outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume)
+    typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
+                           "metrics": outcome.metrics}, indent=2))
+    typer.echo(f"MLflow UI: {ui_command()}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+@app.command("evaluate")
+@cli_errors
+def evaluate_cmd(
+    model_uri: Annotated[str, typer.Argument(help="runs:/ID/model or models:/NAME@ALIAS")],
+    data: Annotated[str, typer.Option(help="Manifest URI")],
+    splits: Annotated[str, typer.Option(help="Comma-separated splits")] = "test",
+):
+    """Metrics of a model on one or more splits, logged to MLflow."""
+    from dermml.evaluation.run import evaluate
+
+    result = evaluate(model_uri, data, [s for s in splits.split(",") if s])
+    typer.echo(json.dumps({"run_id": result.run_id, "dataset_version": result.dataset_version,
+                           "metrics": result.metrics}, indent=2))
+
+
+# ----------------------------------------------------------------------------- registry
+@registry_app.command("register")
+@cli_errors
+def registry_register(
+    model: Annotated[str, typer.Argument(help="Run id or model URI (runs:/ID/model)")],
+    task: Annotated[str, typer.Option(help="Task name")] = "segmentation",
+):
+    """Register a run's model as dermml-<task> and alias it `challenger`."""
+    from dermml.registry.gate import model_name, register
+
+    uri = model if "://" in model or model.startswith(("runs:/", "models:/")) else \
+        f"runs:/{model}/model"
+    version = register(uri, task)
+    typer.echo(f"registered {model_name(task)} version {version} (alias challenger)")
+
+
+@registry_app.command("promote")
+@cli_errors
+def registry_promote(
+    version: Annotated[str, typer.Argument(help="Model version to promote")],
+    data: Annotated[str, typer.Option(help="Manifest of the gate's test set")],
+    task: Annotated[str, typer.Option(help="Task name")] = "segmentation",
+    split: Annotated[str, typer.Option(help="Test split of the gate")] = "test",
+    metric: Annotated[str | None, typer.Option(help="Gate metric (default: the task's)")] = None,
+    min_delta: Annotated[float, typer.Option(help="Required improvement over the champion")]
+        = 0.0,
+):
+    """Promote to `champion` only if the gate passes against the current champion."""
+    from dermml.registry.gate import promote
+
+    decision = promote(task, version, data, split, metric, min_delta)
+    typer.echo(json.dumps(decision.__dict__, indent=2))
+    if not decision.promoted:
+        typer.secho(f"refused: {decision.reason}", fg="yellow", err=True)
+        raise typer.Exit(3)
+
+
+@registry_app.command("rollback")
+@cli_errors
+def registry_rollback(task: Annotated[str, typer.Option(help="Task name")] = "segmentation",
+                      reason: Annotated[str, typer.Option(help="Why")] = "manual rollback"):
+    """Give `champion` back to the version the current champion replaced."""
+    from dermml.registry.gate import rollback
+
+    typer.echo(f"champion is now version {rollback(task, reason)}")
+
+
+@registry_app.command("history")
+@cli_errors
+def registry_history(task: Annotated[str, typer.Option(help="Task name")] = "segmentation"):
+    """Versions, aliases and gate decisions (the audit trail)."""
+    from dermml.registry.gate import history
+
+    typer.echo(json.dumps(history(task), indent=2))
+
+
+# ----------------------------------------------------------------------------- serve
+@app.command("serve")
+@cli_errors
+def serve_cmd(
+    model_uri: Annotated[str, typer.Argument(help="e.g. models:/dermml-segmentation@champion")],
+    port: Annotated[int, typer.Option(help="Port")] = 5001,
+    host: Annotated[str, typer.Option(help="Interface")] = "127.0.0.1",
+):
+    """Serve a model over HTTP with `mlflow models serve` (POST /invocations)."""
+    import os
+
+    from dermml.serving.server import serve_command, serve_env
+
+    cmd = serve_command(model_uri, port, host)
+    os.execve(cmd[0], cmd, serve_env())
+
+
+# ----------------------------------------------------------------------------- pipeline
+@pipeline_app.command("run")
+@cli_errors
+def pipeline_run(
+    name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
+    local: Annotated[bool, typer.Option("--local", help="Run with kfp.local (SubprocessRunner)")]
+        = False,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Pipeline parameter "
+                                                                      "key=value")] = None,
+):
+    """Run a pipeline; `--local` executes every component here, against the same MLflow."""
+    from dermml.orchestration.kfp_local import parse_params, run_local
+
+    if not local:
+        typer.secho("only --local runs are supported here; use `dermml pipeline compile` and "
+                    "submit the YAML to your KFP instance", fg="red", err=True)
+        raise typer.Exit(2)
+    outputs = run_local(name, parse_params(param or []))
+    typer.echo(json.dumps(outputs, indent=2, default=str))
+
+
+@pipeline_app.command("compile")
+@cli_errors
+def pipeline_compile(
+    name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
+    out: Annotated[Path, typer.Option(help="Output YAML file")],
+):
+    """Write the KFP IR YAML of a pipeline."""
+    from dermml.orchestration.kfp_local import compile_pipeline
+
+    compile_pipeline(name, str(out))
+    typer.echo(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- demo
+@app.command("demo")
+@cli_errors
+def demo_cmd(
+    n: Annotated[int, typer.Option(help="Demo samples")] = 160,
+    size: Annotated[int, typer.Option(help="Image size")] = 64,
+    epochs: Annotated[int, typer.Option(help="Training epochs")] = 8,
+    port: Annotated[int, typer.Option(help="Port for the model server")] = 5055,
+):
+    """The whole job end to end on embedded defaults, then one real HTTP prediction."""
+    from dermml.demo import run_demo
+
+    run_demo(n=n, size=size, epochs=epochs, port=port)
+
+
+def main() -> None:
+    app(prog_name="dermml")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

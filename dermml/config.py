@@ -1,0 +1,132 @@
+"""Typed configuration: pydantic models, YAML task configs and ``--set key=value`` overrides.
+
+Every config section forbids unknown keys, so a typo in a YAML file or a ``--set`` flag is an
+error that names the key and lists the valid ones instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound="Section")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and why."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are validated on set."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def dermml_home() -> Path:
+    """Folder for embedded state (MLflow SQLite DB, artifacts, Ray results): ``$DERMML_HOME``."""
+    return Path(os.environ.get("DERMML_HOME", ".dermml")).absolute()
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML (numbers, lists, bools)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, info in model_cls.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _set_nested(data: dict, path: list[str], value: Any, model_cls: type[BaseModel]) -> None:
+    cls: Any = model_cls
+    node = data
+    for i, part in enumerate(path):
+        fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {}
+        if part not in fields:
+            dotted = ".".join(path)
+            raise ConfigError(
+                f"unknown config key {dotted!r}; valid keys: {', '.join(_valid_keys(model_cls))}"
+            )
+        if i == len(path) - 1:
+            node[part] = value
+            return
+        cls = fields[part].annotation
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(path[: i + 1])!r} is not a section")
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
+                overrides: list[str] | None = None, base: dict | None = None) -> T:
+    """Build ``model_cls`` from defaults, then ``base``, then a YAML file, then ``--set`` items."""
+    data: dict = dict(base or {})
+    source = "defaults"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = _deep_merge(data, loaded)
+        source = str(p)
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        _set_nested(data, keys, value, model_cls)
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(config: BaseModel | dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; for logging a config as MLflow params."""
+    data = config.model_dump() if isinstance(config, BaseModel) else config
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,1 @@
+"""Datasets: the Parquet manifest, importers, procedural demo data and torch datasets."""

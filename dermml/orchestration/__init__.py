@@ -1,0 +1,1 @@
+"""Adapters to Ray, MLflow, KFP and Kubernetes: the only code that knows those libraries."""

@@ -1,0 +1,70 @@
+"""KFP adapter: run pipelines with ``kfp.local`` (SubprocessRunner) and compile them to YAML."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dermml.config import ConfigError, dermml_home
+
+
+def get_pipeline(name: str):
+    from pipelines import PIPELINES
+
+    if name not in PIPELINES:
+        raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["epochs=3", "overrides=[a=1]"]`` -> values parsed as YAML."""
+    params = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--param {item!r}: expected key=value")
+        params[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return params
+
+
+def _check_params(name: str, params: dict[str, Any]) -> None:
+    fn = get_pipeline(name)
+    signature = inspect.signature(fn.pipeline_func)
+    unknown = sorted(set(params) - set(signature.parameters))
+    if unknown:
+        raise ConfigError(f"pipeline {name!r} has no parameter(s) {unknown}; parameters: "
+                          f"{', '.join(signature.parameters)}")
+
+
+def local_environment() -> None:
+    """Make component subprocesses see this venv's tools and the same DERMML_HOME / MLflow."""
+    bin_dir = str(Path(sys.executable).parent)
+    if not os.environ.get("PATH", "").startswith(bin_dir):
+        os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ["DERMML_HOME"] = str(dermml_home())
+
+
+def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Execute pipeline ``name`` locally; every component runs as a subprocess here."""
+    import kfp.local
+
+    _check_params(name, params)
+    local_environment()
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
+                   pipeline_root=str(dermml_home() / "kfp"), raise_on_error=True)
+    task = get_pipeline(name)(**params)
+    outputs = getattr(task, "outputs", None) or {}
+    return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
+
+
+def compile_pipeline(name: str, out: str) -> str:
+    from kfp import compiler
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(get_pipeline(name), out)
+    return out

@@ -1,0 +1,143 @@
+"""Ray Train adapter: runs the shared training loop in TorchTrainer workers.
+
+Checkpoints go to ``ray.storage_path`` (local or s3://); a restarted worker group resumes from the
+latest one (``FailureConfig``), and rerunning with the same run name resumes a killed run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dermml import storage
+from dermml.config import dermml_home
+from dermml.tasks import get_task
+from dermml.tasks.base import TaskConfig
+from dermml.training.checkpoint import state_from_bytes
+from dermml.training.loop import FitResult, Hooks
+from dermml.training.setup import build_parts, run_loop
+
+STATE_FILE = "state.pt"
+
+
+class RayCheckpointer:
+    """Reports every epoch to Ray Train; rank 0 attaches the training state as a checkpoint."""
+
+    def load(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return state_from_bytes(Path(folder, STATE_FILE).read_bytes())
+
+    def save(self, state: dict, metrics: dict[str, float]) -> None:
+        import ray.train
+        import torch
+
+        with tempfile.TemporaryDirectory() as folder:
+            if ray.train.get_context().get_world_rank() == 0:
+                torch.save(state, Path(folder, STATE_FILE))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics)
+
+
+def _mlflow_hooks(tracking_uri: str, run_id: str) -> Hooks:
+    """Rank 0 logs per-step and per-epoch metrics straight into the stage's MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value, step=step)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            if key != "epoch":
+                client.log_metric(run_id, key, value, step=epoch)
+
+    return Hooks(on_step=on_step, on_epoch_end=on_epoch_end)
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function: ordinary PyTorch over the shared loop."""
+    import ray.train
+    import ray.train.torch
+
+    task = get_task(config["task"])
+    cfg = task.config_cls.model_validate(config["cfg"])
+    device = ray.train.torch.get_device()
+    parts = build_parts(task, cfg, device)
+    parts.train_loader = ray.train.torch.prepare_data_loader(parts.train_loader)
+    # Every worker validates the whole validation set so all ranks agree on the gate metric.
+    parts.val_loader = ray.train.torch.prepare_data_loader(parts.val_loader,
+                                                           add_dist_sampler=False)
+    parts.model = ray.train.torch.prepare_model(parts.model)
+    hooks = Hooks()
+    if ray.train.get_context().get_world_rank() == 0 and config.get("mlflow_run_id"):
+        hooks = _mlflow_hooks(config["tracking_uri"], config["mlflow_run_id"])
+    run_loop(task, cfg, parts, device, hooks=hooks, checkpointer=RayCheckpointer())
+
+
+def storage_path(cfg: TaskConfig) -> str:
+    return cfg.ray.storage_path or str(dermml_home() / "ray_results")
+
+
+def ensure_ray(address: str = "") -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": _forwarded_env()})
+
+
+def _forwarded_env() -> dict[str, str]:
+    keys = ("DERMML_HOME", "MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def fit_with_ray(task_name: str, cfg: TaskConfig, run_name: str, tracking_uri: str = "",
+                 mlflow_run_id: str = "") -> FitResult:
+    """Train with ``TorchTrainer``; the run named ``run_name`` resumes if it exists already."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(cfg.ray.address)
+    path = storage_path(cfg)
+    fs_kwargs: dict[str, Any] = {}
+    if path.startswith("s3://"):
+        fs, key = storage._filesystem(path)  # same endpoint/credentials as every other s3 read
+        fs_kwargs = {"storage_filesystem": fs}
+        path = key
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"task": task_name, "cfg": cfg.model_dump(),
+                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=path, **fs_kwargs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray training failed: {result.error}")
+    if result.checkpoint is None:
+        raise RuntimeError("Ray training finished without a checkpoint")
+    with result.checkpoint.as_directory() as folder:
+        state = state_from_bytes(Path(folder, STATE_FILE).read_bytes())
+    return FitResult(epochs_run=state["epoch"] + 1, history=state["history"],
+                     best_metric=state["best_metric"], best_model=state["best_model"])

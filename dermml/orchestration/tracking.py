@@ -1,0 +1,193 @@
+"""MLflow adapter: embedded or remote tracking, one experiment per task, parent/child runs.
+
+Embedded default: ``$DERMML_HOME/mlflow.db`` (SQLite) with artifacts in ``$DERMML_HOME/artifacts``.
+``MLFLOW_TRACKING_URI`` selects a remote server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dermml.config import dermml_home, flatten
+
+TAG_DATASET_VERSION = "dermml.dataset_version"
+TAG_DATASET_URI = "dermml.dataset_uri"
+TAG_GIT_COMMIT = "dermml.git_commit"
+TAG_STAGE = "dermml.stage"
+TAG_TASK = "dermml.task"
+TAG_PIPELINE_RUN = "dermml.pipeline_run_id"
+
+
+def tracking_uri() -> str:
+    """The tracking URI in force: ``$MLFLOW_TRACKING_URI`` or the embedded SQLite store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = dermml_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def is_embedded() -> bool:
+    """True when runs go to a local store (mlflow also exports its URI into the environment)."""
+    return tracking_uri().startswith(("sqlite:", "file:", "/"))
+
+
+def configure() -> str:
+    """Point the mlflow client at the tracking URI in force; returns it."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def experiment_name(task: str) -> str:
+    return f"dermml/{task}"
+
+
+def ensure_experiment(task: str) -> str:
+    """Id of the task's experiment, created on first use (embedded: artifacts under DERMML_HOME)."""
+    import mlflow
+
+    configure()
+    name = experiment_name(task)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if is_embedded():
+        location = (dermml_home() / "artifacts" / task).as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another stage
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str:
+    """Commit of the running code: ``$DERMML_GIT_COMMIT`` (set in images) or ``git rev-parse``."""
+    if os.environ.get("DERMML_GIT_COMMIT"):
+        return os.environ["DERMML_GIT_COMMIT"]
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def stage_run(task: str, stage: str, parent_run_id: str | None = None,
+              run_name: str | None = None, run_id: str | None = None,
+              system_metrics: bool = False) -> Iterator[Any]:
+    """Start (or resume) a run for one stage, as a child of ``parent_run_id`` when given."""
+    import mlflow
+
+    experiment_id = ensure_experiment(task)
+    tags = {TAG_STAGE: stage, TAG_TASK: task, TAG_GIT_COMMIT: git_commit()}
+    if parent_run_id:
+        tags[TAG_PIPELINE_RUN] = parent_run_id
+    kwargs: dict[str, Any] = {"run_id": run_id} if run_id else {
+        "experiment_id": experiment_id, "run_name": run_name or stage, "tags": tags,
+        "parent_run_id": parent_run_id or None, "nested": bool(parent_run_id)}
+    if system_metrics:
+        kwargs["log_system_metrics"] = True
+    # Runs are started explicitly with parent_run_id, never nested in a caller's active run.
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    with mlflow.start_run(**kwargs) as run:
+        try:
+            yield run
+        except BaseException:
+            if parent_run_id:  # the pipeline's parent run failed with its stage
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri()).set_terminated(parent_run_id, "FAILED")
+            raise
+
+
+def log_config(config: Any) -> None:
+    """Config as params (flattened keys) and as ``config.yaml``."""
+    import mlflow
+    import yaml
+
+    data = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(data).items()}
+    mlflow.log_params(params)
+    mlflow.log_text(yaml.safe_dump(data, sort_keys=False), "config.yaml")
+
+
+def log_dataset(manifest_uri: str, version: str, split_counts: dict[str, int] | None = None) -> None:
+    """Tags and params that tie a run to the exact dataset version it used."""
+    import mlflow
+
+    mlflow.set_tags({TAG_DATASET_VERSION: version, TAG_DATASET_URI: manifest_uri})
+    if split_counts:
+        mlflow.log_params({f"data.n_{k}": v for k, v in split_counts.items()})
+
+
+def log_image(image: np.ndarray, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_image(image, artifact_file)
+
+
+def log_figure(fig: Any, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_table_csv(df, artifact_file: str) -> None:
+    import mlflow
+
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    mlflow.log_text(buf.getvalue(), artifact_file)
+
+
+def ui_command() -> str:
+    """How to open the MLflow UI on the runs made with the tracking URI in force."""
+    if is_embedded():
+        return (f"mlflow ui --backend-store-uri {tracking_uri()} --port 5000"
+                "  # then open http://127.0.0.1:5000")
+    return f"open {tracking_uri()} in a browser"
+
+
+def start_pipeline_run(task: str, pipeline: str, params: dict[str, Any] | None = None) -> str:
+    """Create the parent run of one pipeline execution and leave it open; returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = ensure_experiment(task)
+    client = MlflowClient(tracking_uri())
+    run = client.create_run(experiment_id, run_name=f"pipeline-{pipeline}",
+                            tags={TAG_STAGE: "pipeline", TAG_TASK: task,
+                                  TAG_GIT_COMMIT: git_commit(), "dermml.pipeline": pipeline})
+    for key, value in (params or {}).items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id
+
+
+def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:
+    """Close a parent run; a child that failed marks it FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri())
+    children = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    if any(c.info.status == "FAILED" for c in children):
+        status = "FAILED"
+    client.set_terminated(run_id, status)

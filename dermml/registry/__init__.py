@@ -1,0 +1,1 @@
+"""Model registry: register, promotion gates, aliases, audit trail and rollback."""

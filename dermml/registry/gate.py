@@ -1,0 +1,186 @@
+"""Register models as ``dermml-<task>``, gate promotion to ``champion``, keep an audit trail.
+
+Evaluation results are stored as tags on the model version, keyed by dataset version and split
+(``dermml.eval.<dataset12>.<split>.<metric>``), so a gate always compares the challenger and the
+champion on the very same test set; a champion never scored on that set is evaluated first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+from dataclasses import asdict, dataclass
+
+from mlflow.tracking import MlflowClient
+
+from dermml.orchestration import tracking
+from dermml.tasks import get_task
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+
+
+def model_name(task: str) -> str:
+    return f"dermml-{task}"
+
+
+def _client() -> MlflowClient:
+    uri = tracking.configure()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _eval_key(dataset_version: str, split: str, metric: str) -> str:
+    return f"dermml.eval.{dataset_version[:12]}.{split}.{metric}"
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str] | None:
+    """(name, version) of a ``models:/name/version`` or ``models:/name@alias`` URI, else None."""
+    if not model_uri.startswith("models:/"):
+        return None
+    ref = model_uri[len("models:/"):]
+    client = _client()
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, client.get_model_version_by_alias(name, alias).version
+    name, _, version = ref.partition("/")
+    return name, version
+
+
+def register(model_uri: str, task: str, description: str = "") -> str:
+    """Register ``model_uri`` (e.g. ``runs:/<id>/model``) and make it the challenger."""
+    import mlflow
+
+    tracking.configure()
+    name = model_name(task)
+    version = mlflow.register_model(model_uri, name).version
+    client = _client()
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_model_version_tag(name, version, "dermml.registered_at", _now())
+    client.set_model_version_tag(name, version, "dermml.registered_by", getpass.getuser())
+    if description:
+        client.update_model_version(name, version, description=description)
+    return str(version)
+
+
+def record_evaluation(model_uri: str, dataset_version: str, metrics: dict[str, dict[str, float]],
+                      eval_run_id: str) -> None:
+    """Store split metrics on the model version behind ``model_uri`` (no-op for run URIs)."""
+    ref = parse_model_uri(model_uri)
+    if ref is None:
+        return
+    name, version = ref
+    client = _client()
+    for split, values in metrics.items():
+        for metric, value in values.items():
+            client.set_model_version_tag(name, version, _eval_key(dataset_version, split, metric),
+                                         repr(float(value)))
+        client.set_model_version_tag(name, version,
+                                     f"dermml.eval_run.{dataset_version[:12]}.{split}",
+                                     eval_run_id)
+
+
+def stored_score(name: str, version: str, dataset_version: str, split: str,
+                 metric: str) -> float | None:
+    tags = _client().get_model_version(name, version).tags
+    value = tags.get(_eval_key(dataset_version, split, metric))
+    return None if value is None else float(value)
+
+
+@dataclass
+class GateDecision:
+    promoted: bool
+    version: str
+    metric: str
+    challenger_score: float
+    champion_version: str | None
+    champion_score: float | None
+    reason: str
+
+
+def _score(name: str, version: str, manifest_uri: str, split: str, metric: str,
+           parent_run_id: str | None) -> float:
+    from dermml.data.manifest import read_manifest
+    from dermml.evaluation.run import evaluate
+
+    dataset_version = read_manifest(manifest_uri).version
+    score = stored_score(name, version, dataset_version, split, metric)
+    if score is None:
+        evaluate(f"models:/{name}/{version}", manifest_uri, [split], parent_run_id)
+        score = stored_score(name, version, dataset_version, split, metric)
+    if score is None:
+        raise RuntimeError(f"{name} v{version}: evaluation produced no {metric!r}")
+    return score
+
+
+def promote(task: str, version: str, manifest_uri: str, split: str = "test",
+            metric: str | None = None, min_delta: float = 0.0,
+            parent_run_id: str | None = None) -> GateDecision:
+    """Make ``version`` the champion if it beats the champion by ``min_delta`` on ``split``."""
+    t = get_task(task)
+    metric = metric or t.gate_metric
+    sign = 1.0 if t.gate_mode == "max" else -1.0
+    name, client = model_name(task), _client()
+    version = str(version)
+    challenger = _score(name, version, manifest_uri, split, metric, parent_run_id)
+    try:
+        champion_version = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except Exception:  # no champion yet
+        champion_version = None
+    if champion_version is None:
+        decision = GateDecision(True, version, metric, challenger, None, None,
+                                "first model: no champion to beat")
+    elif champion_version == version:
+        decision = GateDecision(True, version, metric, challenger, version, challenger,
+                                "already champion")
+    else:
+        champion = _score(name, champion_version, manifest_uri, split, metric, parent_run_id)
+        delta = sign * (challenger - champion)
+        passed = delta >= min_delta
+        verdict = "beats" if passed else "does not beat"
+        decision = GateDecision(passed, version, metric, challenger, champion_version, champion,
+                                f"{split} {metric} {challenger:.4f} {verdict} champion "
+                                f"v{champion_version} {champion:.4f} (min_delta {min_delta})")
+    _record_decision(client, name, decision)
+    return decision
+
+
+def _record_decision(client: MlflowClient, name: str, decision: GateDecision) -> None:
+    record = {**asdict(decision), "at": _now(), "by": getpass.getuser()}
+    client.set_model_version_tag(name, decision.version, "dermml.gate", json.dumps(record))
+    if not decision.promoted or decision.champion_version == decision.version:
+        return
+    client.set_registered_model_alias(name, CHAMPION, decision.version)
+    for key, value in (("promoted_at", record["at"]), ("promoted_by", record["by"]),
+                       ("promotion_reason", decision.reason),
+                       ("previous_champion", decision.champion_version or "")):
+        client.set_model_version_tag(name, decision.version, f"dermml.{key}", value)
+
+
+def rollback(task: str, reason: str = "rollback") -> str:
+    """Give the champion alias back to the version it replaced; returns that version."""
+    name, client = model_name(task), _client()
+    current = client.get_model_version_by_alias(name, CHAMPION)
+    previous = current.tags.get("dermml.previous_champion")
+    if not previous:
+        raise ValueError(f"{name} v{current.version} replaced no champion; nothing to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_model_version_tag(name, current.version, "dermml.rolled_back",
+                                 json.dumps({"at": _now(), "by": getpass.getuser(),
+                                             "reason": reason, "restored": previous}))
+    return previous
+
+
+def history(task: str) -> list[dict]:
+    """Every version with its aliases and gate record, newest first (the audit trail)."""
+    name, client = model_name(task), _client()
+    rows = []
+    for mv in client.search_model_versions(f"name='{name}'"):
+        rows.append({"version": mv.version, "aliases": list(mv.aliases),
+                     "run_id": mv.run_id, "gate": json.loads(mv.tags.get("dermml.gate", "null")),
+                     "previous_champion": mv.tags.get("dermml.previous_champion")})
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)

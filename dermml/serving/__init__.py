@@ -1,0 +1,1 @@
+"""Serving: MLflow pyfunc models per task and ``mlflow models serve`` wrappers."""

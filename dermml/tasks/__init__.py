@@ -1,0 +1,8 @@
+"""Tasks are plug-ins: one object per task, registered by name (see ``dermml.tasks.base``)."""
+
+from dermml.tasks.base import Task, get_task, register_task, task_names
+
+# Registration lines: importing a task module registers it.
+from dermml.tasks import segmentation  # noqa: E402,F401  isort: skip
+
+__all__ = ["Task", "get_task", "register_task", "task_names"]

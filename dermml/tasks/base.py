@@ -1,0 +1,141 @@
+"""The task interface: what training, evaluation, registry, serving and pipelines need of a task.
+
+Everything outside ``dermml/tasks`` looks a task up by name and talks to it only through this
+interface; a new task is a new module plus one registration line in ``dermml/tasks/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dermml.config import Section
+from dermml.data.manifest import Manifest
+from dermml.training.loop import LoopConfig
+
+
+class DataConfig(Section):
+    """Which data a task trains and validates on."""
+
+    manifest: str = ""
+    """Manifest URI (Parquet file or dataset folder); required for training."""
+    train_split: str = "train"
+    """Split(s) to train on, comma-separated."""
+    val_split: str = "val"
+    """Split(s) for per-epoch validation and the best checkpoint."""
+    test_split: str = "test"
+    """Split(s) for evaluation and the promotion gate."""
+    image_size: int = 64
+    """Square input size in pixels (the reference works use 128 or 256)."""
+    batch_size: int = 16
+    """Batch size per worker."""
+    loader_workers: int = 0
+    """DataLoader worker processes per training worker."""
+
+
+class RayConfig(Section):
+    """How training is distributed (Ray Train) — configuration, not code."""
+
+    enabled: bool = True
+    """Train through Ray Train's TorchTrainer; false runs the same loop in-process."""
+    address: str = ""
+    """Ray cluster address (``ray://head:10001`` or ``auto``); empty starts a local Ray."""
+    num_workers: int = 1
+    """Training workers (data-parallel)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    storage_path: str = ""
+    """Where Ray keeps checkpoints (local path or s3://); empty = $DERMML_HOME/ray_results."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails."""
+
+
+class ServingConfig(Section):
+    """Post-processing applied identically in evaluation and serving."""
+
+    threshold: float = 0.5
+    """Probability above which a pixel (or class score) counts as positive."""
+
+
+class TaskConfig(Section):
+    """Settings shared by every task; a task subclasses it to add model and loss sections."""
+
+    task: str = ""
+    data: DataConfig = DataConfig()
+    train: LoopConfig = LoopConfig()
+    ray: RayConfig = RayConfig()
+    serving: ServingConfig = ServingConfig()
+
+
+class Task(ABC):
+    """One trainable, servable task. Subclasses set the class attributes and implement methods."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[TaskConfig]]
+    gate_metric: ClassVar[str]
+    """Metric compared by the promotion gate and used to pick the best checkpoint."""
+    gate_mode: ClassVar[str] = "max"
+    """``max`` when larger is better."""
+
+    @abstractmethod
+    def build_model(self, cfg: TaskConfig) -> nn.Module: ...
+
+    @abstractmethod
+    def datasets(self, cfg: TaskConfig, manifest: Manifest) -> tuple[Dataset, Dataset]:
+        """Training and validation datasets of ``manifest``."""
+
+    @abstractmethod
+    def loss_step(self, cfg: TaskConfig):
+        """``f(model, batch) -> loss`` for the training loop."""
+
+    @abstractmethod
+    def validate(self, model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+        """Validation metrics (must include ``gate_metric``)."""
+
+    @abstractmethod
+    def predict(self, model: nn.Module, images: list[np.ndarray], cfg: TaskConfig) -> list[Any]:
+        """Post-processed predictions for RGB uint8 images of any size."""
+
+    @abstractmethod
+    def score(self, predictions: list[Any], rows: pd.DataFrame,
+              manifest: Manifest) -> tuple[pd.DataFrame, dict[str, float]]:
+        """Per-sample scores and their summary against the manifest's ground truth."""
+
+    @abstractmethod
+    def encode_predictions(self, predictions: list[Any]) -> pd.DataFrame:
+        """Serving response rows for predictions (one row per input image)."""
+
+    @abstractmethod
+    def preview(self, model: nn.Module, dataset: Dataset, cfg: TaskConfig, n: int = 8) -> np.ndarray:
+        """An RGB image grid comparing predictions with ground truth, for humans."""
+
+    def response_schema(self) -> list[tuple[str, str]]:
+        """(column, mlflow type) pairs of the serving response."""
+        return []
+
+
+_REGISTRY: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    _REGISTRY[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def task_names() -> list[str]:
+    return sorted(_REGISTRY)

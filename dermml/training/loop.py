@@ -1,0 +1,251 @@
+"""The one training loop every task uses: epochs, validation, checkpoints, AMP, early stopping.
+
+It knows nothing of Ray or MLflow. Callers pass ``hooks`` (where metrics go) and a
+``checkpointer`` (where state is saved and resumed from): in-process for tests and benchmarks,
+Ray Train reporting in workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+from dermml.config import Section
+
+
+class LoopConfig(Section):
+    """Settings of the shared training loop (defaults suit the small demo task on CPU)."""
+
+    epochs: int = 10
+    """Number of passes over the training set."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Optimizer; fused kernels are used on CUDA."""
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule over all steps after warm-up."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs."""
+    grad_accum_steps: int = 1
+    """Optimizer step every N batches."""
+    amp: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    channels_last: bool = True
+    """channels_last memory format on CUDA (ignored on CPU, where it is slower)."""
+    early_stopping_patience: int = 0
+    """Stop after N epochs without improving the gate metric (0 = never)."""
+    log_every_steps: int = 20
+    """Report training loss every N steps (the only host syncs in the hot loop)."""
+    max_steps_per_epoch: int = 0
+    """Cap on batches per epoch (0 = whole epoch); for smoke tests."""
+    seed: int = 0
+    """Seed of model initialisation and data order."""
+
+
+class Checkpointer(Protocol):
+    """Where training state is saved and resumed from."""
+
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict, metrics: dict[str, float]) -> None: ...
+
+
+class NullCheckpointer:
+    def load(self) -> dict | None:
+        return None
+
+    def save(self, state: dict, metrics: dict[str, float]) -> None:
+        return None
+
+
+@dataclass
+class Hooks:
+    """Callbacks of the loop; every one is optional."""
+
+    on_step: Callable[[int, dict[str, float]], None] | None = None
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+
+
+@dataclass
+class FitResult:
+    epochs_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    stopped_early: bool = False
+    best_model: dict | None = None
+    """CPU copy of the weights with the best validation gate metric (last epoch if none)."""
+
+
+def build_optimizer(model: nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = {"fused": True} if device.type == "cuda" else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine or flat."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+EvalFn = Callable[[nn.Module, Iterable, torch.device], dict[str, float]]
+
+
+def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, cfg: LoopConfig,
+        loss_step: StepFn, evaluate: EvalFn | None, gate_metric: str, gate_mode: str = "max",
+        device: torch.device | None = None, hooks: Hooks | None = None,
+        checkpointer: Checkpointer | None = None, progress: bool = False) -> FitResult:
+    """Train ``model``; resume from ``checkpointer`` if it holds state; return the history.
+
+    ``loss_step(model, batch)`` returns the loss of one batch (already on device);
+    ``evaluate(model, val_loader, device)`` returns validation metrics including ``gate_metric``.
+    """
+    device = device or torch.device("cpu")
+    hooks = hooks or Hooks()
+    checkpointer = checkpointer or NullCheckpointer()
+    torch.manual_seed(cfg.seed)
+    use_cl = cfg.channels_last and device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
+    optimizer = build_optimizer(model, cfg, device)
+    steps_per_epoch = _steps_per_epoch(train_loader, cfg)
+    total_steps = max(1, cfg.epochs * steps_per_epoch // cfg.grad_accum_steps)
+    warmup = int(cfg.warmup_epochs * steps_per_epoch / cfg.grad_accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
+
+    result = FitResult(epochs_run=0)
+    start_epoch, since_best = 0, 0
+    best_model: dict | None = None
+    state = checkpointer.load()
+    if state is not None:
+        best_model = state.get("best_model")
+        result.best_model = best_model
+        result.epochs_run = state["epoch"] + 1
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+        result.history = state.get("history", [])
+        result.best_metric = state.get("best_metric")
+        since_best = state.get("since_best", 0)
+
+    sign = 1.0 if gate_mode == "max" else -1.0
+    global_step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        train_loss, global_step = _train_epoch(
+            model, train_loader, cfg, loss_step, optimizer, scheduler, device, hooks,
+            global_step, progress, epoch)
+        metrics = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
+                   "epoch_seconds": time.perf_counter() - started}
+        if evaluate is not None and val_loader is not None:
+            model.eval()
+            with torch.no_grad(), autocast(device, cfg.amp):
+                metrics.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device).items()})
+            model.train()
+        metrics["epoch"] = epoch
+        result.history.append(metrics)
+        result.epochs_run = epoch + 1
+        current = metrics.get(f"val_{gate_metric}")
+        improved = current is not None and (
+            result.best_metric is None or sign * current > sign * result.best_metric)
+        if improved or best_model is None:
+            best_model = _cpu_state(model)
+        if improved:
+            result.best_metric, since_best = current, 0
+        else:
+            since_best += 1
+        result.best_model = best_model
+        checkpointer.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch,
+                           "history": result.history, "best_metric": result.best_metric,
+                           "best_model": best_model, "since_best": since_best,
+                           "is_best": improved}, metrics)
+        if hooks.on_epoch_end:
+            hooks.on_epoch_end(epoch, metrics)
+        if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
+            result.stopped_early = True
+            break
+    return result
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+
+
+def _steps_per_epoch(loader: Iterable, cfg: LoopConfig) -> int:
+    n = len(loader)  # type: ignore[arg-type]
+    return min(n, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else n
+
+
+def _train_epoch(model, loader, cfg, loss_step, optimizer, scheduler, device, hooks,
+                 global_step, progress, epoch) -> tuple[float, int]:
+    model.train()
+    limit = _steps_per_epoch(loader, cfg)
+    running = torch.zeros((), device=device)
+    seen = 0
+    batches = _progress(loader, limit, progress, f"epoch {epoch + 1}/{cfg.epochs}")
+    for i, batch in enumerate(batches):
+        if i >= limit:
+            break
+        batch = _to_device(batch, device, cfg.channels_last and device.type == "cuda")
+        with autocast(device, cfg.amp):
+            loss = loss_step(model, batch)
+        (loss / cfg.grad_accum_steps).backward()
+        if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == limit:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        running += loss.detach()
+        seen += 1
+        global_step += 1
+        if hooks.on_step and global_step % cfg.log_every_steps == 0:
+            hooks.on_step(global_step, {"train_loss_step": float(loss.detach())})
+    return float(running) / max(1, seen), global_step
+
+
+def _progress(loader, total, enabled, desc):
+    if not enabled:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, total=total, desc=desc, leave=False)
+
+
+def _to_device(batch, device, channels_last):
+    if isinstance(batch, torch.Tensor):
+        fmt = torch.channels_last if channels_last and batch.dim() == 4 else torch.preserve_format
+        return batch.to(device, non_blocking=True, memory_format=fmt)
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to_device(b, device, channels_last) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device, channels_last) for k, v in batch.items()}
+    return batch

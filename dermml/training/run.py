@@ -1,0 +1,109 @@
+"""The training stage: config + manifest URI in, a tracked MLflow run with a logged model out."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import mlflow
+
+from dermml.config import dermml_home, load_config
+from dermml.data.manifest import read_manifest
+from dermml.orchestration import tracking
+from dermml.tasks import get_task
+from dermml.tasks.base import TaskConfig
+from dermml.training.checkpoint import FolderCheckpointer
+from dermml.training.loop import FitResult, Hooks
+from dermml.training.setup import build_parts, default_device, run_loop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+
+
+def resolve_config(task_name: str, config_path: str | None = None,
+                   overrides: list[str] | None = None) -> TaskConfig:
+    task = get_task(task_name)
+    return load_config(task.config_cls, config_path, overrides, base={"task": task_name})
+
+
+def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
+          resume_run_id: str | None = None, progress: bool = True) -> TrainOutcome:
+    """Train ``task_name`` with ``cfg`` (through Ray unless ``cfg.ray.enabled`` is false)."""
+    task = get_task(task_name)
+    if not cfg.data.manifest:
+        raise ValueError("no training data: set data.manifest (e.g. --set data.manifest=DIR)")
+    manifest = read_manifest(cfg.data.manifest)
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        manifest.split(*split.split(","))  # fails early, naming the empty split
+    tracking_uri = tracking.configure()
+    with tracking.stage_run(task_name, "train", parent_run_id, run_id=resume_run_id,
+                            system_metrics=True) as run:
+        run_id = run.info.run_id
+        if resume_run_id is None:
+            tracking.log_config(cfg)
+            counts = manifest.df["split"].value_counts().to_dict()
+            tracking.log_dataset(manifest.uri, manifest.version, counts)
+            mlflow.log_param("seed", cfg.train.seed)
+        # The checkpoint location is derived from the MLflow run, so rerunning with
+        # --resume RUN_ID continues from the last checkpoint of that run.
+        if cfg.ray.enabled:
+            from dermml.orchestration.ray_train import fit_with_ray
+
+            result = fit_with_ray(task_name, cfg, run_name=f"{task_name}-{run_id}",
+                                  tracking_uri=tracking_uri, mlflow_run_id=run_id)
+        else:
+            result = _fit_in_process(task, cfg, run_id, progress)
+        metrics = _final_metrics(result)
+        mlflow.log_metrics(metrics)
+        model_uri = _log_model_and_preview(task_name, cfg, result, manifest)
+        mlflow.set_tag("dermml.model_uri", model_uri)
+    return TrainOutcome(run_id=run_id, model_uri=model_uri, metrics=metrics)
+
+
+def _fit_in_process(task, cfg: TaskConfig, run_id: str, progress: bool) -> FitResult:
+    device = default_device(cfg.ray.use_gpu)
+    parts = build_parts(task, cfg, device)
+    hooks = Hooks(
+        on_step=lambda step, m: mlflow.log_metrics(m, step=step),
+        on_epoch_end=lambda epoch, m: mlflow.log_metrics(
+            {k: v for k, v in m.items() if k != "epoch"}, step=epoch),
+    )
+    checkpoints = FolderCheckpointer(str(dermml_home() / "checkpoints" / run_id))
+    return run_loop(task, cfg, parts, device, hooks, checkpoints, progress=progress)
+
+
+def _final_metrics(result: FitResult) -> dict[str, float]:
+    metrics = {"epochs_run": float(result.epochs_run)}
+    if result.best_metric is not None:
+        metrics["best_val_gate"] = float(result.best_metric)
+    if result.history:
+        metrics.update({f"final_{k}": float(v) for k, v in result.history[-1].items()
+                        if k.startswith("val_")})
+    return metrics
+
+
+def _log_model_and_preview(task_name: str, cfg: TaskConfig, result: FitResult, manifest) -> str:
+    from dermml.serving.pyfunc import log_task_model
+
+    task = get_task(task_name)
+    model = task.build_model(cfg)
+    if result.best_model is None:
+        raise RuntimeError("training produced no model state")
+    model.load_state_dict(result.best_model)
+    model.eval()
+    _, val_ds = task.datasets(cfg, manifest)
+    grid = task.preview(model, val_ds, cfg)
+    tracking.log_image(grid, "previews/val_predictions.png")
+    example = val_ds.load(0)[0]
+    return log_task_model(task_name, cfg, result.best_model, example)
+
+
+def new_run_name(task_name: str) -> str:
+    return f"{task_name}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,1 @@
+"""Data validation: per-sample facts, checks and reports."""

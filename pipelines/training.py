@@ -1,0 +1,47 @@
+"""Training pipeline: data -> validate -> train (Ray) -> register -> evaluate -> promote.
+
+One MLflow parent run per execution; each stage is a child run. A failing stage marks the parent
+FAILED (see ``tracking.stage_run``); the last step closes it.
+"""
+
+from kfp import dsl
+
+from components import (
+    evaluate_model,
+    finish_pipeline_run,
+    prepare_data,
+    promote_model,
+    register_model,
+    start_pipeline_run,
+    train_model,
+    validate_data,
+)
+
+
+@dsl.pipeline(name="dermml-training",
+              description="Validate data, train with Ray, register and gate-promote in MLflow.")
+def training_pipeline(task: str = "segmentation", config: str = "", overrides: list = [],  # noqa: B006
+                      manifest_uri: str = "", demo_root: str = "", demo_n: int = 160,
+                      demo_size: int = 64, seed: int = 0,
+                      required_splits: str = "train,val,test", test_split: str = "test",
+                      min_delta: float = 0.0):
+    parent = start_pipeline_run(task=task, pipeline="training")
+    parent.set_caching_options(False)
+    data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
+                        demo_size=demo_size, seed=seed)
+    checked = validate_data(manifest_uri=data.output, suite=task,
+                            required_splits=required_splits, parent_run_id=parent.output)
+    trained = train_model(task=task, config=config, overrides=overrides,
+                          manifest_uri=checked.outputs["Output"],
+                          parent_run_id=parent.output)
+    registered = register_model(model_uri=trained.outputs["model_uri"], task=task)
+    evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],
+                               manifest_uri=checked.outputs["Output"], splits=test_split,
+                               parent_run_id=parent.output)
+    promoted = promote_model(task=task, version=registered.outputs["version"],
+                  manifest_uri=checked.outputs["Output"], split=test_split,
+                  min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
+    # Every stage writes to MLflow or the registry: a cached result would skip that.
+    finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
+    for stage in (data, checked, trained, registered, evaluated, promoted, finished):
+        stage.set_caching_options(False)
