@@ -4,6 +4,8 @@ One MLflow parent run per execution; each stage is a child run. A failing stage 
 FAILED (see ``tracking.stage_run``); the last step closes it.
 """
 
+from typing import NamedTuple
+
 from kfp import dsl
 
 from components import (
@@ -24,7 +26,9 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                       manifest_uri: str = "", demo_root: str = "", demo_n: int = 160,
                       demo_size: int = 64, seed: int = 0,
                       required_splits: str = "train,val,test", test_split: str = "test",
-                      min_delta: float = 0.0):
+                      min_delta: float = 0.0
+                      ) -> NamedTuple("TrainingOutputs", parent_run_id=str, train_run_id=str,
+                                      model_version=str, promoted=bool):
     parent = start_pipeline_run(task=task, pipeline="training")
     parent.set_caching_options(False)
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
@@ -39,9 +43,13 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                                manifest_uri=checked.outputs["Output"], splits=test_split,
                                parent_run_id=parent.output)
     promoted = promote_model(task=task, version=registered.outputs["version"],
-                  manifest_uri=checked.outputs["Output"], split=test_split,
-                  min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
+                             manifest_uri=checked.outputs["Output"], split=test_split,
+                             min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
     # Every stage writes to MLflow or the registry: a cached result would skip that.
     finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
     for stage in (data, checked, trained, registered, evaluated, promoted, finished):
         stage.set_caching_options(False)
+    outputs = NamedTuple("TrainingOutputs", parent_run_id=str, train_run_id=str,
+                         model_version=str, promoted=bool)
+    return outputs(parent_run_id=parent.output, train_run_id=trained.outputs["run_id"],
+                   model_version=registered.outputs["version"], promoted=promoted.output)

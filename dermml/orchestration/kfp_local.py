@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,10 @@ def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
     local_environment()
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(dermml_home() / "kfp"), raise_on_error=True)
-    task = get_pipeline(name)(**params)
+    with warnings.catch_warnings():
+        # kfp warns that base_image is not used locally: expected, components run in this venv.
+        warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+        task = get_pipeline(name)(**params)
     outputs = getattr(task, "outputs", None) or {}
     return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
 

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dermml.config import Section
-from dermml.data.datasets import SegmentationDataset, image_to_tensor, resize_image
+from dermml.data.datasets import (
+    SegmentationDataset,
+    image_to_tensor,
+    resize_image,
+    resize_mask,
+)
 from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import Manifest
 from dermml.losses.segmentation import bce_dice_loss
@@ -165,7 +170,9 @@ class SegmentationTask(Task):
     def preview(self, model, dataset: SegmentationDataset, cfg, n: int = 8) -> np.ndarray:
         pairs = [dataset.load(i) for i in range(min(n, len(dataset)))]
         preds = self.predict(model, [img for img, _ in pairs], cfg)
-        tiles = [overlay_boundaries(img, gt, pred)
+        side = max(128, cfg.data.image_size)  # small inputs are unreadable at native size
+        tiles = [overlay_boundaries(resize_image(img, side), resize_mask(gt, side),
+                                    resize_mask(pred, side))
                  for (img, gt), pred in zip(pairs, preds, strict=True)]
         return image_grid(tiles, columns=4)
 

@@ -1,0 +1,165 @@
+"""Seeded, stratified and optionally group-level train/val/test split assignment.
+
+Rows already in a split keep it; only empty ``split`` values are filled (``fill_missing_splits``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_FRACTIONS: Mapping[str, float] = MappingProxyType({"train": 0.7, "val": 0.15, "test": 0.15})
+_ROW_UNIT = "\0row:"  # prefix of the unit key of a row without a group value
+_NO_LABEL = "\0none"  # stratum of units whose stratify value is empty
+
+
+def check_fractions(fractions: Mapping[str, float] | None) -> dict[str, float]:
+    """A validated copy of ``fractions`` (None means the default 70/15/15)."""
+    fractions = DEFAULT_FRACTIONS if fractions is None else fractions
+    example = "e.g. {'train': 0.7, 'val': 0.15, 'test': 0.15}"
+    if not isinstance(fractions, Mapping) or not fractions:
+        raise ValueError(f"split fractions must map split names to fractions, {example}")
+    checked: dict[str, float] = {}
+    for name, value in fractions.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"split names must be non-empty strings, got {name!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"split fraction for {name!r} must be a number > 0, got {value!r}")
+        checked[name] = value
+    total = sum(checked.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions must sum to 1, got {total:g} from {checked}; {example}")
+    return checked
+
+
+def is_missing(values: pd.Series) -> pd.Series:
+    """True where a value is null or a blank string (an unset split, label or group)."""
+    blank = values.map(lambda v: isinstance(v, str) and not v.strip())
+    return values.isna() | blank.astype(bool)
+
+
+def _units(df: pd.DataFrame, group: str | None) -> pd.Series:
+    """The unit each row is assigned with: its group value, or the row alone when it has none."""
+    # Keying rows by sample_id (not position) makes the result independent of row order.
+    keys = df["sample_id"] if "sample_id" in df.columns else pd.Series(df.index, index=df.index)
+    row_units = _ROW_UNIT + keys.astype(str)
+    if group is None:
+        return row_units
+    if group not in df.columns:
+        raise ValueError(f"group column {group!r} not in the rows (columns: {list(df.columns)})")
+    missing = is_missing(df[group])
+    if missing.all():
+        warnings.warn(f"group column {group!r} is empty for every row; splitting row by row",
+                      stacklevel=3)
+    return df[group].astype(str).where(~missing, row_units)
+
+
+def _unit_strata(df: pd.DataFrame, units: pd.Series, stratify: str | None) -> pd.Series:
+    """Stratum of each unit (index): the majority ``stratify`` value of its rows."""
+    unique_units = pd.Index(units.unique())
+    if stratify is None or stratify not in df.columns or is_missing(df[stratify]).all():
+        return pd.Series("", index=unique_units)
+    missing = is_missing(df[stratify])
+    rows = pd.DataFrame({"unit": units.to_numpy(),
+                         "label": df[stratify].astype(str).where(~missing, _NO_LABEL).to_numpy(),
+                         "unlabeled": missing.to_numpy()})
+    counts = rows.groupby(["unit", "label", "unlabeled"]).size().rename("n").reset_index()
+    # Real labels beat empty ones, then the most frequent, then alphabetical: a stable majority.
+    counts = counts.sort_values(["unit", "unlabeled", "n", "label"],
+                                ascending=[True, True, False, True])
+    return counts.drop_duplicates("unit").set_index("unit")["label"]
+
+
+def _stratum_rng(seed: int, stratum: str) -> np.random.Generator:
+    # Seeding per stratum keeps a class's split stable when other classes are added or removed.
+    digest = int.from_bytes(hashlib.sha256(stratum.encode()).digest()[:8], "big")
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, digest])
+
+
+def _allocate(sizes: Sequence[int], fractions: dict[str, float],
+              rng: np.random.Generator) -> list[str]:
+    """Split names for shuffled units of ``sizes`` rows, filling each split toward its share."""
+    names = list(fractions)
+    targets = np.array([fractions[n] for n in names]) * float(sum(sizes))
+    filled = np.zeros(len(names))
+    tie_order = rng.permutation(len(names))  # equal shortfalls go a seeded way, not always to val
+    every_split_once = len(sizes) >= len(names)
+    chosen = []
+    for i, size in enumerate(sizes):
+        if every_split_once and i < len(names):
+            k = i  # first, one unit for every split, so each split sees the class
+        else:
+            k = int(tie_order[np.argmax((targets - filled)[tie_order])])
+        filled[k] += size
+        chosen.append(names[k])
+    return chosen
+
+
+def assign_splits(df: pd.DataFrame, fractions: Mapping[str, float] | None = DEFAULT_FRACTIONS,
+                  seed: int = 0, stratify: str | None = "label",
+                  group: str | None = None) -> pd.Series:
+    """A split name for every row of ``df``: seeded, stratified, and per group when ``group``.
+
+    All rows sharing a ``group`` value (e.g. ``patient_id``) land in the same split, stratified by
+    the group's majority label. Every split gets at least one unit of each class that has at least
+    as many units as there are splits. The result depends on the seed and the rows, not their order.
+    """
+    fractions = check_fractions(fractions)
+    if df.empty:
+        return pd.Series([], index=df.index, dtype=object, name="split")
+    units = _units(df, group)
+    strata = _unit_strata(df, units, stratify)
+    sizes = units.value_counts()
+    unit_split: dict[str, str] = {}
+    for stratum in sorted(strata.unique()):
+        members = sorted(strata.index[strata == stratum])
+        rng = _stratum_rng(seed, stratum)
+        shuffled = [members[i] for i in rng.permutation(len(members))]
+        chosen = _allocate([int(sizes[u]) for u in shuffled], fractions, rng)
+        unit_split.update(zip(shuffled, chosen, strict=True))
+    return units.map(unit_split).astype(object).rename("split")
+
+
+def _inherited_splits(df: pd.DataFrame, missing: pd.Series, group: str) -> pd.Series:
+    """Splits for unset rows whose group already has rows in a split (keeps the group together)."""
+    if group not in df.columns:
+        raise ValueError(f"group column {group!r} not in the rows (columns: {list(df.columns)})")
+    known = df[~missing & ~is_missing(df[group])]
+    if known.empty:
+        return pd.Series([], dtype=object)
+    group_split = known.groupby(known[group].astype(str))["split"].agg(lambda s: s.mode().iloc[0])
+    pending = df[missing & ~is_missing(df[group])]
+    return pending[group].astype(str).map(group_split).dropna()
+
+
+def fill_missing_splits(df: pd.DataFrame,
+                        fractions: Mapping[str, float] | None = DEFAULT_FRACTIONS,
+                        seed: int = 0, stratify: str | None = "label",
+                        group: str | None = None) -> pd.DataFrame:
+    """A copy of ``df`` whose empty ``split`` values are assigned; set splits are kept as they are.
+
+    With ``group``, an unset row whose group already has a split joins that split.
+    """
+    fractions = check_fractions(fractions)
+    out = df.copy()
+    if "split" not in out.columns:
+        out["split"] = None
+    out["split"] = out["split"].astype(object)
+    missing = is_missing(out["split"])
+    if group is not None and missing.any():
+        inherited = _inherited_splits(out, missing, group)
+        out.loc[inherited.index, "split"] = inherited
+        missing = is_missing(out["split"])
+    if missing.any():
+        out.loc[missing, "split"] = assign_splits(out[missing], fractions, seed, stratify, group)
+    return out
