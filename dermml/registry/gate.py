@@ -180,7 +180,7 @@ def history(task: str) -> list[dict]:
     name, client = model_name(task), _client()
     rows = []
     for mv in client.search_model_versions(f"name='{name}'"):
-        rows.append({"version": mv.version, "aliases": list(mv.aliases),
+        rows.append({"version": str(mv.version), "aliases": list(mv.aliases),
                      "run_id": mv.run_id, "gate": json.loads(mv.tags.get("dermml.gate", "null")),
                      "previous_champion": mv.tags.get("dermml.previous_champion")})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)

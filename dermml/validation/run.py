@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
 
 from dermml import storage
 from dermml.data.manifest import read_manifest, write_manifest
+from dermml.orchestration import tracking
 from dermml.validation.checks import ValidationReport, validate_manifest
 
 SUITE_NEEDS_MASK = {"segmentation": True, "classification": False, "attributes": True,
@@ -34,6 +36,14 @@ def validate(manifest_uri: str, suite: str = "segmentation", report_dir: str | N
              write_clean: str | None = None, parent_run_id: str | None = None,
              track: bool = True, progress: bool = True) -> ValidationOutcome:
     """Check every sample; raise ``ValidationFailed`` on problems unless ``warn_only``."""
+    run = tracking.stage_run(suite, "validate", parent_run_id) if track else nullcontext()
+    with run:  # failing inside the run marks it (and the pipeline's parent run) FAILED
+        return _validate(manifest_uri, suite, report_dir, required_splits, warn_only,
+                         write_clean, track, progress)
+
+
+def _validate(manifest_uri, suite, report_dir, required_splits, warn_only, write_clean, track,
+              progress) -> ValidationOutcome:
     manifest = read_manifest(manifest_uri)
     report, facts = validate_manifest(manifest, SUITE_NEEDS_MASK.get(suite, False),
                                       required_splits, progress=progress)
@@ -55,20 +65,17 @@ def validate(manifest_uri: str, suite: str = "segmentation", report_dir: str | N
         write_manifest(clean, write_clean)
         clean_uri = write_clean
     if track:
-        _log(report, suite, parent_run_id)
+        _log(report)
     if not report.passed and not warn_only:
         raise ValidationFailed(report)
     return ValidationOutcome(report, report_uri, clean_uri)
 
 
-def _log(report: ValidationReport, suite: str, parent_run_id: str | None) -> None:
+def _log(report: ValidationReport) -> None:
     import mlflow
 
-    from dermml.orchestration import tracking
-
-    with tracking.stage_run(suite, "validate", parent_run_id):
-        tracking.log_dataset(report.manifest_uri, report.dataset_version, report.split_counts)
-        mlflow.log_metrics({"n_samples": report.n_samples, "n_problems": len(report.problems),
-                            "n_quarantined": len(report.quarantine)})
-        mlflow.set_tag("dermml.validation", "passed" if report.passed else "failed")
-        mlflow.log_text(report.to_json(), "validation/report.json")
+    tracking.log_dataset(report.manifest_uri, report.dataset_version, report.split_counts)
+    mlflow.log_metrics({"n_samples": report.n_samples, "n_problems": len(report.problems),
+                        "n_quarantined": len(report.quarantine)})
+    mlflow.set_tag("dermml.validation", "passed" if report.passed else "failed")
+    mlflow.log_text(report.to_json(), "validation/report.json")

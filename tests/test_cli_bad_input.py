@@ -1,0 +1,120 @@
+"""Bad input: a clear error naming the file and problem, a non-zero exit, user data untouched."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dermml.cli import app
+
+runner = CliRunner()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+@pytest.fixture()
+def bad_layout(tmp_path) -> Path:
+    """images/ + masks/ with one good sample and one of each problem."""
+    src = tmp_path / "src"
+    img = np.full((16, 16, 3), 180, np.uint8)
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    for name in ("good1", "good2", "good3", "good4", "good5", "good6"):
+        write_png(src / "images" / f"{name}.png", img)
+        write_png(src / "masks" / f"{name}.png", mask)
+    write_png(src / "images" / "nomask.png", img)  # mask missing
+    (src / "images").joinpath("broken.png").write_bytes(b"this is not a png")
+    write_png(src / "masks" / "broken.png", mask)
+    write_png(src / "images" / "offsize.png", img)
+    write_png(src / "masks" / "offsize.png", np.zeros((16, 15), np.uint8))  # 1 px off
+    write_png(src / "images" / "soft.png", img)
+    soft = mask.copy()
+    soft[4, 4:12] = 128
+    write_png(src / "masks" / "soft.png", soft)
+    return src
+
+
+def test_validate_names_each_bad_file_and_reason(bad_layout, tmp_path):
+    before = tree_digest(bad_layout)
+    manifest = str(tmp_path / "m.parquet")
+    result = runner.invoke(app, ["data", "import", "segmentation", str(bad_layout), "--out",
+                                 manifest])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["validate", manifest, "--report", str(tmp_path / "report"),
+                                 "--no-track"])
+    assert result.exit_code == 1
+    out = result.output
+    assert "nomask" in out and "no mask_uri" in out
+    assert "broken.png" in out and "not a decodable image" in out
+    assert "offsize.png" in out and "15x16" in out and "16x16" in out
+    assert "soft.png" in out and "values other than 0 and 255" in out
+    assert "good1" not in out
+    assert tree_digest(bad_layout) == before  # user data never modified
+
+
+def test_write_clean_drops_quarantined_rows(bad_layout, tmp_path):
+    manifest, clean = str(tmp_path / "m.parquet"), str(tmp_path / "clean.parquet")
+    runner.invoke(app, ["data", "import", "segmentation", str(bad_layout), "--out", manifest])
+    result = runner.invoke(app, ["validate", manifest, "--warn-only", "--write-clean", clean,
+                                 "--no-track"])
+    assert result.exit_code == 0, result.output
+    from dermml.data.manifest import read_manifest
+
+    ids = set(read_manifest(clean).df["sample_id"])
+    assert ids == {f"good{i}" for i in range(1, 7)}
+
+
+def test_unknown_import_format_lists_known_formats(tmp_path):
+    result = runner.invoke(app, ["data", "import", "dicomz", str(tmp_path), "--out",
+                                 str(tmp_path / "m.parquet")])
+    assert result.exit_code == 2
+    assert "dicomz" in result.output and "isic2018" in result.output
+    assert not (tmp_path / "m.parquet").exists()
+
+
+def test_unreadable_layout_fails_without_writing_a_manifest(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "m.parquet"
+    result = runner.invoke(app, ["data", "import", "ph2", str(tmp_path / "empty"), "--out",
+                                 str(out)])
+    assert result.exit_code == 2 and "ph2" in result.output
+    assert not out.exists()
+
+
+def test_bad_set_key_is_rejected_before_any_work(demo_data):
+    result = runner.invoke(app, ["train", "segmentation", "--set", f"data.manifest={demo_data}",
+                                 "--set", "train.epoks=3"])
+    assert result.exit_code == 2
+    assert "train.epoks" in result.output and "train.epochs" in result.output
+
+
+def test_empty_split_is_named(demo_data, dermml_home):
+    result = runner.invoke(app, ["train", "segmentation", "--set", f"data.manifest={demo_data}",
+                                 "--set", "data.val_split=holdout", "--set", "ray.enabled=false"])
+    assert result.exit_code == 2
+    assert "holdout" in result.output and "no samples" in result.output
+    assert not (dermml_home / "checkpoints").exists()
+
+
+def test_missing_manifest_is_named(tmp_path):
+    result = runner.invoke(app, ["data", "info", str(tmp_path / "nope.parquet")])
+    assert result.exit_code == 2 and "nope.parquet" in result.output
+
+
+def test_demo_refuses_to_overwrite_existing_dataset(demo_data):
+    out = str(Path(demo_data).parent)
+    before = tree_digest(Path(out))
+    result = runner.invoke(app, ["data", "demo", "--out", out, "--n", "10"])
+    assert result.exit_code == 2
+    assert tree_digest(Path(out)) == before

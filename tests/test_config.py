@@ -1,0 +1,54 @@
+"""Config files and --set overrides: typed, validated, and loud about typos."""
+
+import pytest
+
+from dermml.config import ConfigError, flatten, load_config
+from dermml.tasks.segmentation import SegmentationConfig
+
+
+def test_set_overrides_parse_values_as_yaml():
+    cfg = load_config(SegmentationConfig, overrides=["train.epochs=3", "train.lr=0.01",
+                                                    "ray.enabled=false"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01 and cfg.ray.enabled is False
+
+
+def test_unknown_set_key_names_the_key_and_lists_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(SegmentationConfig, overrides=["train.epoch=3"])
+    assert "train.epoch" in str(err.value) and "train.epochs" in str(err.value)
+
+
+def test_bad_value_type_is_reported_with_its_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        load_config(SegmentationConfig, overrides=["train.epochs=many"])
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 0.5\n")
+    cfg = load_config(SegmentationConfig, path, ["train.lr=0.1"])
+    assert (cfg.train.epochs, cfg.train.lr) == (7, 0.1)
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epocs: 7\n")
+    with pytest.raises(ConfigError, match="epocs"):
+        load_config(SegmentationConfig, path)
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(SegmentationConfig, "nope.yaml")
+
+
+def test_flatten_gives_dotted_keys():
+    flat = flatten(SegmentationConfig())
+    assert flat["train.epochs"] == 10 and flat["model.base_channels"] == 16
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in Path(__file__).parents[1].glob("configs/segmentation/*.yaml"):
+        load_config(SegmentationConfig, path)

@@ -1,0 +1,129 @@
+"""The whole job against real servers: KFP local pipeline -> MLflow server -> model server."""
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import free_port, tiny_overrides
+from dermml.data.images import load_image, load_mask
+from dermml.data.manifest import read_manifest
+from dermml.metrics.segmentation import segmentation_scores
+from dermml.orchestration.kfp_local import compile_pipeline, run_local
+from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
+
+pytestmark = pytest.mark.integration
+
+
+def pipeline_params(manifest: str, epochs: int = 8) -> dict:
+    overrides = [o for o in tiny_overrides(manifest, epochs, ray=True)
+                 if not o.startswith("data.manifest")]
+    return {"manifest_uri": manifest, "overrides": overrides}
+
+
+def runs_of(client: MlflowClient, parent_run_id: str) -> dict[str, list]:
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    by_stage: dict[str, list] = {}
+    for run in children:
+        by_stage.setdefault(run.data.tags["dermml.stage"], []).append(run)
+    return by_stage
+
+
+def test_pipeline_trains_registers_promotes_and_serves(tracking_server, demo_data, tmp_path):
+    outputs = run_local("training", pipeline_params(demo_data))
+    assert outputs["promoted"] is True and outputs["model_version"] == "1"
+
+    client = MlflowClient(tracking_server)
+    parent = client.get_run(outputs["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    stages = runs_of(client, outputs["parent_run_id"])
+    assert {"validate", "train", "evaluate"} <= set(stages)
+    train_run = stages["train"][0]
+    assert train_run.info.run_id == outputs["train_run_id"]
+    tags, params = train_run.data.tags, train_run.data.params
+    assert tags["dermml.dataset_version"] == read_manifest(demo_data).version
+    assert len(tags["dermml.git_commit"]) >= 7 and params["seed"] == "0"
+    assert params["train.epochs"] == "8"
+    history = client.get_metric_history(train_run.info.run_id, "val_dice")
+    assert len(history) == 8  # one point per epoch, logged live by the Ray worker
+    assert history[-1].value > history[0].value
+    assert any(k.startswith("system/") for k in train_run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"config.yaml", "previews"} <= artifacts
+    evaluation = stages["evaluate"][0].data.metrics
+    assert evaluation["test_dice"] > 0.6
+
+    # Serve the champion and ask for one real prediction over HTTP.
+    manifest = read_manifest(demo_data)
+    sample = manifest.split("test").iloc[0]
+    image = load_image(manifest.resolve(sample["image_uri"]))
+    truth = load_mask(manifest.resolve(sample["mask_uri"]))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server("models:/dermml-segmentation@champion", port,
+                          log_file=str(tmp_path / "serve.log"))
+    try:
+        wait_ready(url, server)
+        response = predict_http(url, [image])
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.loc[0, "mask"]))))
+        assert mask.shape == truth.shape
+        assert segmentation_scores(mask > 127, truth)["dice"] > 0.5
+        strict = predict_http(url, [image], params={"threshold": 0.99})
+        assert strict.loc[0, "lesion_fraction"] <= response.loc[0, "lesion_fraction"]
+
+        garbage = requests.post(f"{url}/invocations", timeout=30, json={
+            "dataframe_split": {"columns": ["image"], "data": [["not base64 at all!"]]}})
+        assert garbage.status_code == 400 and "base64" in garbage.text
+        not_image = requests.post(f"{url}/invocations", timeout=30, json={
+            "dataframe_split": {"columns": ["image"],
+                                "data": [[base64.b64encode(b"hello").decode()]]}})
+        assert not_image.status_code == 400 and "decodable" in not_image.text
+        wrong_column = requests.post(f"{url}/invocations", timeout=30, json={
+            "dataframe_split": {"columns": ["picture"], "data": [["x"]]}})
+        assert wrong_column.status_code == 400
+    finally:
+        stop_server(server)
+
+
+def test_bad_data_stops_the_pipeline_before_training(tracking_server, demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(Path(demo_data).parent, data)
+    victim = sorted((data / "images").glob("*.png"))[3]
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated PNG
+    before = victim.read_bytes()
+    manifest = str(data / "manifest.parquet")
+
+    with pytest.raises(RuntimeError):
+        run_local("training", pipeline_params(manifest, epochs=1))
+
+    client = MlflowClient(tracking_server)
+    experiment = client.get_experiment_by_name("dermml/segmentation")
+    parents = client.search_runs([experiment.experiment_id], "tags.`dermml.stage` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    assert parents[0].info.status == "FAILED"
+    stages = runs_of(client, parents[0].info.run_id)
+    assert "train" not in stages
+    validation = stages["validate"][0]
+    assert validation.data.tags["dermml.validation"] == "failed"
+    report = client.download_artifacts(validation.info.run_id, "validation/report.json",
+                                       str(tmp_path))
+    assert victim.stem in Path(report).read_text()
+    assert victim.read_bytes() == before  # source data untouched
+
+
+def test_compiled_pipeline_yaml_holds_every_stage(tmp_path):
+    out = compile_pipeline("training", str(tmp_path / "training.yaml"))
+    text = Path(out).read_text()
+    for component in ("prepare-data", "validate-data", "train-model", "register-model",
+                      "evaluate-model", "promote-model", "start-pipeline-run",
+                      "finish-pipeline-run"):
+        assert f"comp-{component}" in text
+    assert "ghcr.io/dermml/dermml-gpu" in text and "ghcr.io/dermml/dermml:" in text

@@ -1,0 +1,79 @@
+"""Registration and the promotion gate: the champion changes only for a better model."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import tiny_overrides
+from dermml.orchestration import tracking
+from dermml.registry.gate import history, model_name, promote, register, rollback
+from dermml.training.run import resolve_config, train
+
+
+def trained(demo_data, epochs: int, lr: float = 0.003) -> str:
+    cfg = resolve_config("segmentation", None,
+                         tiny_overrides(demo_data, epochs) + [f"train.lr={lr}"])
+    return train("segmentation", cfg, progress=False).model_uri
+
+
+@pytest.fixture(scope="module")
+def models(demo_data, tmp_path_factory):
+    """A weak and a strong model, trained once into a module-wide MLflow store."""
+    import os
+
+    home = tmp_path_factory.mktemp("registry-home")
+    old = os.environ.get("DERMML_HOME")
+    os.environ["DERMML_HOME"] = str(home)
+    try:
+        weak = trained(demo_data, 1, lr=1e-5)
+        strong = trained(demo_data, 10)
+    finally:
+        if old is not None:
+            os.environ["DERMML_HOME"] = old
+    return home, weak, strong
+
+
+def test_gate_promotes_better_refuses_worse_and_rolls_back(models, demo_data, monkeypatch):
+    home, weak, strong = models
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    name = model_name("segmentation")
+
+    v1 = register(weak, "segmentation")
+    first = promote("segmentation", v1, demo_data)
+    assert first.promoted and "first model" in first.reason
+
+    v2 = register(strong, "segmentation")
+    better = promote("segmentation", v2, demo_data)
+    assert better.promoted and better.challenger_score > better.champion_score
+
+    v3 = register(weak, "segmentation")
+    worse = promote("segmentation", v3, demo_data)
+    assert not worse.promoted and "does not beat" in worse.reason
+
+    client = MlflowClient(tracking.configure())
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v2
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v3
+    audit = client.get_model_version(name, v2).tags
+    assert audit["dermml.previous_champion"] == v1 and audit["dermml.promoted_by"]
+    refused = json.loads(client.get_model_version(name, v3).tags["dermml.gate"])
+    assert refused["promoted"] is False and refused["champion_version"] == v2
+
+    assert rollback("segmentation", "test") == v1
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert [h["version"] for h in history("segmentation")] == [v3, v2, v1]
+
+
+def test_gate_compares_on_the_same_test_set(models, demo_data, monkeypatch):
+    """Scores are stored per dataset version and split, never mixed across test sets."""
+    home, weak, _ = models
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    from dermml.data.manifest import read_manifest
+    from dermml.registry.gate import stored_score
+
+    version = register(weak, "segmentation")
+    promote("segmentation", version, demo_data, split="val")
+    ds = read_manifest(demo_data).version
+    name = model_name("segmentation")
+    assert stored_score(name, version, ds, "val", "dice") is not None
+    assert stored_score(name, version, ds, "test", "dice") is None
