@@ -13,7 +13,8 @@ import typer
 app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, train, evaluate, "
                   "registry, serve, pipeline, demo).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.",
+                       no_args_is_help=True)
 registry_app = typer.Typer(help="Model registry: register, promote, rollback, history.",
                            no_args_is_help=True)
 pipeline_app = typer.Typer(help="KFP pipelines: run locally, compile to YAML.",
@@ -275,9 +276,9 @@ def pipeline_compile(
 @app.command("demo")
 @cli_errors
 def demo_cmd(
-    n: Annotated[int, typer.Option(help="Demo samples")] = 160,
+    n: Annotated[int, typer.Option(help="Demo samples")] = 200,
     size: Annotated[int, typer.Option(help="Image size")] = 64,
-    epochs: Annotated[int, typer.Option(help="Training epochs")] = 8,
+    epochs: Annotated[int, typer.Option(help="Training epochs")] = 20,
     port: Annotated[int, typer.Option(help="Port for the model server")] = 5055,
 ):
     """The whole job end to end on embedded defaults, then one real HTTP prediction."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -33,13 +34,18 @@ def free_port(preferred: int) -> int:
         return s.getsockname()[1]
 
 
-def run_demo(n: int = 160, size: int = 64, epochs: int = 8, seed: int = 0,
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "segmentation" / "demo.yaml"
+
+
+def run_demo(n: int = 200, size: int = 64, epochs: int = 20, seed: int = 0,
              port: int = 5055) -> float:
     """Run the demo; returns the Dice of the served prediction."""
     from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
 
     print(f"[1/3] training pipeline (KFP local) with DERMML_HOME={dermml_home()}", flush=True)
+    config = str(DEMO_CONFIG) if DEMO_CONFIG.is_file() else ""
     outputs = run_local("training", {"demo_n": n, "demo_size": size, "seed": seed,
+                                     "config": config,
                                      "overrides": [f"train.epochs={epochs}",
                                                    f"data.image_size={size}"]})
     manifest = read_manifest(demo_dataset_uri(str(dermml_home() / "data"), n, size, seed))

@@ -20,15 +20,20 @@ from components import (
 )
 
 
+class TrainingOutputs(NamedTuple):
+    parent_run_id: str
+    train_run_id: str
+    model_version: str
+    promoted: bool
+
+
 @dsl.pipeline(name="dermml-training",
               description="Validate data, train with Ray, register and gate-promote in MLflow.")
 def training_pipeline(task: str = "segmentation", config: str = "", overrides: list = [],  # noqa: B006
                       manifest_uri: str = "", demo_root: str = "", demo_n: int = 160,
                       demo_size: int = 64, seed: int = 0,
                       required_splits: str = "train,val,test", test_split: str = "test",
-                      min_delta: float = 0.0
-                      ) -> NamedTuple("TrainingOutputs", parent_run_id=str, train_run_id=str,
-                                      model_version=str, promoted=bool):
+                      min_delta: float = 0.0) -> TrainingOutputs:
     parent = start_pipeline_run(task=task, pipeline="training")
     parent.set_caching_options(False)
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
@@ -49,7 +54,5 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
     finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
     for stage in (data, checked, trained, registered, evaluated, promoted, finished):
         stage.set_caching_options(False)
-    outputs = NamedTuple("TrainingOutputs", parent_run_id=str, train_run_id=str,
-                         model_version=str, promoted=bool)
-    return outputs(parent_run_id=parent.output, train_run_id=trained.outputs["run_id"],
+    return TrainingOutputs(parent_run_id=parent.output, train_run_id=trained.outputs["run_id"],
                    model_version=registered.outputs["version"], promoted=promoted.output)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from conftest import free_port, tiny_overrides
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import free_port, tiny_overrides
 from dermml.data.images import load_image, load_mask
 from dermml.data.manifest import read_manifest
 from dermml.metrics.segmentation import segmentation_scores

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from conftest import tiny_overrides
 from mlflow.tracking import MlflowClient
 
-from conftest import tiny_overrides
 from dermml.orchestration import tracking
 from dermml.registry.gate import history, model_name, promote, register, rollback
 from dermml.training.run import resolve_config, train

@@ -2,8 +2,8 @@
 
 import numpy as np
 import torch
-
 from conftest import tiny_overrides
+
 from dermml.config import load_config
 from dermml.data.manifest import read_manifest
 from dermml.tasks import get_task

@@ -130,7 +130,8 @@ def log_config(config: Any) -> None:
     mlflow.log_text(yaml.safe_dump(data, sort_keys=False), "config.yaml")
 
 
-def log_dataset(manifest_uri: str, version: str, split_counts: dict[str, int] | None = None) -> None:
+def log_dataset(manifest_uri: str, version: str,
+                split_counts: dict[str, int] | None = None) -> None:
     """Tags and params that tie a run to the exact dataset version it used."""
     import mlflow
 

@@ -24,7 +24,8 @@ def serve_env() -> dict[str, str]:
     return env
 
 
-def serve_command(model_uri: str, port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+def serve_command(model_uri: str, port: int, host: str = "127.0.0.1",
+                  workers: int = 1) -> list[str]:
     return [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model_uri,
             "--env-manager", "local", "--host", host, "--port", str(port),
             "--workers", str(workers)]

@@ -98,7 +98,8 @@ class Task(ABC):
         """``f(model, batch) -> loss`` for the training loop."""
 
     @abstractmethod
-    def validate(self, model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: Iterable,
+                 device: torch.device) -> dict[str, float]:
         """Validation metrics (must include ``gate_metric``)."""
 
     @abstractmethod
@@ -115,7 +116,8 @@ class Task(ABC):
         """Serving response rows for predictions (one row per input image)."""
 
     @abstractmethod
-    def preview(self, model: nn.Module, dataset: Dataset, cfg: TaskConfig, n: int = 8) -> np.ndarray:
+    def preview(self, model: nn.Module, dataset: Dataset, cfg: TaskConfig,
+                n: int = 8) -> np.ndarray:
         """An RGB image grid comparing predictions with ground truth, for humans."""
 
     def response_schema(self) -> list[tuple[str, str]]:

@@ -85,7 +85,8 @@ class FitResult:
     """CPU copy of the weights with the best validation gate metric (last epoch if none)."""
 
 
-def build_optimizer(model: nn.Module, cfg: LoopConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: LoopConfig,
+                    device: torch.device) -> torch.optim.Optimizer:
     fused = {"fused": True} if device.type == "cuda" else {}
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
@@ -165,7 +166,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         if evaluate is not None and val_loader is not None:
             model.eval()
             with torch.no_grad(), autocast(device, cfg.amp):
-                metrics.update({f"val_{k}": v for k, v in evaluate(model, val_loader, device).items()})
+                scores = evaluate(model, val_loader, device)
+            metrics.update({f"val_{k}": v for k, v in scores.items()})
             model.train()
         metrics["epoch"] = epoch
         result.history.append(metrics)
@@ -180,7 +182,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         else:
             since_best += 1
         result.best_model = best_model
-        checkpointer.save({"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        checkpointer.save({"model": _unwrap(model).state_dict(),
+                           "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "epoch": epoch,
                            "history": result.history, "best_metric": result.best_metric,
                            "best_model": best_model, "since_best": since_best,
