@@ -135,14 +135,16 @@ def train_cmd(
     task: Annotated[str, typer.Argument(help="Task name, e.g. segmentation")],
     config: Annotated[str | None, typer.Option(help="YAML config file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override, key=value")] = None,
-    resume: Annotated[str | None, typer.Option(help="MLflow run id to resume")] = None,
+    resume: Annotated[str | None, typer.Option(help="MLflow run id to resume (its logged "
+                                                    "config is used unless --config is given)")]
+        = None,
     parent_run_id: Annotated[str | None, typer.Option(help="Parent MLflow run")] = None,
 ):
     """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
     from dermml.orchestration.tracking import ui_command
     from dermml.training.run import resolve_config, train
 
-    cfg = resolve_config(task, config, set_)
+    cfg = resolve_config(task, config, set_, resume_run_id=resume)
     outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume)
     typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
                            "metrics": outcome.metrics}, indent=2))
@@ -252,8 +254,8 @@ def pipeline_run(
     from dermml.orchestration.kfp_local import parse_params, run_local
 
     if not local:
-        typer.secho("only --local runs are supported here; use `dermml pipeline compile` and "
-                    "submit the YAML to your KFP instance", fg="red", err=True)
+        typer.secho("`pipeline run` executes locally (--local); to run on a cluster use "
+                    "`dermml pipeline submit NAME --host URL`", fg="red", err=True)
         raise typer.Exit(2)
     outputs = run_local(name, parse_params(param or []))
     typer.echo(json.dumps(outputs, indent=2, default=str))
@@ -264,12 +266,69 @@ def pipeline_run(
 def pipeline_compile(
     name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
     out: Annotated[Path, typer.Option(help="Output YAML file")],
+    platform: Annotated[str | None, typer.Option(help="Platform config (pools, secrets, env); "
+                                                      "default configs/platform/default.yaml")]
+        = None,
 ):
-    """Write the KFP IR YAML of a pipeline."""
+    """Write the KFP IR YAML of a pipeline, with Kubernetes placement from the platform config."""
     from dermml.orchestration.kfp_local import compile_pipeline
 
-    compile_pipeline(name, str(out))
+    compile_pipeline(name, str(out), platform)
     typer.echo(f"wrote {out}")
+
+
+def _target(host, experiment, namespace, service_account, pipeline_root, platform):
+    from dermml.orchestration.kfp_client import Target
+
+    return Target(host=host, experiment=experiment, namespace=namespace,
+                  service_account=service_account, pipeline_root=pipeline_root,
+                  platform=platform)
+
+
+HostOpt = Annotated[str, typer.Option(help="KFP API URL, e.g. http://ml-pipeline-ui.kubeflow")]
+ExperimentOpt = Annotated[str, typer.Option(help="KFP experiment")]
+NamespaceOpt = Annotated[str, typer.Option(help="Kubernetes namespace of the run")]
+SaOpt = Annotated[str, typer.Option(help="Service account the pipeline pods run as")]
+RootOpt = Annotated[str | None, typer.Option(help="Pipeline root, e.g. s3://bucket/kfp")]
+PlatformOpt = Annotated[str | None, typer.Option(help="Platform config (pools, secrets, env)")]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Pipeline parameter k=v")]
+
+
+@pipeline_app.command("submit")
+@cli_errors
+def pipeline_submit(
+    name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
+    host: HostOpt, experiment: ExperimentOpt = "dermml", namespace: NamespaceOpt = "kubeflow",
+    service_account: SaOpt = "dermml-pipeline-runner", pipeline_root: RootOpt = None,
+    platform: PlatformOpt = None, param: ParamOpt = None,
+):
+    """Upload the pipeline to a KFP instance and start a run."""
+    from dermml.orchestration.kfp_client import submit
+    from dermml.orchestration.kfp_local import parse_params
+
+    target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
+    typer.echo(json.dumps(submit(name, target, parse_params(param or [])), indent=2))
+
+
+@pipeline_app.command("schedule")
+@cli_errors
+def pipeline_schedule(
+    name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
+    host: HostOpt,
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * 1' (5 or 6 fields)")],
+    experiment: ExperimentOpt = "dermml", namespace: NamespaceOpt = "kubeflow",
+    service_account: SaOpt = "dermml-pipeline-runner", pipeline_root: RootOpt = None,
+    platform: PlatformOpt = None, param: ParamOpt = None,
+    max_concurrency: Annotated[int, typer.Option(help="Concurrent runs at most")] = 1,
+):
+    """Create a recurring run (cron) of the pipeline on a KFP instance."""
+    from dermml.orchestration.kfp_client import schedule
+    from dermml.orchestration.kfp_local import parse_params
+
+    target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
+    result = schedule(name, target, parse_params(param or []), cron,
+                      max_concurrency=max_concurrency)
+    typer.echo(json.dumps(result, indent=2))
 
 
 # ----------------------------------------------------------------------------- demo

@@ -1,5 +1,10 @@
-"""KFP pipelines: wiring of components, nothing else. ``PIPELINES`` maps names to functions."""
+"""KFP pipelines: wiring of components, nothing else.
 
-from pipelines.training import training_pipeline
+``PIPELINES`` maps names to builders; a builder returns the pipeline graph built under the
+platform config in force (KFP runs a pipeline body when it is decorated).
+"""
 
-PIPELINES = {"training": training_pipeline}
+from pipelines.training import build_training_pipeline, training_pipeline
+
+PIPELINES = {"training": build_training_pipeline}
+SIGNATURES = {"training": training_pipeline}

@@ -18,6 +18,7 @@ from components import (
     train_model,
     validate_data,
 )
+from dermml.orchestration.k8s import place
 
 
 class TrainingOutputs(NamedTuple):
@@ -27,15 +28,12 @@ class TrainingOutputs(NamedTuple):
     promoted: bool
 
 
-@dsl.pipeline(name="dermml-training",
-              description="Validate data, train with Ray, register and gate-promote in MLflow.")
 def training_pipeline(task: str = "segmentation", config: str = "", overrides: list = [],  # noqa: B006
                       manifest_uri: str = "", demo_root: str = "", demo_n: int = 160,
                       demo_size: int = 64, seed: int = 0,
                       required_splits: str = "train,val,test", test_split: str = "test",
                       min_delta: float = 0.0) -> TrainingOutputs:
     parent = start_pipeline_run(task=task, pipeline="training")
-    parent.set_caching_options(False)
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
                         demo_size=demo_size, seed=seed)
     checked = validate_data(manifest_uri=data.output, suite=task,
@@ -50,9 +48,19 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
     promoted = promote_model(task=task, version=registered.outputs["version"],
                              manifest_uri=checked.outputs["Output"], split=test_split,
                              min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
-    # Every stage writes to MLflow or the registry: a cached result would skip that.
     finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
-    for stage in (data, checked, trained, registered, evaluated, promoted, finished):
-        stage.set_caching_options(False)
+    stages = {"tracking": parent, "data": data, "validate": checked, "train": trained,
+              "register": registered, "evaluate": evaluated, "promote": promoted,
+              "finish": finished}
+    for stage, task_ in stages.items():
+        place(task_, stage)  # pools, resources, secrets, env from the platform config
+        # Every stage writes to MLflow or the registry: a cached result would skip that.
+        task_.set_caching_options(False)
     return TrainingOutputs(parent_run_id=parent.output, train_run_id=trained.outputs["run_id"],
                    model_version=registered.outputs["version"], promoted=promoted.output)
+
+
+def build_training_pipeline():
+    """The pipeline graph, built now so placement follows the platform config in force."""
+    return dsl.pipeline(name="dermml-training", description="Validate data, train with Ray, "
+                        "register and gate-promote in MLflow.")(training_pipeline)

@@ -12,14 +12,16 @@ from typing import Any
 import yaml
 
 from dermml.config import ConfigError, dermml_home
+from dermml.orchestration.k8s import PlatformConfig, load_platform, using_platform
 
 
 def get_pipeline(name: str):
+    """Build pipeline ``name`` under the platform config in force."""
     from pipelines import PIPELINES
 
     if name not in PIPELINES:
         raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(PIPELINES)}")
-    return PIPELINES[name]
+    return PIPELINES[name]()
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -34,8 +36,11 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 
 def _check_params(name: str, params: dict[str, Any]) -> None:
-    fn = get_pipeline(name)
-    signature = inspect.signature(fn.pipeline_func)
+    from pipelines import SIGNATURES
+
+    if name not in SIGNATURES:
+        raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(SIGNATURES)}")
+    signature = inspect.signature(SIGNATURES[name])
     unknown = sorted(set(params) - set(signature.parameters))
     if unknown:
         raise ConfigError(f"pipeline {name!r} has no parameter(s) {unknown}; parameters: "
@@ -58,17 +63,20 @@ def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
     local_environment()
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(dermml_home() / "kfp"), raise_on_error=True)
-    with warnings.catch_warnings():
+    # Cluster placement and env (MLflow URI, secrets) must not leak into local runs.
+    with warnings.catch_warnings(), using_platform(PlatformConfig()):
         # kfp warns that base_image is not used locally: expected, components run in this venv.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
-        task = get_pipeline(name)(**params)
+        task = get_pipeline(name)(**params)  # built inside the local platform
     outputs = getattr(task, "outputs", None) or {}
     return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
 
 
-def compile_pipeline(name: str, out: str) -> str:
+def compile_pipeline(name: str, out: str, platform: str | None = None) -> str:
+    """Write the IR YAML with the platform config's placement (default: the shipped one)."""
     from kfp import compiler
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(get_pipeline(name), out)
+    with using_platform(load_platform(platform)):
+        compiler.Compiler().compile(get_pipeline(name), out)
     return out

@@ -81,7 +81,29 @@ def train_worker(config: dict[str, Any]) -> None:
     hooks = Hooks()
     if ray.train.get_context().get_world_rank() == 0 and config.get("mlflow_run_id"):
         hooks = _mlflow_hooks(config["tracking_uri"], config["mlflow_run_id"])
-    run_loop(task, cfg, parts, device, hooks=hooks, checkpointer=RayCheckpointer())
+    run_loop(task, cfg, parts, device, hooks=hooks,
+             checkpointer=_with_fault_injection(RayCheckpointer()))
+
+
+def _with_fault_injection(checkpointer: RayCheckpointer) -> RayCheckpointer:
+    """Chaos knob for fault-tolerance drills: ``DERMML_FAULT_KILL_AT_EPOCH=N`` kills this worker
+    right after epoch N's checkpoint, once (a marker file in ``DERMML_FAULT_MARKER_DIR`` records
+    the kill), as a lost spot node would."""
+    kill_at = os.environ.get("DERMML_FAULT_KILL_AT_EPOCH")
+    marker_dir = os.environ.get("DERMML_FAULT_MARKER_DIR")
+    if kill_at is None or marker_dir is None:
+        return checkpointer
+    marker = Path(marker_dir, "killed")
+    save = checkpointer.save
+
+    def save_then_die(state: dict, metrics: dict[str, float]) -> None:
+        save(state, metrics)
+        if state["epoch"] == int(kill_at) and not marker.exists():
+            marker.write_text(str(state["epoch"]))
+            os._exit(1)
+
+    checkpointer.save = save_then_die  # type: ignore[method-assign]
+    return checkpointer
 
 
 def storage_path(cfg: TaskConfig) -> str:
@@ -94,6 +116,7 @@ def ensure_ray(address: str = "") -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    address = address or os.environ.get("RAY_ADDRESS", "")  # set by KubeRay in a RayJob
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -103,7 +126,8 @@ def ensure_ray(address: str = "") -> None:
 
 def _forwarded_env() -> dict[str, str]:
     keys = ("DERMML_HOME", "MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+            "DERMML_FAULT_KILL_AT_EPOCH", "DERMML_FAULT_MARKER_DIR")
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

@@ -130,6 +130,19 @@ def log_config(config: Any) -> None:
     mlflow.log_text(yaml.safe_dump(data, sort_keys=False), "config.yaml")
 
 
+def config_from_run(run_id: str) -> dict[str, Any]:
+    """The config a run was started with (its ``config.yaml`` artifact)."""
+    import mlflow
+    import yaml
+
+    configure()
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except Exception as exc:
+        raise ValueError(f"run {run_id}: no config.yaml to resume from ({exc})") from None
+    return yaml.safe_load(text) or {}
+
+
 def log_dataset(manifest_uri: str, version: str,
                 split_counts: dict[str, int] | None = None) -> None:
     """Tags and params that tie a run to the exact dataset version it used."""

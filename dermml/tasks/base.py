@@ -40,6 +40,45 @@ class DataConfig(Section):
     """DataLoader worker processes per training worker."""
 
 
+class RayKubernetesConfig(Section):
+    """Training as a KubeRay RayJob, submitted by the pipeline's train component."""
+
+    enabled: bool = False
+    """Submit a RayJob (per-job RayCluster, or an existing one via cluster_selector)."""
+    namespace: str = "dermml"
+    """Namespace of the RayJob."""
+    cluster_selector: dict[str, str] = {}
+    """Labels of an existing RayCluster to run on (e.g. ray.io/cluster: dermml-ray); empty
+    creates a RayCluster for the job and deletes it afterwards."""
+    image: str = "ghcr.io/dermml/dermml-gpu:0.1.0"
+    """Image of the head and worker pods."""
+    service_account: str = "dermml-ray"
+    """Service account of the Ray pods."""
+    head_cpu: str = "2"
+    """Head pod CPU (the head runs no training: num-cpus 0)."""
+    head_memory: str = "8G"
+    """Head pod memory."""
+    worker_cpu: str = "8"
+    """CPU per worker pod."""
+    worker_memory: str = "32G"
+    """Memory per worker pod."""
+    worker_gpus: int = 1
+    """nvidia.com/gpu per worker pod."""
+    worker_node_selector: dict[str, str] = {"dermml.io/pool": "gpu"}
+    """Node labels of the GPU pool."""
+    worker_tolerations: list[dict[str, str]] = [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    """Tolerations of the GPU pool's taint."""
+    secrets: list[str] = ["dermml-s3", "dermml-mlflow"]
+    """Secrets exposed to the Ray pods as env (envFrom)."""
+    backoff_limit: int = 2
+    """Resubmissions of a failed job; each resumes from the run's last checkpoint."""
+    active_deadline_seconds: int = 86400
+    """Give up after this long."""
+    poll_seconds: float = 15.0
+    """How often the component checks the job."""
+
+
 class RayConfig(Section):
     """How training is distributed (Ray Train) — configuration, not code."""
 
@@ -57,6 +96,8 @@ class RayConfig(Section):
     """Where Ray keeps checkpoints (local path or s3://); empty = $DERMML_HOME/ray_results."""
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the run fails."""
+    kubernetes: RayKubernetesConfig = RayKubernetesConfig()
+    """Run as a KubeRay RayJob (from a pipeline pod)."""
 
 
 class ServingConfig(Section):

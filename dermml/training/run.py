@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 
 import mlflow
@@ -28,9 +27,14 @@ class TrainOutcome:
 
 
 def resolve_config(task_name: str, config_path: str | None = None,
-                   overrides: list[str] | None = None) -> TaskConfig:
+                   overrides: list[str] | None = None,
+                   resume_run_id: str | None = None) -> TaskConfig:
+    """Defaults < the resumed run's config (when no file is given) < file < overrides."""
     task = get_task(task_name)
-    return load_config(task.config_cls, config_path, overrides, base={"task": task_name})
+    base: dict = {"task": task_name}
+    if resume_run_id and not config_path:
+        base = tracking.config_from_run(resume_run_id)
+    return load_config(task.config_cls, config_path, overrides, base=base)
 
 
 def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
@@ -51,6 +55,8 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
             counts = manifest.df["split"].value_counts().to_dict()
             tracking.log_dataset(manifest.uri, manifest.version, counts)
             mlflow.log_param("seed", cfg.train.seed)
+        if cfg.ray.kubernetes.enabled:
+            return _train_as_rayjob(task_name, cfg, run_id)
         # The checkpoint location is derived from the MLflow run, so rerunning with
         # --resume RUN_ID continues from the last checkpoint of that run.
         if cfg.ray.enabled:
@@ -65,6 +71,19 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
         model_uri = _log_model_and_preview(task_name, cfg, result, manifest)
         mlflow.set_tag("dermml.model_uri", model_uri)
     return TrainOutcome(run_id=run_id, model_uri=model_uri, metrics=metrics)
+
+
+def _train_as_rayjob(task_name: str, cfg: TaskConfig, run_id: str) -> TrainOutcome:
+    """The RayJob trains inside this run (``--resume``); read back what it logged."""
+    from mlflow.tracking import MlflowClient
+
+    from dermml.orchestration.rayjob import train_as_rayjob
+
+    train_as_rayjob(task_name, cfg, run_id)
+    run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    if "dermml.model_uri" not in run.data.tags:
+        raise RuntimeError(f"RayJob for run {run_id} succeeded but logged no model")
+    return TrainOutcome(run_id, run.data.tags["dermml.model_uri"], dict(run.data.metrics))
 
 
 def _fit_in_process(task, cfg: TaskConfig, run_id: str, progress: bool) -> FitResult:
@@ -103,7 +122,3 @@ def _log_model_and_preview(task_name: str, cfg: TaskConfig, result: FitResult, m
     tracking.log_image(grid, "previews/val_predictions.png")
     example = val_ds.load(0)[0]
     return log_task_model(task_name, cfg, result.best_model, example)
-
-
-def new_run_name(task_name: str) -> str:
-    return f"{task_name}-{uuid.uuid4().hex[:8]}"

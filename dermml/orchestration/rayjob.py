@@ -1,0 +1,148 @@
+"""KubeRay adapter: training as a ``RayJob`` created through the Kubernetes API.
+
+The train component opens the MLflow run and logs the config, then submits a RayJob whose
+entrypoint is ``dermml train TASK --resume RUN_ID``: the job reads the config back from that run
+and trains in it. Checkpoints live under ``ray.storage_path`` (S3 on a cluster) named after the
+run, so a worker lost on a spot node (Ray ``FailureConfig``) or a resubmitted job
+(``backoffLimit``) resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import time
+from typing import Any
+
+from dermml.tasks.base import RayKubernetesConfig, TaskConfig
+
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
+                 "AWS_DEFAULT_REGION", "DERMML_HOME", "DERMML_GIT_COMMIT")
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
+                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+class RayJobFailed(RuntimeError):
+    """The RayJob ended in FAILED (or its deadline passed); the message carries KubeRay's."""
+
+
+def job_name(task: str, run_id: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", f"dermml-{task}-{run_id[:12]}".lower())
+
+
+def entrypoint(task: str, run_id: str) -> str:
+    return shlex.join(["dermml", "train", task, "--resume", run_id,
+                       "--set", "ray.kubernetes.enabled=false"])
+
+
+def _env() -> list[dict[str, str]]:
+    return [{"name": k, "value": os.environ[k]} for k in FORWARDED_ENV if k in os.environ]
+
+
+def _container(name: str, k8s: RayKubernetesConfig, cpu: str, memory: str,
+               gpus: int = 0) -> dict[str, Any]:
+    resources: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        resources["nvidia.com/gpu"] = str(gpus)
+    return {"name": name, "image": k8s.image, "env": _env(),
+            "envFrom": [{"secretRef": {"name": s}} for s in k8s.secrets],
+            "resources": {"requests": dict(resources), "limits": dict(resources)},
+            # Ray writes its session files under /tmp; the root FS stays as the image made it.
+            "securityContext": RESTRICTED_CONTAINER,
+            "volumeMounts": [{"name": "ray-tmp", "mountPath": "/tmp"}]}
+
+
+def _pod(container: dict, k8s: RayKubernetesConfig, gpu_pool: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "serviceAccountName": k8s.service_account, "containers": [container],
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumes": [{"name": "ray-tmp", "emptyDir": {}}]}
+    if gpu_pool:
+        spec["nodeSelector"] = dict(k8s.worker_node_selector)
+        spec["tolerations"] = [dict(t) for t in k8s.worker_tolerations]
+    return {"spec": spec}
+
+
+def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str) -> dict[str, Any]:
+    """The RayJob for training ``task`` in MLflow run ``run_id``."""
+    k8s = cfg.ray.kubernetes
+    spec: dict[str, Any] = {
+        "entrypoint": entrypoint(task, run_id),
+        "submissionMode": "K8sJobMode",
+        "backoffLimit": k8s.backoff_limit,
+        "activeDeadlineSeconds": k8s.active_deadline_seconds,
+        "submitterPodTemplate": _pod(_container("submitter", k8s, "500m", "1G"), k8s, False),
+    }
+    if k8s.cluster_selector:
+        spec["clusterSelector"] = dict(k8s.cluster_selector)
+    else:
+        spec["shutdownAfterJobFinishes"] = True
+        spec["ttlSecondsAfterFinished"] = 600
+        gpus = k8s.worker_gpus if cfg.ray.use_gpu else 0
+        workers = cfg.ray.num_workers
+        spec["rayClusterSpec"] = {
+            "headGroupSpec": {
+                "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+                "template": _pod(_container("ray-head", k8s, k8s.head_cpu, k8s.head_memory),
+                                 k8s, False)},
+            "workerGroupSpecs": [{
+                "groupName": "gpu-workers" if gpus else "cpu-workers",
+                "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
+                "rayStartParams": {},
+                "template": _pod(_container("ray-worker", k8s, k8s.worker_cpu,
+                                            k8s.worker_memory, gpus), k8s, bool(gpus))}],
+        }
+    return {"apiVersion": "ray.io/v1", "kind": "RayJob",
+            "metadata": {"name": job_name(task, run_id), "namespace": k8s.namespace,
+                         "labels": {"app.kubernetes.io/part-of": "dermml",
+                                    "dermml.io/task": task, "dermml.io/mlflow-run": run_id}},
+            "spec": spec}
+
+
+def _custom_objects(api_client=None):
+    from kubernetes import client, config
+
+    if api_client is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            # The library reads $KUBECONFIG once at import; read it now.
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return client.CustomObjectsApi(api_client)
+
+
+def submit_rayjob(manifest: dict[str, Any], api_client=None) -> str:
+    api = _custom_objects(api_client)
+    meta = manifest["metadata"]
+    api.create_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayjobs", manifest)
+    return meta["name"]
+
+
+def wait_rayjob(name: str, namespace: str, poll_seconds: float = 15.0,
+                timeout: float = 86400.0, api_client=None) -> dict[str, Any]:
+    """Poll the RayJob until it succeeds (returns its status) or fails (raises)."""
+    api = _custom_objects(api_client)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        obj = api.get_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", name)
+        status = obj.get("status") or {}
+        if status.get("jobStatus") == "SUCCEEDED":
+            return status
+        if status.get("jobStatus") in ("FAILED", "STOPPED") or \
+                status.get("jobDeploymentStatus") == "Failed":
+            raise RayJobFailed(f"RayJob {namespace}/{name} {status.get('jobStatus')}: "
+                               f"{status.get('reason', '')} {status.get('message', '')}".strip())
+        time.sleep(poll_seconds)
+    raise RayJobFailed(f"RayJob {namespace}/{name} did not finish in {timeout:.0f}s")
+
+
+def train_as_rayjob(task: str, cfg: TaskConfig, run_id: str, api_client=None) -> dict[str, Any]:
+    """Submit the training RayJob for ``run_id`` and wait for it."""
+    manifest = rayjob_manifest(task, cfg, run_id)
+    name = submit_rayjob(manifest, api_client)
+    k8s = cfg.ray.kubernetes
+    return wait_rayjob(name, k8s.namespace, k8s.poll_seconds, k8s.active_deadline_seconds,
+                       api_client)

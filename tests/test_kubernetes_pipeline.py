@@ -1,0 +1,134 @@
+"""Pipelines on Kubernetes: placement in the compiled YAML, submit and schedule via kfp.Client."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_kfp import FakeKFP
+
+from dermml.orchestration.k8s import load_platform
+from dermml.orchestration.kfp_client import Target, schedule, submit
+from dermml.orchestration.kfp_local import compile_pipeline
+
+
+def k8s_config(spec: dict, executor: str) -> dict:
+    return spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
+
+
+def executor_of(pipeline_spec: dict, task: str) -> str:
+    component = pipeline_spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    return pipeline_spec["components"][component]["executorLabel"]
+
+
+def load_docs(path) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all(Path(path).read_text()))
+    return docs[0], (docs[1] if len(docs) > 1 else {})
+
+
+def test_compiled_yaml_places_gpu_stages_on_the_gpu_pool(tmp_path):
+    pipeline, platform = load_docs(compile_pipeline("training", str(tmp_path / "t.yaml")))
+    train_exec = executor_of(pipeline, "train-model")
+    container = pipeline["deploymentSpec"]["executors"][train_exec]["container"]
+    assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert container["resources"]["accelerator"]["resourceCount"] == "1"
+    assert container["resources"]["memoryRequest"] > 1 and container["resources"]["cpuRequest"]
+    assert container["image"].startswith("ghcr.io/dermml/dermml-gpu")
+    train_k8s = k8s_config(platform, train_exec)
+    assert train_k8s["nodeSelector"]["labels"] == {"dermml.io/pool": "gpu"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
+        train_k8s["tolerations"]
+    secrets = {s["secretName"] for s in train_k8s["secretAsEnv"]}
+    assert secrets == {"dermml-s3", "dermml-mlflow"}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MLFLOW_TRACKING_URI"].startswith("http://dermml-mlflow")
+
+    validate_exec = executor_of(pipeline, "validate-data")
+    validate = pipeline["deploymentSpec"]["executors"][validate_exec]["container"]
+    assert "accelerator" not in validate.get("resources", {})
+    assert k8s_config(platform, validate_exec)["nodeSelector"]["labels"] == {
+        "dermml.io/pool": "cpu"}
+    assert "tolerations" not in k8s_config(platform, validate_exec)
+
+
+def test_no_credentials_in_compiled_pipeline(tmp_path, monkeypatch):
+    """Credentials in the compiling shell never reach the YAML; pods get them from Secrets."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-fake-value")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-fake")
+    path = compile_pipeline("training", str(tmp_path / "t.yaml"))
+    text = Path(path).read_text()
+    assert "s3cr3t-fake-value" not in text and "hunter2-fake" not in text
+    pipeline, _ = load_docs(path)
+    for executor in pipeline["deploymentSpec"]["executors"].values():
+        plain_env = {e["name"] for e in executor["container"].get("env", [])}
+        assert not plain_env & {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID",
+                                "MLFLOW_TRACKING_PASSWORD"}
+
+
+def test_platform_config_from_file_changes_placement(tmp_path):
+    custom = tmp_path / "platform.yaml"
+    custom.write_text("pools:\n  cpu: {node_selector: {pool: small}}\n"
+                      "  a100: {node_selector: {pool: a100}, accelerator_type: nvidia.com/gpu,"
+                      " accelerator_limit: 2}\nstages: {train: a100}\ndata_pvc: dermml-data\n")
+    pipeline, platform = load_docs(compile_pipeline("training", str(tmp_path / "t.yaml"),
+                                                    str(custom)))
+    train_exec = executor_of(pipeline, "train-model")
+    resources = pipeline["deploymentSpec"]["executors"][train_exec]["container"]["resources"]
+    assert resources["accelerator"]["resourceCount"] == "2"
+    assert k8s_config(platform, train_exec)["pvcMount"][0]["mountPath"] == "/data"
+
+
+def test_unknown_pool_is_a_clear_error(tmp_path):
+    custom = tmp_path / "platform.yaml"
+    custom.write_text("stages: {train: tpu}\n")
+    with pytest.raises(KeyError, match="tpu"):
+        compile_pipeline("training", str(tmp_path / "t.yaml"), str(custom))
+
+
+def test_shipped_platform_config_loads():
+    platform = load_platform()
+    assert platform.pool_for("train").accelerator_type == "nvidia.com/gpu"
+    assert platform.pool_for("validate").accelerator_limit == 0
+
+
+def test_submit_uploads_and_runs_with_namespace_sa_and_s3_root():
+    with FakeKFP() as kfp_api:
+        target = Target(host=kfp_api.url, experiment="derm-exp", namespace="dermml",
+                        service_account="dermml-pipeline-runner",
+                        pipeline_root="s3://dermml-pipelines/root")
+        out = submit("training", target, {"demo_n": 500, "overrides": ["train.epochs=50"]})
+        again = submit("training", target, {"demo_n": 500})
+
+    assert len(kfp_api.pipelines) == 1  # second submit adds a version, not a pipeline
+    assert len(kfp_api.versions) == 2
+    assert out["pipeline_id"] == again["pipeline_id"]
+    spec = kfp_api.versions[0]["spec"]
+    assert spec["pipelineInfo"]["name"] == "dermml-training"
+    run = kfp_api.runs[0]
+    assert run["experiment_id"] == out["experiment_id"]
+    assert kfp_api.experiments[out["experiment_id"]]["display_name"] == "derm-exp"
+    assert run["service_account"] == "dermml-pipeline-runner"
+    assert run["runtime_config"]["pipeline_root"] == "s3://dermml-pipelines/root"
+    assert run["runtime_config"]["parameters"]["demo_n"] == 500
+    assert run["pipeline_version_reference"]["pipeline_version_id"] == out["version_id"]
+    assert out["url"].endswith(out["run_id"])
+
+
+def test_schedule_creates_a_cron_recurring_run():
+    with FakeKFP() as kfp_api:
+        target = Target(host=kfp_api.url)
+        out = schedule("training", target, {"demo_n": 100}, cron="0 2 * * 1")
+    job = kfp_api.recurring_runs[0]
+    assert out["cron"] == "0 0 2 * * 1"
+    assert job["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * 1"
+    assert job["max_concurrency"] in (1, "1")
+    assert job["service_account"] == "dermml-pipeline-runner"
+
+
+def test_bad_cron_and_unknown_params_are_rejected_before_any_call():
+    target = Target(host="http://127.0.0.1:9")  # nothing listens: no call may be made
+    with pytest.raises(ValueError, match="cron"):
+        schedule("training", target, {}, cron="every monday")
+    from dermml.config import ConfigError
+
+    with pytest.raises(ConfigError, match="epochz"):
+        submit("training", target, {"epochz": 3})
