@@ -5,7 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install demo test test-fast lint lock clean
+.PHONY: install demo test test-fast lint lock clean images
+
+IMAGE ?= ghcr.io/dermml/dermml
+IMAGE_GPU ?= ghcr.io/dermml/dermml-gpu
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GIT_COMMIT := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +39,13 @@ lock:
 	rm -rf /tmp/dermml-lock && $(PYTHON) -m venv /tmp/dermml-lock
 	/tmp/dermml-lock/bin/pip install -q -r requirements/base.in -r requirements/dev.in
 	/tmp/dermml-lock/bin/pip freeze --exclude-editable > requirements/lock.txt
+
+# Container images of the components (needs a Docker engine; none runs on the CI machine).
+images:
+	docker build -f components/Dockerfile --build-arg DERMML_GIT_COMMIT=$(GIT_COMMIT) \
+		-t $(IMAGE):$(TAG) .
+	docker build -f components/Dockerfile.gpu --build-arg DERMML_GIT_COMMIT=$(GIT_COMMIT) \
+		-t $(IMAGE_GPU):$(TAG) .
 
 clean:
 	rm -rf $(VENV) .dermml .pytest_cache
