@@ -10,7 +10,7 @@ def evaluate_model(model_uri: str, manifest_uri: str, splits: str, parent_run_id
                    metrics: dsl.Output[dsl.Metrics]) -> str:
     from dermml.evaluation.run import evaluate
 
-    result = evaluate(model_uri, manifest_uri, splits.split(","), parent_run_id)
+    result = evaluate(model_uri, manifest_uri, splits.split(","), parent_run_id, n_resamples=200)
     for split, values in result.metrics.items():
         for name, value in values.items():
             metrics.log_metric(f"{split}_{name}", value)

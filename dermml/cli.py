@@ -139,15 +139,37 @@ def train_cmd(
                                                     "config is used unless --config is given)")]
         = None,
     parent_run_id: Annotated[str | None, typer.Option(help="Parent MLflow run")] = None,
+    folds: Annotated[int, typer.Option(help="K-fold cross-validation over train+val "
+                                            "(patient-level when ids exist)")] = 0,
+    wl_train: Annotated[str | None, typer.Option(help="Weak-label split (with --sl-train)")]
+        = None,
+    sl_train: Annotated[str | None, typer.Option(help="Strong-label split")] = None,
+    repeats: Annotated[int, typer.Option(help="Weak-label relabel/train/fine-tune rounds")] = 1,
 ):
     """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
     from dermml.orchestration.tracking import ui_command
     from dermml.training.run import resolve_config, train
 
     cfg = resolve_config(task, config, set_, resume_run_id=resume)
-    outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume)
-    typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
-                           "metrics": outcome.metrics}, indent=2))
+    if folds:
+        from dermml.training.schemes import cross_validate
+
+        cv = cross_validate(task, cfg, folds, parent_run_id)
+        typer.echo(json.dumps({"run_id": cv.run_id, "folds": [o.run_id for o in cv.folds],
+                               "mean": cv.mean, "std": cv.std}, indent=2))
+    elif wl_train or sl_train:
+        if not (wl_train and sl_train):
+            raise ValueError("weak labels need both --wl-train SPLIT and --sl-train SPLIT")
+        from dermml.training.schemes import train_with_weak_labels
+
+        wl = train_with_weak_labels(task, cfg, wl_train, sl_train, repeats,
+                                    parent_run_id=parent_run_id)
+        typer.echo(json.dumps({"run_id": wl.run_id, "model_uri": wl.model_uri,
+                               "rounds": wl.rounds}, indent=2))
+    else:
+        outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume)
+        typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
+                               "metrics": outcome.metrics}, indent=2))
     typer.echo(f"MLflow UI: {ui_command()}")
 
 
@@ -157,14 +179,18 @@ def train_cmd(
 def evaluate_cmd(
     model_uri: Annotated[str, typer.Argument(help="runs:/ID/model or models:/NAME@ALIAS")],
     data: Annotated[str, typer.Option(help="Manifest URI")],
-    splits: Annotated[str, typer.Option(help="Comma-separated splits")] = "test",
+    splits: Annotated[str, typer.Option(help="Comma-separated splits, e.g. "
+                                             "sl_test,external_test")] = "test",
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0: none)")] = 1000,
+    alpha: Annotated[float, typer.Option(help="CI level: 1 - alpha")] = 0.05,
 ):
-    """Metrics of a model on one or more splits, logged to MLflow."""
+    """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
     from dermml.evaluation.run import evaluate
 
-    result = evaluate(model_uri, data, [s for s in splits.split(",") if s])
-    typer.echo(json.dumps({"run_id": result.run_id, "dataset_version": result.dataset_version,
-                           "metrics": result.metrics}, indent=2))
+    result = evaluate(model_uri, data, [s for s in splits.split(",") if s],
+                      n_resamples=resamples, alpha=alpha)
+    typer.echo(result.table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    typer.echo(f"MLflow run: {result.run_id}  dataset version: {result.dataset_version}")
 
 
 # ----------------------------------------------------------------------------- registry

@@ -20,17 +20,11 @@ def trained(demo_data, epochs: int, lr: float = 0.003) -> str:
 @pytest.fixture(scope="module")
 def models(demo_data, tmp_path_factory):
     """A weak and a strong model, trained once into a module-wide MLflow store."""
-    import os
-
     home = tmp_path_factory.mktemp("registry-home")
-    old = os.environ.get("DERMML_HOME")
-    os.environ["DERMML_HOME"] = str(home)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DERMML_HOME", str(home))
         weak = trained(demo_data, 1, lr=1e-5)
         strong = trained(demo_data, 10)
-    finally:
-        if old is not None:
-            os.environ["DERMML_HOME"] = old
     return home, weak, strong
 
 

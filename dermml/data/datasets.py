@@ -1,4 +1,5 @@
-"""Torch datasets over manifest rows: images resized to a square size, masks kept binary."""
+"""Torch datasets over manifest rows: images resized to a square size, masks kept binary or as
+integer label maps, labels as class indices."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dermml.data.images import load_image, load_mask
-from dermml.data.manifest import Manifest
+from dermml.data.manifest import ATTRIBUTES, Manifest
+
+Augment = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
+"""``augment(image, mask) -> (image, mask)``; mask None, bool (H, W) or an integer label map."""
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -36,7 +40,7 @@ class SegmentationDataset(Dataset):
     """(image, lesion_mask) pairs; ``augment`` takes and returns (image, mask) numpy arrays."""
 
     def __init__(self, manifest: Manifest, rows: pd.DataFrame, image_size: int,
-                 augment: Callable[[np.ndarray, np.ndarray], tuple] | None = None):
+                 augment: Augment | None = None):
         self.image_uris = [manifest.resolve(u) for u in rows["image_uri"]]
         self.mask_uris = [manifest.resolve(u) for u in rows["mask_uri"]]
         self.sample_ids = rows["sample_id"].tolist()
@@ -61,3 +65,98 @@ class SegmentationDataset(Dataset):
         if self.augment is not None:
             image, mask = self.augment(image, mask)
         return image_to_tensor(image), torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+
+
+class ClassificationDataset(Dataset):
+    """(image, class index) pairs; ``labels`` holds every sample's class index for samplers."""
+
+    def __init__(self, manifest: Manifest, rows: pd.DataFrame, image_size: int,
+                 class_names: list[str], augment: Augment | None = None):
+        self.image_uris = [manifest.resolve(u) for u in rows["image_uri"]]
+        self.sample_ids = rows["sample_id"].tolist()
+        self.class_names = list(class_names)
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = [(s, label) for s, label in zip(self.sample_ids, rows["label"], strict=True)
+                   if not isinstance(label, str) or label not in index]
+        if unknown:
+            listed = ", ".join(f"{s} ({label!r})" for s, label in unknown[:5])
+            raise ValueError(f"{manifest.uri}: {len(unknown)} samples have labels outside the "
+                             f"classes {self.class_names}: {listed}; add the labels to the "
+                             "classes or train on a manifest without them")
+        self.labels = [index[label] for label in rows["label"]]
+        self.image_size = image_size
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.image_uris)
+
+    def load(self, index: int) -> tuple[np.ndarray, int]:
+        """The resized image and its class index, before augmentation."""
+        return resize_image(load_image(self.image_uris[index]), self.image_size), \
+            self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.load(index)
+        if self.augment is not None:
+            image, _ = self.augment(image, None)
+        return image_to_tensor(image), torch.tensor(label, dtype=torch.int64)
+
+
+class AttributeDataset(Dataset):
+    """(image, attribute label map) pairs: 0 is background, k is ``attributes[k - 1]``.
+
+    Attribute masks may overlap (a globule inside a pigment network); one label per pixel
+    keeps the later attribute in ``attributes`` order. A row without a mask for some attribute
+    has none of it; a row without any ``attribute_mask_uris`` is an error.
+    """
+
+    def __init__(self, manifest: Manifest, rows: pd.DataFrame, image_size: int,
+                 attributes: tuple[str, ...] = ATTRIBUTES, augment: Augment | None = None):
+        self.image_uris = [manifest.resolve(u) for u in rows["image_uri"]]
+        self.sample_ids = rows["sample_id"].tolist()
+        self.attributes = tuple(attributes)
+        # read_manifest gives dicts; rows built in memory may still hold (name, uri) pairs.
+        uri_maps = [dict(v) if isinstance(v, dict | list) else None
+                    for v in rows["attribute_mask_uris"]]
+        missing = [s for s, v in zip(self.sample_ids, uri_maps, strict=True) if not v]
+        if missing:
+            raise ValueError(f"{manifest.uri}: {len(missing)} samples have no "
+                             f"attribute_mask_uris: {missing[:5]}; train the attributes task "
+                             "on a manifest with attribute masks (e.g. ISIC 2018 task 2)")
+        self.attribute_uris = [[manifest.resolve(v.get(name)) for name in self.attributes]
+                               for v in uri_maps]
+        self.image_size = image_size
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.image_uris)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The resized image and int64 label map (H, W), before augmentation."""
+        image = resize_image(load_image(self.image_uris[index]), self.image_size)
+        label_map = np.zeros((self.image_size, self.image_size), np.int64)
+        for k, uri in enumerate(self.attribute_uris[index], start=1):
+            if uri is not None:
+                label_map[resize_mask(load_mask(uri), self.image_size)] = k
+        return image, label_map
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label_map = self.load(index)
+        if self.augment is not None:
+            image, label_map = self.augment(image, label_map)
+        return image_to_tensor(image), torch.from_numpy(np.ascontiguousarray(label_map)).long()
+
+
+def class_pixel_counts(dataset: AttributeDataset, max_samples: int | None = None) -> np.ndarray:
+    """Pixels per class 0..K over (un-augmented) label maps, for inverse-frequency weights.
+
+    ``max_samples`` caps the work on large sets with evenly spaced samples.
+    """
+    n = len(dataset)
+    indices = range(n)
+    if max_samples is not None and max_samples < n:
+        indices = np.linspace(0, n - 1, max_samples).round().astype(int).tolist()
+    counts = np.zeros(len(dataset.attributes) + 1, np.int64)
+    for i in indices:
+        counts += np.bincount(dataset.load(i)[1].ravel(), minlength=counts.size)
+    return counts

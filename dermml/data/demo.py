@@ -562,7 +562,8 @@ def mask_png(mask: np.ndarray) -> bytes:
 def write_sample(out: str, sample_id: str, sample: DemoSample) -> dict:
     """Write the sample's PNGs under `out` and return its manifest row (relative URIs)."""
     image_bytes = png_bytes(sample.image)
-    files = {f"images/{sample_id}.png": image_bytes, f"masks/{sample_id}.png": mask_png(sample.mask)}
+    files = {f"images/{sample_id}.png": image_bytes,
+             f"masks/{sample_id}.png": mask_png(sample.mask)}
     attribute_uris = {}
     for name in ATTRIBUTES:
         attribute_uris[name] = f"attributes/{name}/{sample_id}.png"

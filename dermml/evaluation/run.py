@@ -1,7 +1,8 @@
-"""The evaluation stage: a model URI and a manifest in, metrics per split logged to MLflow.
+"""The evaluation stage: a model URI and a manifest in, metrics with bootstrap CIs per split out.
 
 The model is loaded as its MLflow pyfunc and predicts through the same code path as serving, so
-thresholds and post-processing cannot differ between evaluation and production.
+thresholds and post-processing cannot differ between evaluation and production. Confidence
+intervals resample samples (with replacement) and recompute the task's dataset-level metrics.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mlflow
+import numpy as np
+import pandas as pd
 
 from dermml.data.images import load_image
 from dermml.data.manifest import read_manifest
+from dermml.metrics.bootstrap import bootstrap_metrics
 from dermml.orchestration import tracking
-from dermml.visualization import image_grid, overlay_boundaries
 
 
 @dataclass
@@ -23,6 +26,17 @@ class EvaluationResult:
     dataset_version: str
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """split -> metric -> value."""
+    intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    """split -> metric -> (low, high) bootstrap percentile interval."""
+
+    def table(self) -> pd.DataFrame:
+        rows = []
+        for split, values in self.metrics.items():
+            for metric, value in values.items():
+                low, high = self.intervals.get(split, {}).get(metric, (np.nan, np.nan))
+                rows.append({"split": split, "metric": metric, "value": value,
+                             "ci_low": low, "ci_high": high})
+        return pd.DataFrame(rows)
 
 
 def load_python_model(model_uri: str):
@@ -32,8 +46,9 @@ def load_python_model(model_uri: str):
 
 
 def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
-             parent_run_id: str | None = None) -> EvaluationResult:
-    """Evaluate ``model_uri`` on each split of ``manifest_uri``; log metrics, tables, overlays."""
+             parent_run_id: str | None = None, n_resamples: int = 1000,
+             alpha: float = 0.05, seed: int = 0) -> EvaluationResult:
+    """Evaluate ``model_uri`` on each split of ``manifest_uri``; log metrics, CIs, plots."""
     from dermml.registry.gate import record_evaluation
 
     splits = splits or ["test"]
@@ -44,32 +59,43 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
     with tracking.stage_run(task.name, "evaluate", parent_run_id) as run:
         tracking.log_dataset(manifest.uri, manifest.version)
         mlflow.set_tag("dermml.model_uri", model_uri)
+        mlflow.log_params({"n_resamples": n_resamples, "alpha": alpha, "splits": ",".join(splits)})
         result = EvaluationResult(run.info.run_id, task.name, manifest.version)
         for split, rows in split_rows.items():
             images = [load_image(manifest.resolve(u)) for u in rows["image_uri"]]
             predictions = model.predict_images(images)
-            per_sample, summary = task.score(predictions, rows, manifest)
-            result.metrics[split] = summary
-            mlflow.log_metrics({f"{split}_{k}": v for k, v in summary.items()})
-            tracking.log_table_csv(per_sample, f"evaluation/{split}_per_sample.csv")
-            _log_overlays(task, images, predictions, rows, manifest, split)
+            per_sample = task.score(predictions, rows, manifest)
+            result.metrics[split] = task.aggregate(per_sample)
+            result.intervals[split] = bootstrap_metrics(
+                lambda idx, ps=per_sample: task.aggregate(ps.iloc[idx]), len(per_sample),
+                n_resamples, alpha, seed) if n_resamples else {}
+            _log_split(split, result, per_sample)
+            for name, figure in task.figures(per_sample, images, predictions, rows,
+                                             manifest).items():
+                _log_figure(figure, f"evaluation/{split}_{name}")
+        table = result.table()
+        tracking.log_table_csv(table, "evaluation/metrics.csv")
+        mlflow.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/metrics.md")
         record_evaluation(model_uri, manifest.version, result.metrics, run.info.run_id)
     return result
 
 
-def _log_overlays(task, images, predictions, rows, manifest, split: str, n: int = 8) -> None:
-    """Worst-first prediction overlays: the cases a reviewer should look at."""
-    if "mask_uri" not in rows or rows["mask_uri"].isna().all():
-        return
-    from dermml.data.datasets import resize_image, resize_mask
-    from dermml.data.images import load_mask
-    from dermml.metrics.segmentation import segmentation_scores
+def _log_split(split: str, result: EvaluationResult, per_sample: pd.DataFrame) -> None:
+    values = {f"{split}_{k}": v for k, v in result.metrics[split].items() if np.isfinite(v)}
+    for metric, (low, high) in result.intervals[split].items():
+        if np.isfinite(low) and np.isfinite(high):
+            values[f"{split}_{metric}_ci_low"], values[f"{split}_{metric}_ci_high"] = low, high
+    mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()})
+    flat = per_sample.drop(columns=[c for c in per_sample if per_sample[c].dtype == object
+                                    and c != "sample_id"], errors="ignore")
+    tracking.log_table_csv(flat, f"evaluation/{split}_per_sample.csv")
 
-    scored = []
-    for image, pred, uri in zip(images, predictions, rows["mask_uri"], strict=True):
-        truth = load_mask(manifest.resolve(uri))
-        scored.append((segmentation_scores(pred, truth)["dice"], image, truth, pred))
-    scored.sort(key=lambda item: item[0])
-    tiles = [overlay_boundaries(resize_image(img, 128), resize_mask(gt, 128),
-                                resize_mask(pr, 128)) for _, img, gt, pr in scored[:n]]
-    tracking.log_image(image_grid(tiles), f"evaluation/{split}_worst_overlays.png")
+
+def _log_figure(figure, artifact_file: str) -> None:
+    if isinstance(figure, np.ndarray):
+        tracking.log_image(figure, artifact_file)
+    else:
+        import matplotlib.pyplot as plt
+
+        tracking.log_figure(figure, artifact_file)
+        plt.close(figure)

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dermml import storage
 from dermml.config import dermml_home
 from dermml.tasks import get_task
@@ -73,7 +75,13 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = task.config_cls.model_validate(config["cfg"])
     device = ray.train.torch.get_device()
     parts = build_parts(task, cfg, device)
-    parts.train_loader = ray.train.torch.prepare_data_loader(parts.train_loader)
+    context = ray.train.get_context()
+    if parts.custom_sampling:
+        # Ray would swap our sampler for a DistributedSampler; shard it ourselves instead.
+        _shard_custom_sampler(parts.train_loader, context.get_world_size(),
+                              context.get_world_rank(), cfg.train.seed)
+    parts.train_loader = ray.train.torch.prepare_data_loader(
+        parts.train_loader, add_dist_sampler=not parts.custom_sampling)
     # Every worker validates the whole validation set so all ranks agree on the gate metric.
     parts.val_loader = ray.train.torch.prepare_data_loader(parts.val_loader,
                                                            add_dist_sampler=False)
@@ -83,6 +91,20 @@ def train_worker(config: dict[str, Any]) -> None:
         hooks = _mlflow_hooks(config["tracking_uri"], config["mlflow_run_id"])
     run_loop(task, cfg, parts, device, hooks=hooks,
              checkpointer=_with_fault_injection(RayCheckpointer()))
+
+
+def _shard_custom_sampler(loader, world_size: int, rank: int, seed: int) -> None:
+    """Mixed batches: every N-th batch per rank. Oversampling: an independent weighted stream
+    per rank with 1/N of the draws (statistically the same as one sharded stream)."""
+    if world_size == 1:
+        return
+    batch_sampler = loader.batch_sampler
+    if hasattr(batch_sampler, "num_replicas"):
+        batch_sampler.num_replicas, batch_sampler.rank = world_size, rank
+    sampler = getattr(batch_sampler, "sampler", None)
+    if isinstance(sampler, torch.utils.data.WeightedRandomSampler):
+        sampler.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        sampler.num_samples = max(1, sampler.num_samples // world_size)
 
 
 def _with_fault_injection(checkpointer: RayCheckpointer) -> RayCheckpointer:

@@ -54,6 +54,10 @@ def _container(name: str, k8s: RayKubernetesConfig, cpu: str, memory: str,
             "volumeMounts": [{"name": "ray-tmp", "mountPath": "/tmp"}]}
 
 
+POD_LABELS = {"app.kubernetes.io/part-of": "dermml", "app.kubernetes.io/component": "ray"}
+"""The chart's NetworkPolicies let pods with these labels reach MLflow and S3."""
+
+
 def _pod(container: dict, k8s: RayKubernetesConfig, gpu_pool: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "serviceAccountName": k8s.service_account, "containers": [container],
@@ -63,7 +67,7 @@ def _pod(container: dict, k8s: RayKubernetesConfig, gpu_pool: bool) -> dict[str,
     if gpu_pool:
         spec["nodeSelector"] = dict(k8s.worker_node_selector)
         spec["tolerations"] = [dict(t) for t in k8s.worker_tolerations]
-    return {"spec": spec}
+    return {"metadata": {"labels": dict(POD_LABELS)}, "spec": spec}
 
 
 def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def tracking_uri() -> str:
 
 
 def is_embedded() -> bool:
-    """True when runs go to a local store (mlflow also exports its URI into the environment)."""
+    """True when runs go to a local store."""
     return tracking_uri().startswith(("sqlite:", "file:", "/"))
 
 
@@ -46,8 +46,14 @@ def configure() -> str:
     import mlflow
 
     uri = tracking_uri()
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # mlflow exports the URIs into the environment; undo that so MLFLOW_TRACKING_URI keeps
+    # meaning "the user chose a server" (and a later DERMML_HOME change is honoured).
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
     return uri
 
 
@@ -165,12 +171,18 @@ def log_figure(fig: Any, artifact_file: str) -> None:
     mlflow.log_figure(fig, artifact_file)
 
 
-def log_table_csv(df, artifact_file: str) -> None:
+def log_table_csv(df, artifact_file: str, run_id: str | None = None) -> None:
+    """A table as CSV, into the active run or the run ``run_id``."""
     import mlflow
 
     buf = io.StringIO()
     df.to_csv(buf, index=False)
-    mlflow.log_text(buf.getvalue(), artifact_file)
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri()).log_text(run_id, buf.getvalue(), artifact_file)
+    else:
+        mlflow.log_text(buf.getvalue(), artifact_file)
 
 
 def ui_command() -> str:
@@ -181,18 +193,48 @@ def ui_command() -> str:
     return f"open {tracking_uri()} in a browser"
 
 
-def start_pipeline_run(task: str, pipeline: str, params: dict[str, Any] | None = None) -> str:
-    """Create the parent run of one pipeline execution and leave it open; returns its id."""
+def create_parent_run(task: str, stage: str, run_name: str, parent_run_id: str | None = None,
+                      params: dict[str, Any] | None = None,
+                      tags: dict[str, str] | None = None) -> str:
+    """Create an open run that parents other runs (pipelines, CV, weak-label rounds).
+
+    It is driven by id through MlflowClient, never as the fluent "active" run, so the stage runs
+    started under it cannot end it by accident.
+    """
     from mlflow.tracking import MlflowClient
 
     experiment_id = ensure_experiment(task)
     client = MlflowClient(tracking_uri())
-    run = client.create_run(experiment_id, run_name=f"pipeline-{pipeline}",
-                            tags={TAG_STAGE: "pipeline", TAG_TASK: task,
-                                  TAG_GIT_COMMIT: git_commit(), "dermml.pipeline": pipeline})
+    all_tags = {TAG_STAGE: stage, TAG_TASK: task, TAG_GIT_COMMIT: git_commit(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+        all_tags[TAG_PIPELINE_RUN] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
     for key, value in (params or {}).items():
         client.log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id
+
+
+@contextlib.contextmanager
+def parent_run(task: str, stage: str, parent_run_id: str | None = None,
+               params: dict[str, Any] | None = None) -> Iterator[str]:
+    """A parent run for the duration of the block: FINISHED on success, FAILED on error."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = create_parent_run(task, stage, stage, parent_run_id, params)
+    client = MlflowClient(tracking_uri())
+    try:
+        yield run_id
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def start_pipeline_run(task: str, pipeline: str, params: dict[str, Any] | None = None) -> str:
+    """Create the parent run of one pipeline execution and leave it open; returns its id."""
+    return create_parent_run(task, "pipeline", f"pipeline-{pipeline}", params=params,
+                             tags={"dermml.pipeline": pipeline})
 
 
 def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:

@@ -43,6 +43,8 @@ def parse_model_uri(model_uri: str) -> tuple[str, str] | None:
     if not model_uri.startswith("models:/"):
         return None
     ref = model_uri[len("models:/"):]
+    if "@" not in ref and "/" not in ref:  # models:/m-<id>: a logged model, not a version
+        return None
     client = _client()
     if "@" in ref:
         name, alias = ref.split("@", 1)
@@ -110,7 +112,8 @@ def _score(name: str, version: str, manifest_uri: str, split: str, metric: str,
     dataset_version = read_manifest(manifest_uri).version
     score = stored_score(name, version, dataset_version, split, metric)
     if score is None:
-        evaluate(f"models:/{name}/{version}", manifest_uri, [split], parent_run_id)
+        evaluate(f"models:/{name}/{version}", manifest_uri, [split], parent_run_id,
+                 n_resamples=200)
         score = stored_score(name, version, dataset_version, split, metric)
     if score is None:
         raise RuntimeError(f"{name} v{version}: evaluation produced no {metric!r}")

@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dermml.config import Section
+from dermml.data.augment import AugmentConfig
 from dermml.data.manifest import Manifest
+from dermml.data.sampling import MixConfig, ProgressiveResizeConfig
 from dermml.training.loop import LoopConfig
 
 
@@ -38,6 +40,10 @@ class DataConfig(Section):
     """Batch size per worker."""
     loader_workers: int = 0
     """DataLoader worker processes per training worker."""
+    oversample: bool = False
+    """Draw training samples with probability inversely proportional to their class size."""
+    progressive_resize: ProgressiveResizeConfig = ProgressiveResizeConfig()
+    """Train at growing sizes (validation stays at image_size); empty = fixed size."""
 
 
 class RayKubernetesConfig(Section):
@@ -111,7 +117,13 @@ class TaskConfig(Section):
     """Settings shared by every task; a task subclasses it to add model and loss sections."""
 
     task: str = ""
+    init_from: str = ""
+    """Model URI (runs:/.../model, models:/name/version) whose weights start training;
+    used to fine-tune (weak-label rounds)."""
     data: DataConfig = DataConfig()
+    mix: MixConfig = MixConfig()
+    """A second (e.g. synthetic) manifest mixed into training, as in DermSynth3D."""
+    augment: AugmentConfig = AugmentConfig()
     train: LoopConfig = LoopConfig()
     ray: RayConfig = RayConfig()
     serving: ServingConfig = ServingConfig()
@@ -130,9 +142,50 @@ class Task(ABC):
     @abstractmethod
     def build_model(self, cfg: TaskConfig) -> nn.Module: ...
 
+    def prepare(self, cfg: TaskConfig, manifest: Manifest) -> TaskConfig:
+        """Fill data-dependent settings (class names, class weights) before training.
+
+        The result is what gets logged and stored with the model, so serving needs no data.
+        """
+        return cfg
+
     @abstractmethod
+    def dataset(self, cfg: TaskConfig, manifest: Manifest, rows: pd.DataFrame,
+                train: bool) -> Dataset:
+        """A dataset over ``rows`` of ``manifest`` (augmented when ``train``)."""
+
     def datasets(self, cfg: TaskConfig, manifest: Manifest) -> tuple[Dataset, Dataset]:
-        """Training and validation datasets of ``manifest``."""
+        """Training (real, plus mixed-in synthetic data if configured) and validation sets."""
+        train = self.dataset(cfg, manifest, manifest.split(*cfg.data.train_split.split(",")),
+                             True)
+        val = self.dataset(cfg, manifest, manifest.split(*cfg.data.val_split.split(",")),
+                           False)
+        if cfg.mix.synthetic_manifest:
+            from dermml.data.manifest import read_manifest
+            from dermml.data.sampling import mixed_dataset
+
+            synthetic_manifest = read_manifest(cfg.mix.synthetic_manifest)
+            synthetic = self.dataset(cfg, synthetic_manifest,
+                                     synthetic_manifest.split(cfg.mix.synthetic_split), True)
+            train, batch_sampler, _ = mixed_dataset(train, synthetic, cfg.mix,
+                                                    cfg.data.batch_size)
+            train.dermml_batch_sampler = batch_sampler  # read by loader_options
+        return train, val
+
+    def loader_options(self, cfg: TaskConfig, train_ds: Dataset) -> dict[str, Any]:
+        """DataLoader options of the training set: a batch sampler (mixing) or a sampler."""
+        batch_sampler = getattr(train_ds, "dermml_batch_sampler", None)
+        if batch_sampler is not None:
+            return {"batch_sampler": batch_sampler}
+        if cfg.data.oversample:
+            from dermml.data.sampling import oversampling_sampler
+
+            labels = getattr(train_ds, "labels", None)
+            if labels is None:
+                raise ValueError(f"data.oversample needs class labels; task {self.name!r} "
+                                 "has none")
+            return {"sampler": oversampling_sampler(labels, seed=cfg.train.seed)}
+        return {"shuffle": True}
 
     @abstractmethod
     def loss_step(self, cfg: TaskConfig):
@@ -149,8 +202,17 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, predictions: list[Any], rows: pd.DataFrame,
-              manifest: Manifest) -> tuple[pd.DataFrame, dict[str, float]]:
-        """Per-sample scores and their summary against the manifest's ground truth."""
+              manifest: Manifest) -> pd.DataFrame:
+        """Per-sample records (scores, and whatever ``aggregate`` needs) vs. ground truth."""
+
+    @abstractmethod
+    def aggregate(self, per_sample: pd.DataFrame) -> dict[str, float]:
+        """Dataset-level metrics from per-sample records (bootstrapped for CIs)."""
+
+    def figures(self, per_sample: pd.DataFrame, images: list[np.ndarray],
+                predictions: list[Any], rows: pd.DataFrame, manifest: Manifest) -> dict:
+        """Plots for humans: name -> matplotlib Figure or RGB image."""
+        return {}
 
     @abstractmethod
     def encode_predictions(self, predictions: list[Any]) -> pd.DataFrame:
@@ -160,6 +222,11 @@ class Task(ABC):
     def preview(self, model: nn.Module, dataset: Dataset, cfg: TaskConfig,
                 n: int = 8) -> np.ndarray:
         """An RGB image grid comparing predictions with ground truth, for humans."""
+
+    def relabel(self, predictions: list[Any], rows: pd.DataFrame, out_dir: str) -> pd.DataFrame:
+        """``rows`` with their labels (or masks, written under ``out_dir``) replaced by
+        ``predictions``: the weak-label loop's relabelling step."""
+        raise ValueError(f"task {self.name!r} does not support weak-label relabelling")
 
     def response_schema(self) -> list[tuple[str, str]]:
         """(column, mlflow type) pairs of the serving response."""

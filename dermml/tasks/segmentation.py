@@ -1,8 +1,7 @@
-"""Binary lesion segmentation: U-Net, BCE + Dice loss, Dice/IoU/sensitivity/specificity/accuracy."""
+"""Binary lesion segmentation: compact U-Net / smp U-Net (+ASPP) / DeepLabV3, configurable loss
+terms, morphological post-processing, Dice / IoU / HD95 / sensitivity / specificity / accuracy."""
 
 from __future__ import annotations
-
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dermml.config import Section
+from dermml.data.augment import AugmentConfig, build_augment
 from dermml.data.datasets import (
     SegmentationDataset,
     image_to_tensor,
@@ -19,68 +18,36 @@ from dermml.data.datasets import (
 )
 from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import Manifest
-from dermml.losses.segmentation import bce_dice_loss
-from dermml.metrics.segmentation import confusion, scores_from_confusion, segmentation_scores
-from dermml.models.unet import UNet
+from dermml.losses.registry import LossTerm, build_loss
+from dermml.metrics.segmentation import confusion, hd95, scores_from_confusion
+from dermml.models.postprocess import PostprocessConfig, postprocess_binary
+from dermml.models.segmentation import SegModelConfig, build_segmenter
 from dermml.tasks.base import Task, TaskConfig, register_task
 from dermml.visualization import image_grid, overlay_boundaries
 
+__all__ = ["AugmentConfig", "SegmentationConfig", "SegmentationTask"]
 
-class UNetConfig(Section):
-    """Segmentation network."""
-
-    arch: Literal["unet"] = "unet"
-    """Architecture name."""
-    base_channels: int = 16
-    """Channels of the first encoder stage (doubled at each stage)."""
-    depth: int = 3
-    """Number of down-sampling stages (input size must divide by 2**depth)."""
-
-
-class SegLossConfig(Section):
-    """Weighted sum of losses."""
-
-    bce: float = 1.0
-    """Weight of binary cross-entropy."""
-    dice: float = 1.0
-    """Weight of soft Dice loss."""
-
-
-class AugmentConfig(Section):
-    """Training augmentation (albumentations)."""
-
-    flips: bool = True
-    """Random horizontal/vertical flips and 90-degree rotations (lesions have no orientation)."""
-    color_jitter: float = 0.1
-    """Brightness/contrast/saturation jitter strength (0 disables)."""
+PER_IMAGE = ("dice", "iou", "sensitivity", "specificity", "accuracy")
 
 
 class SegmentationConfig(TaskConfig):
     task: str = "segmentation"
-    model: UNetConfig = UNetConfig()
-    loss: SegLossConfig = SegLossConfig()
-    augment: AugmentConfig = AugmentConfig()
+    model: SegModelConfig = SegModelConfig()
+    loss: list[LossTerm] = [LossTerm(name="bce"), LossTerm(name="dice")]
+    """Weighted sum of loss terms (names: see dermml/losses/registry.py)."""
+    postprocess: PostprocessConfig = PostprocessConfig()
+    """Morphology after thresholding (threshold itself: serving.threshold), identical in
+    evaluation and serving."""
 
 
-def build_augment(cfg: AugmentConfig):
-    """albumentations pipeline over (image, mask) numpy pairs, or None when disabled."""
-    import albumentations as A
+def postprocess_settings(cfg: SegmentationConfig) -> PostprocessConfig:
+    return cfg.postprocess.model_copy(update={"threshold": cfg.serving.threshold})
 
-    ops = []
-    if cfg.flips:
-        ops += [A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90()]
-    if cfg.color_jitter > 0:
-        j = cfg.color_jitter
-        ops.append(A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=0.5))
-    if not ops:
-        return None
-    pipeline = A.Compose(ops)
 
-    def augment(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = pipeline(image=image, mask=mask.astype(np.uint8))
-        return out["image"], out["mask"].astype(bool)
-
-    return augment
+def resized_for_display(image: np.ndarray, *masks: np.ndarray, side: int = 128):
+    """Small inputs are unreadable at native size: show them at ``side`` px."""
+    side = max(side, image.shape[0])
+    return (resize_image(image, side), *[resize_mask(m, side) for m in masks])
 
 
 class SegmentationTask(Task):
@@ -90,26 +57,23 @@ class SegmentationTask(Task):
     gate_mode = "max"
 
     def build_model(self, cfg: SegmentationConfig) -> nn.Module:
-        return UNet(3, 1, cfg.model.base_channels, cfg.model.depth)
+        return build_segmenter(cfg.model, classes=1)
 
-    def datasets(self, cfg: SegmentationConfig, manifest: Manifest):
-        size = cfg.data.image_size
-        train_rows = manifest.split(*cfg.data.train_split.split(","))
-        val_rows = manifest.split(*cfg.data.val_split.split(","))
-        return (SegmentationDataset(manifest, train_rows, size, build_augment(cfg.augment)),
-                SegmentationDataset(manifest, val_rows, size))
+    def dataset(self, cfg: SegmentationConfig, manifest: Manifest, rows, train: bool):
+        augment = build_augment(cfg.augment, seed=cfg.train.seed) if train else None
+        return SegmentationDataset(manifest, rows, cfg.data.image_size, augment)
 
     def loss_step(self, cfg: SegmentationConfig):
-        weights = cfg.loss
+        loss_fn = build_loss(cfg.loss)
 
         def step(model: nn.Module, batch) -> torch.Tensor:
             images, masks = batch
-            return bce_dice_loss(model(images), masks, weights.bce, weights.dice)
+            return loss_fn(model(images), masks)
 
         return step
 
     def validate(self, model, loader, device) -> dict[str, float]:
-        # Pixel counts are summed on device; one host sync per validation pass.
+        # Pixel counts stay on device; one host sync per validation pass.
         totals = torch.zeros(4, dtype=torch.float64, device=device)
         dice_sum = torch.zeros((), dtype=torch.float64, device=device)
         n = 0
@@ -124,36 +88,66 @@ class SegmentationTask(Task):
             den = (2 * tp + fp + fn).double()
             dice_sum += torch.where(den > 0, 2 * tp / den.clamp(min=1), torch.ones_like(den)).sum()
             n += images.shape[0]
-        tp, fp, fn, tn = totals.tolist()
-        scores = scores_from_confusion(tp, fp, fn, tn)
+        scores = scores_from_confusion(*totals.tolist())
         scores["dice"] = float(dice_sum) / max(1, n)  # per-image mean, as in evaluation
         return scores
 
     @torch.no_grad()
-    def predict(self, model, images, cfg: SegmentationConfig) -> list[np.ndarray]:
+    def probabilities(self, model, images, cfg: SegmentationConfig) -> list[np.ndarray]:
+        """Lesion probability maps at each input's own size."""
         model.eval()
         device = next(model.parameters()).device
-        masks = []
+        out = []
         for image in images:
             x = image_to_tensor(resize_image(image, cfg.data.image_size))[None].to(device)
             prob = torch.sigmoid(model(x).float())
             prob = F.interpolate(prob, size=image.shape[:2], mode="bilinear", align_corners=False)
-            masks.append(prob[0, 0].cpu().numpy() > cfg.serving.threshold)
-        return masks
+            out.append(prob[0, 0].cpu().numpy())
+        return out
 
-    def score(self, predictions, rows: pd.DataFrame, manifest: Manifest):
+    def predict(self, model, images, cfg: SegmentationConfig) -> list[np.ndarray]:
+        settings = postprocess_settings(cfg)
+        return [postprocess_binary(p, settings) for p in self.probabilities(model, images, cfg)]
+
+    def score(self, predictions, rows: pd.DataFrame, manifest: Manifest) -> pd.DataFrame:
         records = []
         for pred, (_, row) in zip(predictions, rows.iterrows(), strict=True):
             truth = load_mask(manifest.resolve(row["mask_uri"]))
-            records.append({"sample_id": row["sample_id"], **segmentation_scores(pred, truth),
-                            "_confusion": confusion(pred, truth)})
-        per_sample = pd.DataFrame(records)
-        summary = {k: float(per_sample[k].mean()) for k in
-                   ("dice", "iou", "sensitivity", "specificity", "accuracy")}
-        pooled = np.sum(np.array(per_sample.pop("_confusion").tolist()), axis=0)
-        summary.update({f"pooled_{k}": v for k, v in scores_from_confusion(*pooled).items()
-                        if k in ("dice", "iou")})
-        return per_sample, summary
+            tp, fp, fn, tn = confusion(pred, truth)
+            records.append({"sample_id": row["sample_id"], **scores_from_confusion(tp, fp, fn, tn),
+                            "hd95": hd95(pred, truth), "tp": tp, "fp": fp, "fn": fn, "tn": tn})
+        return pd.DataFrame(records)
+
+    def aggregate(self, per_sample: pd.DataFrame) -> dict[str, float]:
+        summary = {k: float(per_sample[k].mean()) for k in PER_IMAGE}
+        summary["hd95"] = float(np.nanmean(per_sample["hd95"])) if \
+            per_sample["hd95"].notna().any() else float("nan")
+        pooled = scores_from_confusion(*(int(per_sample[c].sum()) for c in ("tp", "fp", "fn",
+                                                                              "tn")))
+        summary["pooled_dice"], summary["pooled_iou"] = pooled["dice"], pooled["iou"]
+        return summary
+
+    def figures(self, per_sample, images, predictions, rows, manifest) -> dict:
+        """Worst-first overlays (green: ground truth, magenta: prediction)."""
+        order = np.argsort(per_sample["dice"].to_numpy())[:8]
+        tiles = []
+        for i in order:
+            truth = load_mask(manifest.resolve(rows.iloc[i]["mask_uri"]))
+            tiles.append(overlay_boundaries(*resized_for_display(images[i], truth,
+                                                                 predictions[i])))
+        return {"worst_overlays.png": image_grid(tiles)}
+
+    def relabel(self, predictions, rows: pd.DataFrame, out_dir: str) -> pd.DataFrame:
+        from dermml import storage
+
+        out = rows.copy()
+        uris = []
+        for mask, sample_id in zip(predictions, rows["sample_id"], strict=True):
+            uri = storage.join(out_dir, "masks", f"{sample_id}.png")
+            storage.write_bytes(uri, encode_png(mask))
+            uris.append(uri)
+        out["mask_uri"] = uris
+        return out
 
     def encode_predictions(self, predictions) -> pd.DataFrame:
         return pd.DataFrame({
@@ -170,9 +164,7 @@ class SegmentationTask(Task):
     def preview(self, model, dataset: SegmentationDataset, cfg, n: int = 8) -> np.ndarray:
         pairs = [dataset.load(i) for i in range(min(n, len(dataset)))]
         preds = self.predict(model, [img for img, _ in pairs], cfg)
-        side = max(128, cfg.data.image_size)  # small inputs are unreadable at native size
-        tiles = [overlay_boundaries(resize_image(img, side), resize_mask(gt, side),
-                                    resize_mask(pred, side))
+        tiles = [overlay_boundaries(*resized_for_display(img, gt, pred))
                  for (img, gt), pred in zip(pairs, preds, strict=True)]
         return image_grid(tiles, columns=4)
 

@@ -29,10 +29,15 @@ class LoopConfig(Section):
     """Peak learning rate."""
     weight_decay: float = 1e-4
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
     """Optimizer; fused kernels are used on CUDA."""
-    scheduler: Literal["cosine", "constant"] = "cosine"
-    """Learning-rate schedule over all steps after warm-up."""
+    scheduler: Literal["cosine", "constant", "plateau"] = "cosine"
+    """Learning-rate schedule after warm-up: cosine per step, constant, or plateau (divide by
+    1/plateau_factor when the validation gate metric stalls for plateau_patience epochs)."""
+    plateau_factor: float = 0.5
+    """plateau: multiply the learning rate by this on a plateau."""
+    plateau_patience: int = 5
+    """plateau: epochs without improvement before reducing the learning rate."""
     warmup_epochs: float = 0.0
     """Linear warm-up length in epochs."""
     grad_accum_steps: int = 1
@@ -72,6 +77,7 @@ class Hooks:
     """Callbacks of the loop; every one is optional."""
 
     on_step: Callable[[int, dict[str, float]], None] | None = None
+    on_epoch_start: Callable[[int], None] | None = None
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
 
 
@@ -93,6 +99,9 @@ def build_optimizer(model: nn.Module, cfg: LoopConfig,
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, momentum=0.9, eps=1e-3,
+                                   weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 
@@ -100,7 +109,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     """Multiplier of the peak learning rate at ``step``: linear warm-up, then cosine or flat."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
-    if kind == "constant":
+    if kind in ("constant", "plateau"):  # plateau reductions happen per epoch, on top
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -137,6 +146,10 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
     warmup = int(cfg.warmup_epochs * steps_per_epoch / cfg.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, cfg.scheduler))
+    plateau = None
+    if cfg.scheduler == "plateau":
+        # Scales the LambdaLR's base lrs, so warm-up and plateau reductions compose.
+        plateau = PlateauScaler(scheduler, cfg.plateau_factor, cfg.plateau_patience)
 
     result = FitResult(epochs_run=0)
     start_epoch, since_best = 0, 0
@@ -149,6 +162,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if plateau is not None and "plateau" in state:
+            plateau.load_state_dict(state["plateau"])
         start_epoch = state["epoch"] + 1
         result.history = state.get("history", [])
         result.best_metric = state.get("best_metric")
@@ -157,6 +172,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
     sign = 1.0 if gate_mode == "max" else -1.0
     global_step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
+        if hooks.on_epoch_start:
+            hooks.on_epoch_start(epoch)
         started = time.perf_counter()
         train_loss, global_step = _train_epoch(
             model, train_loader, cfg, loss_step, optimizer, scheduler, device, hooks,
@@ -175,6 +192,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         current = metrics.get(f"val_{gate_metric}")
         improved = current is not None and (
             result.best_metric is None or sign * current > sign * result.best_metric)
+        if plateau is not None and current is not None:
+            plateau.step(sign * current)
         if improved or best_model is None:
             best_model = _cpu_state(model)
         if improved:
@@ -187,6 +206,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
                            "scheduler": scheduler.state_dict(), "epoch": epoch,
                            "history": result.history, "best_metric": result.best_metric,
                            "best_model": best_model, "since_best": since_best,
+                           "plateau": plateau.state_dict() if plateau else None,
                            "is_best": improved}, metrics)
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, metrics)
@@ -194,6 +214,37 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
             result.stopped_early = True
             break
     return result
+
+
+class PlateauScaler:
+    """Multiplies the base learning rates by ``factor`` after ``patience`` epochs without a
+    higher score (scores are signed so that larger is better)."""
+
+    def __init__(self, scheduler, factor: float, patience: int):
+        self.scheduler, self.factor, self.patience = scheduler, factor, patience
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def step(self, score: float) -> None:
+        if self.best is None or score > self.best:
+            self.best, self.bad_epochs = score, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs > self.patience:
+            self.scheduler.base_lrs = [lr * self.factor for lr in self.scheduler.base_lrs]
+            for group, lr in zip(self.scheduler.optimizer.param_groups,
+                                 self.scheduler.get_lr(), strict=True):
+                group["lr"] = lr
+            self.bad_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs,
+                "base_lrs": list(self.scheduler.base_lrs)}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.best, self.bad_epochs = state["best"], state["bad_epochs"]
+            self.scheduler.base_lrs = list(state["base_lrs"])
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -22,6 +22,8 @@ class TrainingParts:
     model: nn.Module
     train_loader: DataLoader
     val_loader: DataLoader
+    custom_sampling: bool = False
+    """The training loader uses its own sampler (oversampling, mixed batches)."""
 
 
 def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None) -> TrainingParts:
@@ -29,23 +31,69 @@ def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None)
     train_ds, val_ds = task.datasets(cfg, manifest)
     torch.manual_seed(cfg.train.seed)
     pin = device is not None and device.type == "cuda"
+    # Persistent workers keep their own dataset copy: progressive resizing needs fresh ones.
+    persistent = cfg.data.loader_workers > 0 and not cfg.data.progressive_resize.sizes
     loader_kw: dict[str, Any] = {"batch_size": cfg.data.batch_size,
                                  "num_workers": cfg.data.loader_workers, "pin_memory": pin,
-                                 "persistent_workers": cfg.data.loader_workers > 0}
+                                 "persistent_workers": persistent}
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    train_loader = DataLoader(train_ds, shuffle=True, drop_last=len(train_ds) > cfg.data.batch_size,
-                              generator=generator, **loader_kw)
+    options = task.loader_options(cfg, train_ds)
+    if "batch_sampler" in options:  # the sampler composes batches itself (mixed data)
+        train_kw = {k: v for k, v in loader_kw.items() if k != "batch_size"}
+        train_loader = DataLoader(train_ds, **train_kw, **options)
+    else:
+        train_loader = DataLoader(train_ds, drop_last=len(train_ds) > cfg.data.batch_size,
+                                  generator=generator, **loader_kw, **options)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
-    return TrainingParts(task.build_model(cfg), train_loader, val_loader)
+    model = task.build_model(cfg)
+    if cfg.init_from:
+        model.load_state_dict(initial_weights(cfg.init_from))
+    return TrainingParts(model, train_loader, val_loader, custom_sampling="shuffle" not in options)
+
+
+def initial_weights(model_uri: str) -> dict:
+    """State dict of a logged DermML model, to fine-tune from."""
+    import mlflow
+
+    from dermml.orchestration import tracking
+
+    tracking.configure()
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model.state_dict()
 
 
 def run_loop(task: Task, cfg: TaskConfig, parts: TrainingParts, device: torch.device,
              hooks: Hooks | None = None, checkpointer: Checkpointer | None = None,
              progress: bool = False) -> FitResult:
+    hooks = hooks or Hooks()
+    if cfg.data.progressive_resize.sizes:
+        hooks.on_epoch_start = _progressive_resize(cfg, parts, hooks.on_epoch_start)
     return fit(parts.model, parts.train_loader, parts.val_loader, cfg.train,
                loss_step=task.loss_step(cfg), evaluate=task.validate,
                gate_metric=task.gate_metric, gate_mode=task.gate_mode, device=device,
                hooks=hooks, checkpointer=checkpointer, progress=progress)
+
+
+def _progressive_resize(cfg: TaskConfig, parts: TrainingParts, then):
+    """Grow the training image size on schedule (fastai-style progressive resizing)."""
+    from dermml.data.sampling import size_for_epoch
+
+    def on_epoch_start(epoch: int) -> None:
+        size = size_for_epoch(cfg.data.progressive_resize, epoch, cfg.data.image_size)
+        for ds in _leaf_datasets(parts.train_loader.dataset):
+            ds.image_size = size
+        if then:
+            then(epoch)
+
+    return on_epoch_start
+
+
+def _leaf_datasets(ds):
+    """The datasets under Subset/ConcatDataset wrappers."""
+    if hasattr(ds, "datasets"):
+        return [leaf for d in ds.datasets for leaf in _leaf_datasets(d)]
+    if hasattr(ds, "dataset"):
+        return _leaf_datasets(ds.dataset)
+    return [ds]
 
 
 def default_device(use_gpu: bool) -> torch.device:

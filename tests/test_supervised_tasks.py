@@ -1,0 +1,174 @@
+"""Supervised tasks end to end on demo data: they learn, evaluate with CIs, serve, relabel, CV."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_overrides
+from mlflow.tracking import MlflowClient
+
+from dermml.data.images import load_image
+from dermml.data.manifest import read_manifest, write_manifest
+from dermml.orchestration import tracking
+from dermml.tasks import get_task
+from dermml.training.run import resolve_config, train
+from dermml.training.setup import build_parts, run_loop
+
+TASK_OVERRIDES = {
+    "classification": ["model.backbone=resnet10t", "train.lr=0.003", "data.image_size=32",
+                       "augment.flips=true"],
+    "segmentation": [],
+    "attributes": ["model.arch=small_unet", "model.base_channels=16", "model.depth=2",
+                   "train.epochs=15",
+                   "train.lr=0.01"],
+}
+
+
+def task_cfg(task_name: str, manifest: str, epochs: int, *extra: str):
+    common = [o for o in tiny_overrides(manifest, epochs)
+              if task_name == "segmentation" or not o.startswith("model.")]
+    overrides = common + TASK_OVERRIDES[task_name] + list(extra)
+    return resolve_config(task_name, None, overrides)
+
+
+@pytest.mark.parametrize("task_name", ["classification", "segmentation", "attributes"])
+def test_training_improves_the_validation_gate_metric(task_name, demo_data):
+    task = get_task(task_name)
+    cfg = task.prepare(task_cfg(task_name, demo_data, 8), read_manifest(demo_data))
+    parts = build_parts(task, cfg)
+    parts.model.eval()
+    with torch.no_grad():
+        untrained = task.validate(parts.model, parts.val_loader, torch.device("cpu"))
+    result = run_loop(task, cfg, parts, torch.device("cpu"))
+    gate = task.gate_metric
+    assert result.best_metric > untrained[gate] + 0.1, (untrained[gate], result.history)
+
+
+@pytest.fixture(scope="module")
+def classification_model(demo_data, tmp_path_factory):
+    home = tmp_path_factory.mktemp("cls-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DERMML_HOME", str(home))
+        outcome = train("classification", task_cfg("classification", demo_data, 6),
+                        progress=False)
+    return home, outcome
+
+
+def test_evaluation_reports_every_split_with_bootstrap_intervals(classification_model,
+                                                                 demo_data, monkeypatch):
+    from dermml.evaluation.run import evaluate
+
+    home, outcome = classification_model
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    result = evaluate(outcome.model_uri, demo_data, ["val", "test"], n_resamples=200)
+    assert set(result.metrics) == {"val", "test"}
+    for split in ("val", "test"):
+        metrics, intervals = result.metrics[split], result.intervals[split]
+        for name in ("accuracy", "balanced_accuracy", "roc_auc_macro", "recall/melanoma",
+                     "specificity/nevus", "f1/seborrheic_keratosis"):
+            low, high = intervals[name]
+            assert low <= metrics[name] <= high, (name, low, metrics[name], high)
+    artifacts = MlflowClient(tracking.tracking_uri()).list_artifacts(result.run_id,
+                                                                     "evaluation")
+    names = {a.path.split("/")[-1] for a in artifacts}
+    assert {"test_roc.png", "test_pr.png", "test_confusion_matrix.png", "metrics.csv"} <= names
+
+
+def test_classification_pyfunc_returns_labels_and_probabilities(classification_model,
+                                                                demo_data, monkeypatch):
+    from dermml.evaluation.run import load_python_model
+    from dermml.serving.pyfunc import request_frame
+
+    home, outcome = classification_model
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    model = load_python_model(outcome.model_uri)
+    manifest = read_manifest(demo_data)
+    image = load_image(manifest.resolve(manifest.split("test").iloc[0]["image_uri"]))
+    response = model.predict(None, request_frame([image]))
+    probs = json.loads(response.loc[0, "probabilities"])
+    assert set(probs) == {"melanoma", "nevus", "seborrheic_keratosis"}
+    assert sum(probs.values()) == pytest.approx(1.0, abs=1e-4)
+    assert response.loc[0, "label"] == max(probs, key=probs.get)
+
+
+def test_postprocessing_is_identical_in_evaluation_and_serving(demo_data):
+    """The served masks are the evaluated masks, post-processing (keep_largest) included."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from dermml.evaluation.run import load_python_model
+    from dermml.serving.pyfunc import request_frame
+
+    cfg = task_cfg("segmentation", demo_data, 2, "postprocess.keep_largest=true",
+                   "postprocess.opening_radius=1")
+    outcome = train("segmentation", cfg, progress=False)
+    model = load_python_model(outcome.model_uri)
+    manifest = read_manifest(demo_data)
+    images = [load_image(manifest.resolve(u)) for u in manifest.split("test")["image_uri"][:5]]
+    evaluated = model.predict_images(images)
+    served = model.predict(None, request_frame(images), params={"threshold": 0.5})
+    for mask, encoded in zip(evaluated, served["mask"], strict=True):
+        decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded)))) > 127
+        assert np.array_equal(mask, decoded)
+
+
+def noisy_weak_manifest(demo_data: str, tmp_path) -> str:
+    """Demo data with train split into sl_train (40%) and wl_train (60%, labels shuffled)."""
+    manifest = read_manifest(demo_data)
+    df = manifest.df.copy()
+    for col in ("image_uri", "mask_uri"):
+        df[col] = [manifest.resolve(u) for u in df[col]]
+    df["attribute_mask_uris"] = None
+    train_idx = np.flatnonzero(df["split"] == "train")
+    rng = np.random.default_rng(0)
+    weak = rng.permutation(train_idx)[: int(0.6 * len(train_idx))]
+    df.loc[train_idx, "split"] = "sl_train"
+    df.loc[weak, "split"] = "wl_train"
+    df.loc[weak, "label"] = rng.permutation(df.loc[weak, "label"].to_numpy())
+    uri = str(tmp_path / "weak.parquet")
+    write_manifest(df, uri)
+    return uri
+
+
+def test_weak_label_loop_relabels_the_weak_set(demo_data, tmp_path):
+    from dermml.training.schemes import train_with_weak_labels
+
+    uri = noisy_weak_manifest(demo_data, tmp_path)
+    cfg = task_cfg("classification", uri, 3)
+    outcome = train_with_weak_labels("classification", cfg, "wl_train", "sl_train", repeats=1)
+    (round1,) = outcome.rounds
+    assert round1["weak_labels_changed"] > 0.1
+    before = read_manifest(uri).df.set_index("sample_id")["label"]
+    after = read_manifest(round1["manifest"]).df.set_index("sample_id")
+    weak_ids = after.index[after["split"] == "wl_train"]
+    assert (before[weak_ids] != after.loc[weak_ids, "label"]).any()
+    assert (read_manifest(uri).df["split"] == "wl_train").sum() == len(weak_ids)  # untouched
+    client = MlflowClient(tracking.tracking_uri())
+    children = client.search_runs(
+        [client.get_run(outcome.run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{outcome.run_id}'")
+    assert len(children) == 3  # strong, weak round 1, fine-tune round 1
+    assert outcome.model_uri == client.get_run(round1["finetune_run_id"]).data.tags[
+        "dermml.model_uri"]
+
+
+def test_cross_validation_trains_k_folds_and_aggregates(demo_data):
+    from dermml.training.schemes import cross_validate, fold_ids
+
+    cfg = task_cfg("segmentation", demo_data, 1)
+    outcome = cross_validate("segmentation", cfg, folds=3)
+    assert len(outcome.folds) == 3 and len({o.run_id for o in outcome.folds}) == 3
+    values = [o.metrics["best_val_gate"] for o in outcome.folds]
+    assert outcome.mean["best_val_gate"] == pytest.approx(np.mean(values))
+    assert outcome.std["best_val_gate"] == pytest.approx(np.std(values, ddof=1))
+    logged = MlflowClient(tracking.tracking_uri()).get_run(outcome.run_id).data.metrics
+    assert logged["cv_mean_best_val_gate"] == pytest.approx(outcome.mean["best_val_gate"])
+
+    pool = read_manifest(demo_data).split("train", "val")
+    folds = fold_ids(pool, 3)
+    by_patient = pd.Series(folds).groupby(pool["patient_id"].to_numpy()).nunique()
+    assert (by_patient == 1).all()  # a patient never spans folds
