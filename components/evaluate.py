@@ -11,7 +11,6 @@ def evaluate_model(model_uri: str, manifest_uri: str, splits: str, parent_run_id
     from dermml.evaluation.run import evaluate
 
     result = evaluate(model_uri, manifest_uri, splits.split(","), parent_run_id, n_resamples=200)
-    for split, values in result.metrics.items():
-        for name, value in values.items():
-            metrics.log_metric(f"{split}_{name}", value)
+    for name, value in result.flat_metrics().items():
+        metrics.log_metric(name, value)
     return result.run_id

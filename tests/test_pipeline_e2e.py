@@ -15,6 +15,7 @@ from PIL import Image
 from dermml.data.images import load_image, load_mask
 from dermml.data.manifest import read_manifest
 from dermml.metrics.segmentation import segmentation_scores
+from dermml.orchestration import tracking
 from dermml.orchestration.kfp_local import compile_pipeline, run_local
 from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
 
@@ -127,3 +128,17 @@ def test_compiled_pipeline_yaml_holds_every_stage(tmp_path):
                       "finish-pipeline-run"):
         assert f"comp-{component}" in text
     assert "ghcr.io/dermml/dermml-gpu" in text and "ghcr.io/dermml/dermml:" in text
+
+
+def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
+    """The same pipeline, another task: no special case anywhere but the parameter."""
+    overrides = ["data.image_size=32", "data.batch_size=8", "model.backbone=resnet10t",
+                 "train.epochs=3", "train.lr=0.003", "ray.enabled=false"]
+    outputs = run_local("training", {"task": "classification", "manifest_uri": demo_data,
+                                     "overrides": overrides})
+    assert outputs["model_version"] == "1" and outputs["promoted"] is True
+    client = MlflowClient(tracking.tracking_uri())
+    champion = client.get_model_version_by_alias("dermml-classification", "champion")
+    assert champion.run_id == outputs["train_run_id"]
+    stages = runs_of(client, outputs["parent_run_id"])
+    assert "test_balanced_accuracy" in stages["evaluate"][0].data.metrics

@@ -29,6 +29,13 @@ class EvaluationResult:
     intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     """split -> metric -> (low, high) bootstrap percentile interval."""
 
+    def flat_metrics(self) -> dict[str, float]:
+        """``{split}_{metric}`` -> value for every finite metric (NaN: undefined, e.g. the
+        precision of a class never predicted); names safe for MLflow and KFP."""
+        return {f"{split}_{name}".replace("/", "_"): float(value)
+                for split, values in self.metrics.items() for name, value in values.items()
+                if np.isfinite(value)}
+
     def table(self) -> pd.DataFrame:
         rows = []
         for split, values in self.metrics.items():
