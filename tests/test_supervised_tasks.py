@@ -40,7 +40,7 @@ def test_training_improves_the_validation_gate_metric(task_name, demo_data):
     parts = build_parts(task, cfg)
     parts.model.eval()
     with torch.no_grad():
-        untrained = task.validate(parts.model, parts.val_loader, torch.device("cpu"))
+        untrained = task.validate(parts.model, parts.val_loader, torch.device("cpu"), cfg)
     result = run_loop(task, cfg, parts, torch.device("cpu"))
     gate = task.gate_metric
     assert result.best_metric > untrained[gate] + 0.1, (untrained[gate], result.history)

@@ -54,7 +54,8 @@ def load_python_model(model_uri: str):
 
 def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
              parent_run_id: str | None = None, n_resamples: int = 1000,
-             alpha: float = 0.05, seed: int = 0) -> EvaluationResult:
+             alpha: float = 0.05, seed: int = 0,
+             params: dict | None = None) -> EvaluationResult:
     """Evaluate ``model_uri`` on each split of ``manifest_uri``; log metrics, CIs, plots."""
     from dermml.registry.gate import record_evaluation
 
@@ -66,11 +67,12 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
     with tracking.stage_run(task.name, "evaluate", parent_run_id) as run:
         tracking.log_dataset(manifest.uri, manifest.version)
         mlflow.set_tag("dermml.model_uri", model_uri)
-        mlflow.log_params({"n_resamples": n_resamples, "alpha": alpha, "splits": ",".join(splits)})
+        mlflow.log_params({"n_resamples": n_resamples, "alpha": alpha, "splits": ",".join(splits),
+                           **{f"serving.{k}": v for k, v in (params or {}).items()}})
         result = EvaluationResult(run.info.run_id, task.name, manifest.version)
         for split, rows in split_rows.items():
             images = [load_image(manifest.resolve(u)) for u in rows["image_uri"]]
-            predictions = model.predict_images(images)
+            predictions = model.predict_images(images, params)
             per_sample = task.score(predictions, rows, manifest)
             result.metrics[split] = task.aggregate(per_sample)
             result.intervals[split] = bootstrap_metrics(
@@ -83,7 +85,8 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
         table = result.table()
         tracking.log_table_csv(table, "evaluation/metrics.csv")
         mlflow.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/metrics.md")
-        record_evaluation(model_uri, manifest.version, result.metrics, run.info.run_id)
+        if not params:  # gate scores are for the model as it serves by default
+            record_evaluation(model_uri, manifest.version, result.metrics, run.info.run_id)
     return result
 
 

@@ -62,16 +62,38 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
         """The task's post-processed predictions; evaluation calls this, serving too."""
         cfg = self.cfg
         if params:
-            serving = cfg.serving.model_copy(update={k: v for k, v in params.items()
-                                                     if v is not None})
+            unknown = sorted(set(params) - set(type(cfg.serving).model_fields))
+            if unknown:
+                raise _bad_request(f"unknown params {unknown}; this model takes "
+                                   f"{sorted(type(cfg.serving).model_fields)}")
+            try:
+                serving = type(cfg.serving).model_validate(
+                    {**cfg.serving.model_dump(),
+                     **{k: v for k, v in params.items() if v is not None}})
+            except ValueError as exc:
+                raise _bad_request(f"invalid params: {exc}") from None
             cfg = cfg.model_copy(update={"serving": serving})
         return self.task.predict(self.model, images, cfg)
+
+
+PARAM_TYPES = {float: "double", int: "long", str: "string", bool: "boolean"}
+
+
+def serving_params(cfg: TaskConfig) -> ParamSchema:
+    """Request params: every field of the task's serving config, its trained value as default."""
+    specs = []
+    for name, field in type(cfg.serving).model_fields.items():
+        kind = PARAM_TYPES.get(field.annotation)
+        if kind is None:  # e.g. Literal[...] choices travel as strings
+            kind = "string"
+        specs.append(ParamSpec(name, kind, getattr(cfg.serving, name)))
+    return ParamSchema(specs)
 
 
 def signature_for(task_name: str, cfg: TaskConfig) -> ModelSignature:
     task = get_task(task_name)
     outputs = Schema([ColSpec(t, name) for name, t in task.response_schema()])
-    params = ParamSchema([ParamSpec("threshold", "double", cfg.serving.threshold)])
+    params = serving_params(cfg)
     return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), outputs=outputs,
                           params=params)
 

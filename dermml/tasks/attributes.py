@@ -84,7 +84,7 @@ class AttributesTask(Task):
 
         return step
 
-    def validate(self, model, loader, device) -> dict[str, float]:
+    def validate(self, model, loader, device, cfg=None) -> dict[str, float]:
         n_classes = None
         inter = union = None
         for images, target in loader:

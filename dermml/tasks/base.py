@@ -191,9 +191,13 @@ class Task(ABC):
     def loss_step(self, cfg: TaskConfig):
         """``f(model, batch) -> loss`` for the training loop."""
 
+    def after_optimizer_step(self, cfg: TaskConfig):
+        """``f(model, optimizer_step)`` to run after each optimizer step (EMA), or None."""
+        return None
+
     @abstractmethod
-    def validate(self, model: nn.Module, loader: Iterable,
-                 device: torch.device) -> dict[str, float]:
+    def validate(self, model: nn.Module, loader: Iterable, device: torch.device,
+                 cfg: TaskConfig) -> dict[str, float]:
         """Validation metrics (must include ``gate_metric``)."""
 
     @abstractmethod

@@ -78,7 +78,7 @@ class ClassificationTask(Task):
 
         return step
 
-    def validate(self, model, loader, device) -> dict[str, float]:
+    def validate(self, model, loader, device, cfg=None) -> dict[str, float]:
         probs, labels = [], []
         for images, y in loader:
             probs.append(torch.softmax(model(images.to(device)).float(), 1))

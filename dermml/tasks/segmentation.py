@@ -72,7 +72,7 @@ class SegmentationTask(Task):
 
         return step
 
-    def validate(self, model, loader, device) -> dict[str, float]:
+    def validate(self, model, loader, device, cfg=None) -> dict[str, float]:
         # Pixel counts stay on device; one host sync per validation pass.
         totals = torch.zeros(4, dtype=torch.float64, device=device)
         dice_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -29,6 +29,8 @@ class LoopConfig(Section):
     """Peak learning rate."""
     weight_decay: float = 1e-4
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW betas (DermoSegDiff: 0.7, 0.99)."""
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
     """Optimizer; fused kernels are used on CUDA."""
     scheduler: Literal["cosine", "constant", "plateau"] = "cosine"
@@ -96,9 +98,11 @@ def build_optimizer(model: nn.Module, cfg: LoopConfig,
     fused = {"fused": True} if device.type == "cuda" else {}
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 betas=cfg.betas, **fused)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=cfg.betas, **fused)
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, momentum=0.9, eps=1e-3,
                                    weight_decay=cfg.weight_decay)
@@ -128,11 +132,13 @@ EvalFn = Callable[[nn.Module, Iterable, torch.device], dict[str, float]]
 def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, cfg: LoopConfig,
         loss_step: StepFn, evaluate: EvalFn | None, gate_metric: str, gate_mode: str = "max",
         device: torch.device | None = None, hooks: Hooks | None = None,
-        checkpointer: Checkpointer | None = None, progress: bool = False) -> FitResult:
+        checkpointer: Checkpointer | None = None, progress: bool = False,
+        after_step: Callable[[nn.Module, int], None] | None = None) -> FitResult:
     """Train ``model``; resume from ``checkpointer`` if it holds state; return the history.
 
     ``loss_step(model, batch)`` returns the loss of one batch (already on device);
-    ``evaluate(model, val_loader, device)`` returns validation metrics including ``gate_metric``.
+    ``evaluate(model, val_loader, device)`` returns validation metrics including ``gate_metric``;
+    ``after_step(model, optimizer_step)`` runs after every optimizer step (e.g. an EMA update).
     """
     device = device or torch.device("cpu")
     hooks = hooks or Hooks()
@@ -177,7 +183,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         started = time.perf_counter()
         train_loss, global_step = _train_epoch(
             model, train_loader, cfg, loss_step, optimizer, scheduler, device, hooks,
-            global_step, progress, epoch)
+            global_step, progress, epoch, after_step)
         metrics = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": time.perf_counter() - started}
         if evaluate is not None and val_loader is not None:
@@ -261,7 +267,7 @@ def _steps_per_epoch(loader: Iterable, cfg: LoopConfig) -> int:
 
 
 def _train_epoch(model, loader, cfg, loss_step, optimizer, scheduler, device, hooks,
-                 global_step, progress, epoch) -> tuple[float, int]:
+                 global_step, progress, epoch, after_step=None) -> tuple[float, int]:
     model.train()
     limit = _steps_per_epoch(loader, cfg)
     running = torch.zeros((), device=device)
@@ -278,6 +284,8 @@ def _train_epoch(model, loader, cfg, loss_step, optimizer, scheduler, device, ho
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if after_step is not None:
+                after_step(_unwrap(model), scheduler.last_epoch)
         running += loss.detach()
         seen += 1
         global_step += 1

@@ -68,9 +68,11 @@ def run_loop(task: Task, cfg: TaskConfig, parts: TrainingParts, device: torch.de
     if cfg.data.progressive_resize.sizes:
         hooks.on_epoch_start = _progressive_resize(cfg, parts, hooks.on_epoch_start)
     return fit(parts.model, parts.train_loader, parts.val_loader, cfg.train,
-               loss_step=task.loss_step(cfg), evaluate=task.validate,
+               loss_step=task.loss_step(cfg),
+               evaluate=lambda model, loader, device: task.validate(model, loader, device, cfg),
                gate_metric=task.gate_metric, gate_mode=task.gate_mode, device=device,
-               hooks=hooks, checkpointer=checkpointer, progress=progress)
+               hooks=hooks, checkpointer=checkpointer, progress=progress,
+               after_step=task.after_optimizer_step(cfg))
 
 
 def _progressive_resize(cfg: TaskConfig, parts: TrainingParts, then):

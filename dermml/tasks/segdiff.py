@@ -1,0 +1,264 @@
+"""Diffusion lesion segmentation (DermoSegDiff): a dual-path U-Net denoises the lesion mask
+conditioned on the image, trained with ε-prediction and a boundary-aware loss; masks are sampled
+with ancestral DDPM (reference) or DDIM (faster) and an ensemble of samples is averaged.
+
+It is a segmentation task: data, scoring, overlays, post-processing and the serving response
+are the segmentation task's; only the network, the loss, validation and sampling differ.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import model_validator
+from torch import nn
+
+from dermml.config import Section
+from dermml.data.augment import build_augment
+from dermml.data.datasets import SegmentationDataset, image_to_tensor, resize_image
+from dermml.data.manifest import Manifest
+from dermml.data.sampling import subset_indices
+from dermml.losses.diffusion import boundary_weight_map, diffusion_loss
+from dermml.models.dermosegdiff import DermoSegDiffConfig, DermoSegDiffUNet
+from dermml.models.diffusion import (
+    EMA,
+    GaussianDiffusion,
+    beta_schedule,
+    diffusion_to_mask,
+    ensemble_masks,
+    mask_to_diffusion,
+    sample,
+)
+from dermml.models.postprocess import PostprocessConfig
+from dermml.tasks.base import ServingConfig, register_task
+from dermml.tasks.segmentation import SegmentationConfig, SegmentationTask
+from dermml.training.loop import LoopConfig
+from dermml.visualization import image_grid, overlay_boundaries
+
+DATA_SCALE = {"full": 1, "medium": 2, "lite": 5, "ultra-lite": 10}
+"""Reference ``data_scale``: keep 1/k of the training set (validation untouched)."""
+
+
+class NoiseSchedule(Section):
+    """Forward process."""
+
+    timesteps: int = 250
+    """Diffusion steps T."""
+    schedule: Literal["linear", "quadratic", "cosine", "sigmoid"] = "linear"
+    """Beta schedule."""
+    beta_start: float = 0.0004
+    """First beta."""
+    beta_end: float = 0.08
+    """Last beta."""
+
+
+class SegDiffLoss(Section):
+    """ε-prediction loss."""
+
+    kind: Literal["l1", "l2", "huber", "boundary", "hybrid"] = "l2"
+    """hybrid = l2 + boundary_weight * boundary (PH2, HAM10000 presets)."""
+    boundary_weight: float = 0.25
+    """Coefficient of the boundary term in hybrid."""
+    gamma: float = 1.5
+    """Boundary map exponent scale (reference default 1.5; PH2 0.25, HAM10000 0.2)."""
+
+
+class EMAConfig(Section):
+    """Exponential moving average of the weights (ema-pytorch semantics); sampling uses it."""
+
+    beta: float = 0.9999
+    """Maximum decay."""
+    update_after_step: int = 500
+    """Copy the weights exactly until this optimizer step."""
+    update_every: int = 1
+    """Update every N optimizer steps."""
+    inv_gamma: float = 1.0
+    """Warm-up: inverse multiplicative factor."""
+    power: float = 0.9
+    """Warm-up: exponential factor."""
+
+
+class SegDiffServing(ServingConfig):
+    """Sampling settings; request params at serving time, defaults = the reference."""
+
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    """ddpm: full ancestral sampling over T steps (reference); ddim: ``steps`` steps."""
+    steps: int = 0
+    """DDIM steps K (0 = T); DDPM always runs all T steps."""
+    ensemble: int = 5
+    """Samples averaged per image before thresholding."""
+    eta: float = 0.0
+    """DDIM stochasticity (0: deterministic given the initial noise)."""
+    seed: int = 0
+    """Seed of the initial noise (the same image gives the same mask)."""
+
+    @model_validator(mode="after")
+    def _positive(self) -> SegDiffServing:
+        if self.ensemble < 1 or self.steps < 0:
+            raise ValueError("ensemble must be >= 1 and steps >= 0")
+        return self
+
+
+class SegDiffConfig(SegmentationConfig):
+    task: str = "segdiff"
+    model: DermoSegDiffConfig = DermoSegDiffConfig()
+    diffusion: NoiseSchedule = NoiseSchedule()
+    loss: SegDiffLoss = SegDiffLoss()
+    ema: EMAConfig = EMAConfig()
+    data_scale: Literal["full", "medium", "lite", "ultra-lite"] = "full"
+    """Fraction of the training set (reference: 1, 1/2, 1/5, 1/10)."""
+    validation_steps: int = 10
+    """DDIM steps of the per-epoch validation (one sample per image)."""
+    serving: SegDiffServing = SegDiffServing()
+    postprocess: PostprocessConfig = PostprocessConfig()
+    train: LoopConfig = LoopConfig(optimizer="adam", lr=1e-4, betas=(0.7, 0.99), weight_decay=0.0,
+                                   scheduler="plateau", plateau_factor=0.5, plateau_patience=5)
+
+
+class SegDiffNet(nn.Module):
+    """The denoiser, its EMA copy and the EMA step counter: one state dict, so checkpoints
+    and resumed runs carry the EMA weights and step."""
+
+    def __init__(self, cfg: SegDiffConfig):
+        super().__init__()
+        self.unet = DermoSegDiffUNet(cfg.model)
+        c = cfg.ema
+        self._ema = EMA(self.unet, c.beta, c.update_after_step, c.update_every, c.inv_gamma,
+                        c.power)
+        self.ema_unet = self._ema.ema_model  # registered: saved and restored with the model
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("ema_initted", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, image)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        # The counters live in buffers so a resumed run continues the same EMA schedule.
+        self._ema.step, self._ema.initted = int(self.ema_step), bool(self.ema_initted)
+        self._ema.update()
+        self.ema_step.fill_(self._ema.step)
+        self.ema_initted.fill_(self._ema.initted)
+
+
+def diffusion_of(cfg: SegDiffConfig) -> GaussianDiffusion:
+    d = cfg.diffusion
+    return GaussianDiffusion(beta_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end))
+
+
+class SegDiffTask(SegmentationTask):
+    name = "segdiff"
+    config_cls = SegDiffConfig
+    gate_metric = "dice"
+    gate_mode = "max"
+
+    def build_model(self, cfg: SegDiffConfig) -> nn.Module:
+        return SegDiffNet(cfg)
+
+    def dataset(self, cfg: SegDiffConfig, manifest: Manifest, rows, train: bool):
+        if train and DATA_SCALE[cfg.data_scale] > 1:
+            keep = subset_indices(len(rows), 1 / DATA_SCALE[cfg.data_scale], cfg.train.seed)
+            rows = rows.iloc[keep].reset_index(drop=True)
+        augment = build_augment(cfg.augment, seed=cfg.train.seed) if train else None
+        return SegmentationDataset(manifest, rows, cfg.data.image_size, augment)
+
+    def loss_step(self, cfg: SegDiffConfig):
+        diffusion = diffusion_of(cfg)
+        T, loss_cfg = cfg.diffusion.timesteps, cfg.loss
+        needs_map = loss_cfg.kind in ("boundary", "hybrid")
+
+        def step(model: nn.Module, batch) -> torch.Tensor:
+            images, masks = batch
+            x0 = mask_to_diffusion(masks)
+            t = torch.randint(1, T, (x0.shape[0],), device=x0.device)  # reference: [1, T-1]
+            noise = torch.randn_like(x0)
+            eps = model(diffusion.q_sample(x0, t, noise).float(), t, images)
+            weight = boundary_weight_map(masks, t, T, loss_cfg.gamma) if needs_map else None
+            return diffusion_loss(eps.float(), noise, loss_cfg.kind, weight,
+                                  loss_cfg.boundary_weight)
+
+        return step
+
+    def after_optimizer_step(self, cfg: SegDiffConfig):
+        return lambda model, step: model.update_ema()
+
+    @torch.no_grad()
+    def sample_masks(self, model: SegDiffNet, images: torch.Tensor, cfg: SegDiffConfig,
+                     sampler: str, steps: int | None, ensemble: int, eta: float, seed: int,
+                     trajectory_every: int | None = None):
+        """Mean lesion probability (N, 1, H, W) over ``ensemble`` samples, and a trajectory."""
+        net = model.ema_unet.eval()
+        diffusion = diffusion_of(cfg)
+        n = images.shape[0]
+        g = images.repeat(ensemble, 1, 1, 1)
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        # DDIM's large jumps amplify x0 errors: clip x0 to [-1, 1] there (DDPM stays as the
+        # reference, unclipped).
+        x0, trajectory = sample(lambda x, t: net(x, t, g), (n * ensemble, 1, *images.shape[2:]),
+                                diffusion, sampler, steps, eta, generator=generator,
+                                trajectory_every=trajectory_every, device=images.device,
+                                clip_x0=sampler == "ddim")
+        probability, _ = ensemble_masks(list(x0.split(n)))
+        return probability, trajectory
+
+    def validate(self, model, loader, device, cfg: SegDiffConfig) -> dict[str, float]:
+        dice_sum, n = 0.0, 0
+        for images, masks in loader:
+            probability, _ = self.sample_masks(_unwrap(model), images.to(device), cfg, "ddim",
+                                               cfg.validation_steps, 1, 0.0, 0)
+            pred, target = probability > 0.5, masks.to(device) > 0.5
+            tp = (pred & target).flatten(1).sum(1).double()
+            den = pred.flatten(1).sum(1) + target.flatten(1).sum(1)
+            dice_sum += float(torch.where(den > 0, 2 * tp / den.clamp(min=1), 1.0).sum())
+            n += images.shape[0]
+        return {"dice": dice_sum / max(1, n)}
+
+    def probabilities(self, model, images, cfg: SegDiffConfig) -> list[np.ndarray]:
+        s = cfg.serving
+        device = next(model.parameters()).device
+        out = []
+        for image in images:
+            x = image_to_tensor(resize_image(image, cfg.data.image_size))[None].to(device)
+            steps = (s.steps or None) if s.sampler == "ddim" else None
+            probability, _ = self.sample_masks(model, x, cfg, s.sampler, steps, s.ensemble,
+                                               s.eta, s.seed)
+            probability = F.interpolate(probability, size=image.shape[:2], mode="bilinear",
+                                        align_corners=False)
+            out.append(probability[0, 0].cpu().numpy())
+        return out
+
+    def preview(self, model, dataset: SegmentationDataset, cfg: SegDiffConfig,
+                n: int = 4) -> np.ndarray:
+        """Overlays of DDIM predictions, then the denoising trajectory (8 steps) of the first."""
+        fast = cfg.model_copy(update={"serving": cfg.serving.model_copy(
+            update={"sampler": "ddim", "steps": cfg.validation_steps, "ensemble": 1})})
+        pairs = [dataset.load(i) for i in range(min(n, len(dataset)))]
+        preds = self.predict(model, [img for img, _ in pairs], fast)
+        side = max(128, cfg.data.image_size)
+        tiles = [overlay_boundaries(*_display(img, gt, pred, side))
+                 for (img, gt), pred in zip(pairs, preds, strict=True)]
+        device = next(model.parameters()).device
+        x = image_to_tensor(pairs[0][0])[None].to(device)
+        steps = max(8, cfg.validation_steps)
+        _, trajectory = self.sample_masks(model, x, cfg, "ddim", steps, 1, 0.0, 0,
+                                          trajectory_every=max(1, steps // 7))
+        frames = [diffusion_to_mask(f[0, 0]).clamp(0, 1).numpy() for f in trajectory[-8:]]
+        tiles += [np.repeat((resize_image((f * 255).astype(np.uint8)[..., None].repeat(3, -1),
+                                          side)), 1, axis=-1) for f in frames]
+        return image_grid(tiles, columns=max(4, len(frames)))
+
+
+def _display(image, truth, pred, side):
+    from dermml.data.datasets import resize_mask
+
+    return resize_image(image, side), resize_mask(truth, side), resize_mask(pred, side)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+register_task(SegDiffTask())

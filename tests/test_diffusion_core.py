@@ -1,0 +1,364 @@
+"""Noise schedules, the forward process, DDPM/DDIM steps, ensembling, EMA and the boundary-aware
+loss of DermoSegDiff, checked against closed forms computed here independently."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dermml.losses.diffusion import boundary_proximity, boundary_weight_map, diffusion_loss
+from dermml.models.diffusion import (
+    EMA,
+    DiffusionConfig,
+    GaussianDiffusion,
+    beta_schedule,
+    diffusion_to_mask,
+    ensemble_masks,
+    mask_to_diffusion,
+    sample,
+)
+
+T = 10
+START, END = 0.0004, 0.08
+
+
+def expected_betas(kind: str, start: float = START, end: float = END) -> np.ndarray:
+    i = np.arange(T, dtype=np.float64)
+    if kind == "linear":
+        return start + (end - start) * i / (T - 1)
+    if kind == "quadratic":
+        return (math.sqrt(start) + (math.sqrt(end) - math.sqrt(start)) * i / (T - 1)) ** 2
+    if kind == "sigmoid":
+        return 1 / (1 + np.exp(-(-6 + 12 * i / (T - 1)))) * (end - start) + start
+    s = 0.008
+    f = [math.cos((k / T + s) / (1 + s) * math.pi / 2) ** 2 for k in range(T + 1)]
+    return np.array([min(max(1 - f[k + 1] / f[k], start), end) for k in range(T)])
+
+
+@pytest.mark.parametrize("kind", ["linear", "quadratic", "sigmoid", "cosine"])
+def test_beta_schedules_and_alphas_match_their_closed_forms(kind):
+    betas = expected_betas(kind)
+    got = beta_schedule(kind, T, START, END)
+    assert got.dtype == torch.float64 and got.shape == (T,)
+    np.testing.assert_allclose(got.numpy(), betas, rtol=1e-12, atol=1e-15)
+
+    d = GaussianDiffusion(got)
+    alphas = 1 - betas
+    alphas_cumprod = np.array([np.prod(alphas[: k + 1]) for k in range(T)])
+    prev = np.concatenate([[1.0], alphas_cumprod[:-1]])
+    np.testing.assert_allclose(d.alphas.numpy(), alphas, rtol=1e-12)
+    np.testing.assert_allclose(d.alphas_cumprod.numpy(), alphas_cumprod, rtol=1e-12)
+    np.testing.assert_allclose(d.alphas_cumprod_prev.numpy(), prev, rtol=1e-12)
+    np.testing.assert_allclose(d.sqrt_one_minus_alphas_cumprod.numpy(),
+                               np.sqrt(1 - alphas_cumprod), rtol=1e-12)
+    np.testing.assert_allclose(d.posterior_variance.numpy(),
+                               betas * (1 - prev) / (1 - alphas_cumprod), rtol=1e-12, atol=1e-18)
+
+
+def test_cosine_schedule_with_paper_clipping_reaches_pure_noise():
+    betas = beta_schedule("cosine", T, 0.0, 0.999)
+    np.testing.assert_allclose(betas.numpy(), expected_betas("cosine", 0.0, 0.999), rtol=1e-12)
+    assert GaussianDiffusion(betas).alphas_cumprod[-1] < 1e-3
+
+
+def test_unknown_schedule_and_bad_betas_are_rejected():
+    with pytest.raises(ValueError, match="unknown beta schedule 'exp'"):
+        beta_schedule("exp", T)
+    with pytest.raises(ValueError, match="beta_start"):
+        beta_schedule("linear", T, 0.5, 0.1)
+
+
+def test_q_sample_has_the_forward_marginal_mean_and_variance():
+    d = GaussianDiffusion(beta_schedule("linear", 250))
+    draws = 20000
+    x0 = torch.tensor([-1.0, 0.5, 1.0]).repeat(draws, 1).reshape(draws, 1, 1, 3)
+    gen = torch.Generator().manual_seed(0)
+    for t in (0, 60, 249):
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = d.q_sample(x0, t, noise)
+        a = float(d.alphas_cumprod[t])
+        np.testing.assert_allclose(x_t.mean(0).flatten().numpy(),
+                                   math.sqrt(a) * np.array([-1.0, 0.5, 1.0]), atol=0.03)
+        np.testing.assert_allclose(x_t.var(0).flatten().numpy(), [1 - a] * 3, atol=0.05)
+
+
+def test_predicted_x0_and_posterior_invert_the_forward_process():
+    d = GaussianDiffusion(beta_schedule("linear", 50))
+    x0 = torch.rand(4, 1, 6, 6, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 7, 30, 49])
+    x_t = d.q_sample(x0, t, noise)
+    torch.testing.assert_close(d.predict_x0_from_eps(x_t, t, noise), x0)
+    mean, var, log_var = d.q_posterior(x0, x_t, t)
+    assert mean.shape == x0.shape and var.shape == (4, 1, 1, 1)
+    torch.testing.assert_close(log_var[1:], var[1:].log())
+    # Ho et al. eq. 7: mean = sqrt(ᾱ_prev) β_t / (1 - ᾱ_t) x0 + sqrt(α_t)(1 - ᾱ_prev)/(1 - ᾱ_t) x_t
+    k = 2
+    a_bar, a_prev = d.alphas_cumprod[30], d.alphas_cumprod[29]
+    beta = d.betas[30]
+    expected = (a_prev.sqrt() * beta / (1 - a_bar)) * x0[k] \
+        + ((1 - beta).sqrt() * (1 - a_prev) / (1 - a_bar)) * x_t[k]
+    torch.testing.assert_close(mean[k], expected)
+
+
+def test_masks_map_to_diffusion_space_and_back():
+    m = torch.tensor([0.0, 1.0, 0.25])
+    torch.testing.assert_close(mask_to_diffusion(m), torch.tensor([-1.0, 1.0, -0.5]))
+    torch.testing.assert_close(diffusion_to_mask(torch.tensor([-3.0, 0.0, 1.0])),
+                               torch.tensor([0.0, 0.5, 1.0]))
+
+
+# ------------------------------------------------------------------------------ DDPM and DDIM
+
+def test_ddim_timesteps_are_evenly_spaced_descending_to_zero():
+    d = GaussianDiffusion(beta_schedule("linear", 50))
+    assert d.ddim_timesteps(50) == list(range(49, -1, -1))
+    assert d.ddim_timesteps(5) == [49, 37, 24, 12, 0]
+    assert d.ddim_timesteps(1) == [49]
+    with pytest.raises(ValueError, match=r"DDIM steps must be in \[1, 50\]"):
+        d.ddim_timesteps(51)
+
+
+def test_ddim_with_eta_one_and_all_steps_is_the_ddpm_step():
+    d = GaussianDiffusion(beta_schedule("linear", 20))
+    like = torch.zeros(1, dtype=torch.float64)
+    ts = d.ddim_timesteps(20)
+    for t, t_prev in zip(ts, [*ts[1:], -1], strict=True):
+        sigma = d.ddim_sigma(t, t_prev, 1.0, like)
+        torch.testing.assert_close(sigma.flatten() ** 2, d.posterior_variance[t:t + 1],
+                                   rtol=1e-10, atol=1e-15)
+        x_t = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+        eps = torch.randn_like(x_t)
+        ddpm = d.ddpm_step(eps, x_t, t, generator=torch.Generator().manual_seed(t))
+        ddim = d.ddim_step(eps, x_t, t, t_prev, eta=1.0,
+                           generator=torch.Generator().manual_seed(t))
+        torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+
+
+def test_ddpm_adds_no_noise_at_the_last_step():
+    d = GaussianDiffusion(beta_schedule("linear", 20))
+    x_t, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    a = d.ddpm_step(eps, x_t, 0, generator=torch.Generator().manual_seed(0))
+    b = d.ddpm_step(eps, x_t, 0, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, d.predict_x0_from_eps(x_t, 0, eps))
+    mixed = d.ddpm_step(eps, x_t, torch.tensor([0, 5, 0]), generator=torch.Generator())
+    torch.testing.assert_close(mixed[[0, 2]], a[[0, 2]])
+
+
+def test_ddpm_step_is_the_reference_epsilon_form_of_algorithm_2():
+    d = GaussianDiffusion(beta_schedule("linear", 20))
+    x_t = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    eps = torch.randn_like(x_t)
+    t = 7
+    step = d.ddpm_step(eps, x_t, t, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3), dtype=x_t.dtype)
+    beta, a_bar = d.betas[t], d.alphas_cumprod[t]
+    mean = (x_t - beta / (1 - a_bar).sqrt() * eps) / (1 - beta).sqrt()
+    torch.testing.assert_close(step, mean + d.posterior_variance[t].sqrt() * z)
+    assert d.posterior_log_variance_clipped[0] == d.posterior_log_variance_clipped[1]
+
+
+def _toy_eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)
+
+
+def test_ddim_with_eta_zero_is_deterministic_given_the_initial_noise():
+    d = GaussianDiffusion(beta_schedule("linear", 50))
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    runs = [sample(_toy_eps_model, x_T.shape, d, "ddim", 10, eta=0.0, x_T=x_T,
+                   generator=torch.Generator().manual_seed(seed))[0] for seed in (1, 2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    other = sample(_toy_eps_model, x_T.shape, d, "ddim", 10, x_T=torch.randn_like(x_T))[0]
+    assert not torch.allclose(other, runs[0])
+    noisy = [sample(_toy_eps_model, x_T.shape, d, "ddim", 10, eta=1.0, x_T=x_T,
+                    generator=torch.Generator().manual_seed(seed))[0] for seed in (1, 2)]
+    assert not torch.allclose(noisy[0], noisy[1])
+
+
+def test_samplers_recover_x0_from_an_exact_noise_predictor_and_record_the_trajectory():
+    d = GaussianDiffusion(beta_schedule("linear", 50))
+    x0 = torch.sign(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+    def oracle(x, t):
+        a = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+    x, trajectory = sample(oracle, x0.shape, d, "ddpm", generator=torch.Generator(),
+                           trajectory_every=10)
+    torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
+    assert len(trajectory) == 1 + 5 and torch.equal(trajectory[-1], x)
+    x, trajectory = sample(oracle, x0.shape, d, "ddim", 7, trajectory_every=3)
+    torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
+    assert len(trajectory) == 1 + 2 + 1  # x_T, after steps 3 and 6, and the final x_0
+    with pytest.raises(ValueError, match="DDPM samples all 50 steps"):
+        sample(oracle, x0.shape, d, "ddpm", steps=10)
+
+
+def test_ensemble_averages_members_and_thresholds_the_mean_like_the_reference():
+    members = [torch.tensor([1.0, -1.0, 1.0, 0.2]), torch.tensor([1.0, 1.0, -1.0, -0.2]),
+               torch.tensor([-1.0, -1.0, 0.0, 0.0])]
+    members = [m.view(1, 1, 1, 4) for m in members]
+    prob, binary = ensemble_masks(members)
+    torch.testing.assert_close(prob.flatten(), torch.tensor([2 / 3, 1 / 3, 0.5, 0.5]))
+    assert binary.flatten().tolist() == [1, 0, 0, 0]  # a mean of exactly 0 is background
+    _, strict = ensemble_masks(members, threshold=0.5)
+    assert strict.flatten().tolist() == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="differ in shape"):
+        ensemble_masks([members[0], torch.zeros(1, 1, 2, 2)])
+
+
+def test_diffusion_config_defaults_are_the_reference_schedule():
+    cfg = DiffusionConfig()
+    d = GaussianDiffusion.from_config(cfg)
+    assert (cfg.timesteps, cfg.schedule, cfg.ensemble) == (250, "linear", 5)
+    assert float(d.betas[0]) == pytest.approx(0.0004) and float(d.betas[-1]) == pytest.approx(0.08)
+    with pytest.raises(ValueError, match="DDPM samples all 250 steps"):
+        DiffusionConfig(sampling_steps=25)
+    with pytest.raises(ValueError, match=r"must be in \[1, timesteps=250\]"):
+        DiffusionConfig(sampler="ddim", sampling_steps=500)
+
+
+# ---------------------------------------------------------------------------------------- EMA
+
+def _perturb(model: nn.Module, step: int) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * (step + 1))
+
+
+def test_ema_copies_the_model_until_update_after_step_then_lags_with_the_warmup_decay():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, beta=0.9, update_after_step=3, update_every=1, power=1.0)
+    assert not ema.ema_model.training
+    for step in range(4):
+        _perturb(model, step)
+        ema.update()
+        torch.testing.assert_close(ema.ema_model.weight, model.weight)
+    _perturb(model, 4)
+    ema.update()  # step 4: like ema-pytorch, the first averaging update starts from a copy
+    torch.testing.assert_close(ema.ema_model.weight, model.weight)
+    before = ema.ema_model.weight.clone()
+    _perturb(model, 5)
+    ema.update()  # step 5: decay = 1 - (1 + 2) ** -1
+    decay = 1 - 3 ** -1.0
+    assert ema.current_decay(5) == pytest.approx(decay)
+    torch.testing.assert_close(ema.ema_model.weight, decay * before + (1 - decay) * model.weight)
+    assert not torch.allclose(ema.ema_model.weight, model.weight)
+    assert EMA(model, beta=0.9, update_after_step=3, power=1.0).current_decay(10**6) == 0.9
+
+
+def test_ema_updates_only_every_update_every_steps():
+    model = nn.Linear(2, 2)
+    ema = EMA(model, update_after_step=100, update_every=2)
+    _perturb(model, 0)
+    ema.update()  # step 0: copies
+    _perturb(model, 1)
+    ema.update()  # step 1: skipped
+    assert not torch.allclose(ema.ema_model.weight, model.weight)
+    ema.update(step=10)  # the trainer's step replaces the counter
+    torch.testing.assert_close(ema.ema_model.weight, model.weight)
+    assert ema.step == 11
+
+
+def test_ema_state_dict_round_trips_with_its_step_counter():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = EMA(model, update_after_step=2, update_every=1)
+    for step in range(6):
+        _perturb(model, step)
+        ema.update()
+    restored = EMA(nn.Linear(3, 2), update_after_step=2, update_every=1)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.step == ema.step == 6 and restored.initted
+    torch.testing.assert_close(restored.ema_model.weight, ema.ema_model.weight)
+    restored.model.load_state_dict(model.state_dict())
+    _perturb(model, 6)
+    _perturb(restored.model, 6)
+    ema.update()
+    restored.update()
+    torch.testing.assert_close(restored.ema_model.weight, ema.ema_model.weight)
+
+
+# ------------------------------------------------------------------------- boundary-aware loss
+
+def _disk(size: int = 32, radius: float = 9.0) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    centre = (size - 1) / 2
+    return (((yy - centre) ** 2 + (xx - centre) ** 2) <= radius**2).float()[None, None]
+
+
+def _inner_contour(mask: torch.Tensor) -> torch.Tensor:
+    """Lesion pixels with a 4-neighbour outside the lesion (pixels off the image count as
+    lesion)."""
+    m = torch.nn.functional.pad(mask.bool(), (1, 1, 1, 1), value=True)
+    outside_neighbour = ~m[:-2, 1:-1] | ~m[2:, 1:-1] | ~m[1:-1, :-2] | ~m[1:-1, 2:]
+    return mask.bool() & outside_neighbour
+
+
+def test_boundary_weights_pixels_near_the_edge_more_than_far_inside_or_outside():
+    mask = _disk()  # centre (15.5, 15.5), radius 9: row 15 runs from column 7 to 24
+    w = boundary_weight_map(mask, torch.tensor([10]), timesteps=250, gamma=1.5)[0, 0]
+    contour = _inner_contour(mask[0, 0])
+    assert contour[15, 7] and contour.sum() > 20
+    torch.testing.assert_close(w[contour], torch.ones_like(w[contour]))
+    assert w[15, 15] < 0.5  # the centre, 8 px from the edge
+    assert w[0, 0] < 0.2  # a corner, the farthest pixel
+    assert w[15, 8] > w[15, 11] > w[15, 15]  # inside: weight falls away from the edge
+    assert w[15, 5] > w[15, 2]  # outside too
+
+
+def test_boundary_weight_is_the_closed_form_on_a_half_plane_lesion():
+    mask = torch.zeros(1, 1, 8, 32)
+    mask[..., :16] = 1  # boundary: column 15; the image border is not a boundary
+    T, gamma = 250, 0.25
+    for t in (1, 100, 249):
+        w = boundary_weight_map(mask, torch.tensor([t]), T, gamma)[0, 0]
+        exponent = (gamma * (T - t) / T) ** gamma
+        cols = np.arange(32)
+        expected = (1 - np.abs(cols - 15) / 16) ** exponent
+        np.testing.assert_allclose(w.numpy(), np.tile(expected, (8, 1)), rtol=1e-5, atol=1e-6)
+
+
+def test_boundary_weight_sharpens_as_t_goes_to_zero_and_is_uniform_at_t_equal_T():
+    mask = _disk().repeat(4, 1, 1, 1)
+    T = 250
+    w = boundary_weight_map(mask, torch.tensor([1, 100, 249, T]), T, gamma=0.2)
+    assert torch.all(w[0] <= w[1] + 1e-6) and torch.all(w[1] <= w[2] + 1e-6)
+    assert w[0].mean() < w[2].mean()
+    torch.testing.assert_close(w[3], torch.ones_like(w[3]))
+
+
+def test_masks_without_a_lesion_boundary_weigh_every_pixel_equally():
+    empty = torch.zeros(1, 1, 32, 32)
+    speck = torch.zeros(1, 1, 32, 32)
+    speck[..., 10, 10:20] = 1  # 10 pixels: under 1% of 1024 is at most 10
+    full = torch.ones(1, 1, 32, 32)
+    masks = torch.cat([empty, speck, full])
+    w = boundary_weight_map(masks, torch.tensor([1, 1, 1]), 250, gamma=1.5)
+    torch.testing.assert_close(w, torch.ones_like(w))
+
+
+def test_precomputed_proximity_gives_the_same_weights():
+    mask = _disk()
+    t = torch.tensor([30])
+    proximity = boundary_proximity(mask)
+    torch.testing.assert_close(boundary_weight_map(mask, t, 250, 0.25, proximity=proximity),
+                               boundary_weight_map(mask, t, 250, 0.25))
+
+
+def test_diffusion_losses_on_a_hand_example():
+    pred = torch.tensor([1.0, 3.0]).view(1, 1, 1, 2)
+    eps = torch.zeros_like(pred)
+    weights = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
+    assert diffusion_loss(pred, eps, "l1").item() == pytest.approx(2.0)
+    assert diffusion_loss(pred, eps, "l2").item() == pytest.approx(5.0)
+    assert diffusion_loss(pred, eps, "huber").item() == pytest.approx((0.5 + 2.5) / 2)
+    assert diffusion_loss(pred, eps, "boundary", weights).item() == pytest.approx(0.5)
+    assert diffusion_loss(pred, eps, "hybrid", weights).item() == pytest.approx(5 + 0.25 * 0.5)
+    with pytest.raises(ValueError, match="needs weight_map"):
+        diffusion_loss(pred, eps, "hybrid")
+    with pytest.raises(ValueError, match="unknown diffusion loss 'l3'"):
+        diffusion_loss(pred, eps, "l3")

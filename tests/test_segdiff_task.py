@@ -1,0 +1,113 @@
+"""segdiff as a platform task: the shared loop, registry/serving contract, samplers, resume."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from dermml.data.images import load_image
+from dermml.data.manifest import read_manifest
+from dermml.tasks import get_task
+from dermml.training.checkpoint import FolderCheckpointer
+from dermml.training.run import resolve_config, train
+from dermml.training.setup import build_parts, run_loop
+
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "segdiff" / "demo.yaml")
+
+
+def demo_cfg(manifest: str, epochs: int, *extra: str):
+    return resolve_config("segdiff", DEMO, [f"data.manifest={manifest}", "ray.enabled=false",
+                                            f"train.epochs={epochs}", *extra])
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    home = tmp_path_factory.mktemp("segdiff-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DERMML_HOME", str(home))
+        outcome = train("segdiff", demo_cfg(demo_data, 8), progress=False)
+    return home, outcome
+
+
+def test_segdiff_learns_in_the_shared_loop(trained):
+    from mlflow.tracking import MlflowClient
+
+    from dermml.orchestration import tracking
+
+    home, outcome = trained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DERMML_HOME", str(home))
+        history = MlflowClient(tracking.tracking_uri()).get_metric_history(outcome.run_id,
+                                                                           "val_dice")
+    dice = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(dice) == 8 and max(dice) > dice[0] + 0.15, dice
+
+
+def test_serving_params_choose_the_sampler_and_garbage_is_refused(trained, demo_data,
+                                                                  monkeypatch):
+    from dermml.evaluation.run import load_python_model
+    from dermml.serving.pyfunc import request_frame, signature_for
+
+    home, outcome = trained
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    model = load_python_model(outcome.model_uri)
+    manifest = read_manifest(demo_data)
+    image = load_image(manifest.resolve(manifest.split("test").iloc[0]["image_uri"]))
+    ddim = model.predict(None, request_frame([image]),
+                         {"sampler": "ddim", "steps": 5, "ensemble": 2})
+    again = model.predict(None, request_frame([image]),
+                          {"sampler": "ddim", "steps": 5, "ensemble": 2})
+    assert ddim.loc[0, "mask"] == again.loc[0, "mask"]  # seeded noise: same image, same mask
+    assert {"height", "width"} <= set(ddim) and ddim.loc[0, "height"] == image.shape[0]
+    params = {p.name for p in signature_for("segdiff", model.cfg).params.params}
+    assert {"sampler", "steps", "ensemble", "eta", "seed", "threshold"} <= params
+    with pytest.raises(MlflowException) as err:
+        model.predict(None, request_frame([image]), {"sampler": "euler"})
+    assert err.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException):
+        model.predict(None, request_frame([image]), {"ensemble": 0})
+
+
+def test_ddpm_and_ddim_are_both_evaluated_on_the_same_test_set(trained, demo_data,
+                                                               monkeypatch):
+    from dermml.evaluation.run import evaluate
+
+    home, outcome = trained
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    ddpm = evaluate(outcome.model_uri, demo_data, ["test"], n_resamples=50,
+                    params={"sampler": "ddpm", "ensemble": 2})
+    ddim = evaluate(outcome.model_uri, demo_data, ["test"], n_resamples=50,
+                    params={"sampler": "ddim", "steps": 10, "ensemble": 2})
+    for result in (ddpm, ddim):
+        assert 0.0 < result.metrics["test"]["dice"] <= 1.0
+        assert np.isfinite(result.metrics["test"]["iou"])
+    assert ddpm.dataset_version == ddim.dataset_version
+
+
+def test_resume_restores_ema_weights_and_step_counter(demo_data, tmp_path):
+    task = get_task("segdiff")
+    cfg = demo_cfg(demo_data, 2, "train.max_steps_per_epoch=3", "ema.update_after_step=2")
+    ckpt = FolderCheckpointer(str(tmp_path / "ckpt"))
+    parts = build_parts(task, cfg)
+    run_loop(task, cfg, parts, torch.device("cpu"), checkpointer=ckpt)
+    saved = ckpt.load()["model"]
+    assert int(saved["ema_step"]) == 6
+    ema_key = next(k for k in saved if k.startswith("ema_unet."))
+    assert not torch.equal(saved[ema_key], saved[ema_key.replace("ema_unet.", "unet.")])
+
+    cfg3 = demo_cfg(demo_data, 3, "train.max_steps_per_epoch=3", "ema.update_after_step=2")
+    resumed = build_parts(task, cfg3)
+    seen = {}
+
+    def spy(epoch):  # state right after the checkpoint was loaded, before epoch 2 trains
+        seen["ema_step"] = int(resumed.model.ema_step)
+        seen["ema"] = resumed.model.state_dict()[ema_key].clone()
+
+    from dermml.training.loop import Hooks
+
+    result = run_loop(task, cfg3, resumed, torch.device("cpu"), Hooks(on_epoch_start=spy),
+                      checkpointer=ckpt)
+    assert seen["ema_step"] == 6 and torch.equal(seen["ema"], saved[ema_key])
+    assert int(resumed.model.ema_step) == 9 and [h["epoch"] for h in result.history] == [0, 1, 2]
