@@ -105,23 +105,33 @@ def data_info(manifest: Annotated[str, typer.Argument(help="Manifest URI or data
 @cli_errors
 def validate_cmd(
     manifest: Annotated[str, typer.Argument(help="Manifest URI or dataset folder")],
-    suite: Annotated[str, typer.Option(help="segmentation|classification|attributes")] =
+    suite: Annotated[str, typer.Option(help="Suite name (segmentation|classification|detection|"
+                                            "attributes|synth3d) or a suite YAML/JSON file")] =
         "segmentation",
-    report: Annotated[str | None, typer.Option(help="Folder for validation.json and facts.csv")]
+    report: Annotated[str | None, typer.Option(help="Folder for validation.json, facts.csv, "
+                                                    "quarantine.csv, data_docs/, drift.png")]
         = None,
     warn_only: Annotated[bool, typer.Option(help="Report problems but exit 0")] = False,
     write_clean: Annotated[str | None, typer.Option(help="Write a manifest without quarantined "
                                                          "rows here")] = None,
     require_splits: Annotated[str, typer.Option(help="Comma-separated splits that must be "
                                                      "non-empty")] = "",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Suite threshold, rule.param=value (e.g. lesion_fraction.min=0.01)")]
+        = None,
+    drift_against: Annotated[str | None, typer.Option(help="Reference manifest to check "
+                                                           "distribution drift against")] = None,
+    processes: Annotated[int, typer.Option(help="Worker processes (0: one per CPU)")] = 0,
     track: Annotated[bool, typer.Option(help="Log the report to MLflow")] = True,
 ):
-    """Check every image and mask; exit non-zero naming each bad file."""
+    """Check every image, mask and label against a suite; exit 1 naming each bad file."""
     from dermml.validation.run import ValidationFailed, validate
 
     splits = tuple(s for s in require_splits.split(",") if s)
     try:
-        outcome = validate(manifest, suite, report, splits, warn_only, write_clean, track=track)
+        outcome = validate(manifest, suite, report, splits, warn_only, write_clean, track=track,
+                           overrides=set_, drift_against=drift_against,
+                           processes=processes or None)
     except ValidationFailed as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
@@ -183,14 +193,59 @@ def evaluate_cmd(
                                              "sl_test,external_test")] = "test",
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0: none)")] = 1000,
     alpha: Annotated[float, typer.Option(help="CI level: 1 - alpha")] = 0.05,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v, e.g. "
+                                                    "sampler=ddim (see the model's params)")]
+        = None,
 ):
     """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
     from dermml.evaluation.run import evaluate
+    from dermml.orchestration.kfp_local import parse_params
 
     result = evaluate(model_uri, data, [s for s in splits.split(",") if s],
-                      n_resamples=resamples, alpha=alpha)
+                      n_resamples=resamples, alpha=alpha, params=parse_params(param or []))
     typer.echo(result.table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     typer.echo(f"MLflow run: {result.run_id}  dataset version: {result.dataset_version}")
+
+
+# ----------------------------------------------------------------------------- predict
+@app.command("predict")
+@cli_errors
+def predict_cmd(
+    model_uri: Annotated[str, typer.Argument(help="runs:/ID/model or models:/NAME@ALIAS")],
+    images: Annotated[list[str], typer.Argument(help="Image files or URIs")],
+    out: Annotated[str, typer.Option(help="Folder for masks / label maps and predictions.csv")],
+    param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v")]
+        = None,
+    sampler: Annotated[str | None, typer.Option(help="Diffusion models: ddpm or ddim")] = None,
+    steps: Annotated[int | None, typer.Option(help="Diffusion models: sampling steps")] = None,
+    ensemble: Annotated[int | None, typer.Option(help="Diffusion models: samples averaged")]
+        = None,
+):
+    """Predict with a logged model; the same pyfunc and params as serving."""
+    import base64
+
+    from dermml import storage
+    from dermml.data.images import load_image
+    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.kfp_local import parse_params
+    from dermml.serving.pyfunc import request_frame
+
+    if storage.exists(storage.join(out, "predictions.csv")):
+        raise FileExistsError(f"{out}/predictions.csv exists; choose another --out")
+    params = parse_params(param or [])
+    params.update({k: v for k, v in (("sampler", sampler), ("steps", steps),
+                                     ("ensemble", ensemble)) if v is not None})
+    model = load_python_model(model_uri)
+    response = model.predict(None, request_frame([load_image(u) for u in images]), params)
+    for column in ("mask", "label_map"):
+        if column in response:
+            for uri, encoded in zip(images, response[column], strict=True):
+                name = f"{uri.rstrip('/').split('/')[-1].rsplit('.', 1)[0]}_{column}.png"
+                storage.write_bytes(storage.join(out, name), base64.b64decode(encoded))
+            response = response.drop(columns=[column])
+    response.insert(0, "image", images)
+    storage.write_bytes(storage.join(out, "predictions.csv"), response.to_csv(index=False).encode())
+    typer.echo(response.to_string(index=False))
 
 
 # ----------------------------------------------------------------------------- registry

@@ -27,18 +27,22 @@ def write_png(path: Path, array: np.ndarray) -> None:
 def bad_layout(tmp_path) -> Path:
     """images/ + masks/ with one good sample and one of each problem."""
     src = tmp_path / "src"
-    img = np.full((16, 16, 3), 180, np.uint8)
+    rng = np.random.default_rng(0)
+    # Distinct images: identical ones in two splits would be (rightly) reported as leakage.
+    def img():
+        return rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+
     mask = np.zeros((16, 16), np.uint8)
     mask[4:12, 4:12] = 255
     for name in ("good1", "good2", "good3", "good4", "good5", "good6"):
-        write_png(src / "images" / f"{name}.png", img)
+        write_png(src / "images" / f"{name}.png", img())
         write_png(src / "masks" / f"{name}.png", mask)
-    write_png(src / "images" / "nomask.png", img)  # mask missing
+    write_png(src / "images" / "nomask.png", img())  # mask missing
     (src / "images").joinpath("broken.png").write_bytes(b"this is not a png")
     write_png(src / "masks" / "broken.png", mask)
-    write_png(src / "images" / "offsize.png", img)
+    write_png(src / "images" / "offsize.png", img())
     write_png(src / "masks" / "offsize.png", np.zeros((16, 15), np.uint8))  # 1 px off
-    write_png(src / "images" / "soft.png", img)
+    write_png(src / "images" / "soft.png", img())
     soft = mask.copy()
     soft[4, 4:12] = 128
     write_png(src / "masks" / "soft.png", soft)

@@ -111,6 +111,14 @@ def absorb(image: np.ndarray, density: np.ndarray, spectrum: np.ndarray = MELANI
 # ------------------------------------------------------------------------------------ scene
 
 
+def border_radius(r0: float, harmonics: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Radius at angle `theta`; the exponential keeps it positive however strong the wobble."""
+    k, amp, phase = (h[:, None] for h in harmonics.T)
+    theta = np.asarray(theta)
+    wobble = (amp * np.cos(k * theta.reshape(1, -1) + phase)).sum(axis=0)
+    return (r0 * np.exp(wobble)).reshape(theta.shape)
+
+
 @dataclass
 class Lesion:
     """Lesion geometry: a star-shaped region whose radius is modulated by harmonics."""
@@ -128,10 +136,7 @@ class Lesion:
         return self.d < 1.0
 
     def radius_at(self, theta: np.ndarray) -> np.ndarray:
-        k, amp, phase = (h[:, None] for h in self.harmonics.T)
-        theta = np.asarray(theta)
-        wobble = (amp * np.cos(k * theta.reshape(1, -1) + phase)).sum(axis=0)
-        return (self.r0 * np.exp(wobble)).reshape(theta.shape)
+        return border_radius(self.r0, self.harmonics, theta)
 
     def points_inside(self, rng: np.random.Generator, count: int, rim: tuple[float, float],
                       sector: tuple[float, float] = (0.0, 2 * math.pi)) -> np.ndarray:
@@ -192,8 +197,8 @@ def sample_skin_tone(rng: np.random.Generator, fitzpatrick: int) -> np.ndarray:
 def lesion_harmonics(rng: np.random.Generator, label: str) -> np.ndarray:
     """Border harmonics: nevi are near-round, keratoses oval, melanomas irregular."""
     if label == "melanoma":
-        k = np.arange(2, 10)
-        amp = rng.uniform(0.04, 0.14, k.size) / np.sqrt(k / 2)
+        k = np.arange(2, 9)
+        amp = rng.uniform(0.03, 0.11, k.size) / (k / 2) ** 0.8
     elif label == "seborrheic_keratosis":
         k = np.arange(2, 6)
         amp = np.concatenate([[rng.uniform(0.06, 0.18)], rng.uniform(0.0, 0.025, 3)])
@@ -209,26 +214,25 @@ RADIUS_RANGE = {"nevus": (0.2, 0.34), "melanoma": (0.38, 0.6),
 # Edge softness (fraction of the radius) and border roughness per class.
 EDGE_RANGE = {"nevus": (0.05, 0.1), "melanoma": (0.04, 0.16),
               "seborrheic_keratosis": (0.02, 0.045)}
-ROUGHNESS = {"nevus": 0.012, "melanoma": 0.05, "seborrheic_keratosis": 0.015}
+ROUGHNESS = {"nevus": 0.01, "melanoma": 0.03, "seborrheic_keratosis": 0.012}
 
 
 def lesion_geometry(rng: np.random.Generator, canvas: Canvas, label: str) -> Lesion:
-    cx, cy = rng.uniform(-0.14, 0.14, 2)
+    cx, cy = (float(v) for v in rng.uniform(-0.14, 0.14, 2))
     harmonics = lesion_harmonics(rng, label)
-    lesion = Lesion(float(cx), float(cy), rng.uniform(*RADIUS_RANGE[label]), harmonics,
-                    edge=np.zeros(1), theta=np.zeros(1), d=np.zeros(1))
+    r0 = rng.uniform(*RADIUS_RANGE[label])
     # Shrink lesions that would leave the dermoscope's field of view.
-    reach = lesion.radius_at(np.linspace(0, 2 * math.pi, 180)).max() + math.hypot(cx, cy)
-    lesion.r0 *= min(1.0, 0.86 / reach)
-    dx, dy = canvas.x - lesion.cx, canvas.y - lesion.cy
-    lesion.theta = np.arctan2(dy, dx)
-    rough = ROUGHNESS[label] * smooth_noise(rng, canvas.size, max(6, canvas.size // 6))
-    lesion.d = np.hypot(dx, dy) / lesion.radius_at(lesion.theta) + rough
+    reach = border_radius(r0, harmonics, np.linspace(0, 2 * math.pi, 180)).max()
+    r0 *= min(1.0, 0.86 / (reach + math.hypot(cx, cy)))
+    dx, dy = canvas.x - cx, canvas.y - cy
+    theta = np.arctan2(dy, dx)
+    rough = ROUGHNESS[label] * smooth_noise(rng, canvas.size, max(6, canvas.size // 10))
+    d = np.hypot(dx, dy) / border_radius(r0, harmonics, theta) + rough
     edge = rng.uniform(*EDGE_RANGE[label])
     if label == "melanoma":  # parts of a melanoma border fade out, others stop abruptly
-        edge = edge * (1 + 0.8 * np.sin(lesion.theta + rng.uniform(0, 2 * math.pi)))
-    lesion.edge = np.maximum(edge, 0.015) * np.ones_like(lesion.d)
-    return lesion
+        edge = edge * (1 + 0.8 * np.sin(theta + rng.uniform(0, 2 * math.pi)))
+    edge = np.maximum(edge, 0.015) * np.ones_like(d)
+    return Lesion(cx, cy, r0, harmonics, edge, theta, d)
 
 
 def lesion_alpha(lesion: Lesion) -> np.ndarray:
@@ -266,14 +270,14 @@ def melanoma_body(rng: np.random.Generator, scene: Scene) -> np.ndarray:
 def keratosis_body(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     """Waxy tan with a cerebriform 'stuck-on' surface of fissures and ridges."""
     size = scene.canvas.size
-    density = rng.uniform(0.5, 0.85) + 0.15 * smooth_noise(rng, size, 6)
+    density = rng.uniform(0.55, 0.9) + 0.15 * smooth_noise(rng, size, 6)
     body = scene.image.copy()
     absorb(body, density, KERATIN)
-    ridges = smooth_noise(rng, size, max(8, size // 7))
-    fissures = np.exp(-((ridges / 0.22) ** 2))  # thin lines where the noise crosses zero
-    body *= (1 - 0.35 * fissures)[..., None] * (1 + 0.08 * np.tanh(ridges))[..., None]
-    sheen = np.array([0.85, 0.78, 0.6], np.float32) * scene.luminance
-    blend(body, sheen, np.full(body.shape[:2], rng.uniform(0.05, 0.2), np.float32))
+    ridges = smooth_noise(rng, size, max(10, size // 5))
+    fissures = np.exp(-((ridges / 0.3) ** 2))  # thin lines where the noise crosses zero
+    body *= (1 - 0.3 * fissures)[..., None] * (1 + 0.08 * np.tanh(ridges))[..., None]
+    waxy = rng.uniform(0.15, 0.35)  # a greyish, less saturated surface
+    body += (body.mean(axis=2, keepdims=True) - body) * waxy
     return body
 
 
@@ -291,8 +295,9 @@ def paint_lesion(rng: np.random.Generator, scene: Scene) -> None:
 
 
 def reticular_lines(rng: np.random.Generator, canvas: Canvas, spacing: float, jitter: float,
-                    width: float) -> np.ndarray:
-    """Soft 0..1 lines along the edges of a jittered Voronoi net (spacing, width in pixels)."""
+                    width: float, where: np.ndarray) -> np.ndarray:
+    """Soft 0..1 lines along the edges of a jittered Voronoi net (spacing, width in pixels),
+    computed only `where` the pattern will be drawn."""
     size = canvas.size
     rows = np.arange(-1, size / (spacing * 0.866) + 2)
     cols = np.arange(-1, size / spacing + 2)
@@ -300,10 +305,14 @@ def reticular_lines(rng: np.random.Generator, canvas: Canvas, spacing: float, ji
     gx = gx + (rows[:, None] % 2) * spacing / 2  # hexagonal lattice: regular cells
     seeds = np.stack([gx.ravel(), gy.ravel()], axis=1)
     seeds += rng.normal(0, jitter * spacing, seeds.shape)
-    pixels = np.stack([(canvas.x.ravel() + 1) / canvas.px, (canvas.y.ravel() + 1) / canvas.px], 1)
+    lines = np.zeros((size, size), np.float32)
+    if not where.any():
+        return lines
+    pixels = np.stack([(canvas.x[where] + 1) / canvas.px, (canvas.y[where] + 1) / canvas.px], 1)
     dist, _ = cKDTree(seeds).query(pixels, k=2)
     gap = (dist[:, 1] - dist[:, 0]) / 2  # distance to the nearest cell edge
-    return np.clip(1 - gap / width, 0, 1).reshape(size, size).astype(np.float32)
+    lines[where] = np.clip(1 - gap / width, 0, 1)
+    return lines
 
 
 def lesion_patch(rng: np.random.Generator, scene: Scene, coverage: float) -> np.ndarray:
@@ -332,7 +341,7 @@ def draw_pigment_network(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     spacing = scene.canvas.size / rng.uniform(8, 12) if atypical else scene.canvas.size / 12
     jitter = 0.4 if atypical else 0.15
     width = spacing * (rng.uniform(0.16, 0.26) if atypical else 0.13)
-    lines = reticular_lines(rng, scene.canvas, spacing, jitter, max(width, 0.9))
+    lines = reticular_lines(rng, scene.canvas, spacing, jitter, max(width, 0.9), region)
     fade = smoothstep(1.0, 0.8, scene.lesion.d)  # networks thin out at the border
     absorb(scene.image, rng.uniform(0.8, 1.3) * lines * fade * region)
     return region
@@ -342,10 +351,10 @@ def draw_negative_network(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     """Light serpiginous lines around dark holes."""
     region = lesion_patch(rng, scene, rng.uniform(0.25, 0.55))
     spacing = scene.canvas.size / rng.uniform(7, 10)
-    lines = reticular_lines(rng, scene.canvas, spacing, 0.3, max(spacing * 0.18, 1.0))
-    absorb(scene.image, 0.45 * (1 - lines) * region)
-    light = np.minimum(scene.skin_tone * 1.08, 1.0)
-    blend(scene.image, light, 0.7 * lines * region)
+    lines = reticular_lines(rng, scene.canvas, spacing, 0.3, max(spacing * 0.18, 1.0), region)
+    absorb(scene.image, 0.3 * (1 - lines) * region)
+    light = np.minimum(scene.skin_tone * 1.05, 1.0)
+    blend(scene.image, light, 0.5 * lines * region)
     return region
 
 
@@ -356,7 +365,7 @@ def draw_streaks(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     for _ in range(rng.integers(1, 3)):
         centre, half = rng.uniform(0, 2 * math.pi), rng.uniform(0.4, 1.1)
         rays = centre + rng.uniform(-half, half, rng.integers(5, 11))
-        reach = rng.uniform(0.12, 0.25, rays.size)
+        reach = rng.uniform(0.1, 0.2, rays.size)
         rho = lesion.d * lesion.radius_at(lesion.theta)
         offset = lesion.theta[None] - rays[:, None, None]
         across = np.abs(rho[None] * np.sin(offset)) / canvas.px  # pixels from each ray
@@ -383,9 +392,16 @@ def dot_radius(rng: np.random.Generator, canvas: Canvas, low: float, high: float
     return rng.uniform(low, high, count) * (canvas.size / 64) ** 0.75
 
 
+def dot_budget(scene: Scene, count: int) -> int:
+    """Cap the number of dots so that they never crowd out a small lesion's own colour."""
+    radius_px = scene.lesion.r0 / scene.canvas.px
+    return int(min(count, max(1, (radius_px / 4) ** 2)))
+
+
 def draw_milia_cysts(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     """Bright, small, round white-yellow dots."""
     count = rng.integers(4, 13) if scene.label == "seborrheic_keratosis" else rng.integers(1, 4)
+    count = dot_budget(scene, count)
     centres = scene.lesion.points_inside(rng, count, (0.0, 0.8))
     dist = disc_distance(scene.canvas, centres, dot_radius(rng, scene.canvas, 0.8, 1.4, count))
     blend(scene.image, np.array([0.97, 0.95, 0.84], np.float32), 0.9 * smoothstep(0.7, -0.7, dist))
@@ -397,11 +413,11 @@ def draw_globules(rng: np.random.Generator, scene: Scene) -> np.ndarray:
     canvas = scene.canvas
     if scene.label == "melanoma":
         start = rng.uniform(0, 2 * math.pi)
-        count = rng.integers(5, 14)
+        count = dot_budget(scene, rng.integers(5, 14))
         centres = scene.lesion.points_inside(rng, count, (0.55, 0.9), (start, start + 3.0))
         radii = dot_radius(rng, canvas, 0.8, 2.2, count)
     else:
-        count = rng.integers(6, 16)
+        count = dot_budget(scene, rng.integers(6, 16))
         centres = scene.lesion.points_inside(rng, count, (0.0, 0.85))
         radii = np.full(count, dot_radius(rng, canvas, 1.1, 1.6, 1)[0])
     dist = disc_distance(canvas, centres, radii)
@@ -449,9 +465,9 @@ def add_glare(rng: np.random.Generator, scene: Scene) -> None:
     canvas = scene.canvas
     for _ in range(rng.integers(1, 3)):
         cx, cy = rng.uniform(-0.55, 0.55, 2)
-        sx, sy = rng.uniform(0.012, 0.04, 2)
+        sx, sy = rng.uniform(0.02, 0.05, 2)
         spot = np.exp(-(((canvas.x - cx) / sx) ** 2 + ((canvas.y - cy) / sy) ** 2) / 2)
-        blend(scene.image, np.ones(3, np.float32), rng.uniform(0.6, 0.95) * spot)
+        blend(scene.image, np.ones(3, np.float32), rng.uniform(0.5, 0.85) * spot)
 
 
 def dermoscope_optics(rng: np.random.Generator, scene: Scene) -> np.ndarray:

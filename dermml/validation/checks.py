@@ -1,7 +1,8 @@
-"""Per-sample facts and the checks over them: which file is bad, and why.
+"""Per-sample facts and the report built from them: which file is bad, and why.
 
-Facts are computed in parallel processes and streamed, so memory stays bounded by the number of
-rows, not by image sizes.
+Facts are computed in worker processes and streamed back as small records (never pixels), with
+a bounded number of batches in flight, so memory grows with the number of rows, not with image
+sizes. Every image and mask is decoded once; every fact of a sample comes from that decode.
 """
 
 from __future__ import annotations
@@ -9,18 +10,46 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
 
 from dermml import storage
 from dermml.data.manifest import Manifest
 
+if TYPE_CHECKING:
+    from dermml.validation.suite import SuiteConfig
+
+PHASH_SIZE = 16
+"""Side of the perceptual hash (256 bits): 64-bit hashes collide on look-alike lesion photos."""
+_PHASH_IMAGE = PHASH_SIZE * 4
+# Type-II DCT rows (unnormalised, as scipy.fftpack.dct): the low frequencies of a 64x64 image.
+_DCT = 2 * np.cos(np.pi * np.arange(PHASH_SIZE)[:, None]
+                  * (2 * np.arange(_PHASH_IMAGE)[None] + 1) / (2 * _PHASH_IMAGE))
+_STATS_MAX_SIDE = 512  # colour statistics and hashes of larger images use a box-reduced copy
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+_BINARY_MASK_MODES = ("L", "1", "P")
+_BATCH = 64  # rows per task sent to a worker: amortises inter-process overhead
+
 
 @dataclass
 class SampleFacts:
+    """What one manifest row's files are, measured from one decode of each file."""
+
     sample_id: str
     split: str | None
     label: str | None
@@ -28,67 +57,388 @@ class SampleFacts:
     mask_uri: str | None
     image_ok: bool = False
     image_error: str = ""
+    file_size: int | None = None
+    format: str | None = None
+    mode: str | None = None
+    channels: int | None = None
     width: int | None = None
     height: int | None = None
-    mode: str | None = None
-    format: str | None = None
+    exif_orientation: int | None = None
     sha256: str | None = None
+    phash: str | None = None
+    """256-bit DCT perceptual hash (hex), as ``imagehash.phash(image, hash_size=16)``."""
+    mean_r: float | None = None
+    mean_g: float | None = None
+    mean_b: float | None = None
+    gray_std: float | None = None
+    """Contrast: standard deviation of the grey levels of the 64x64 thumbnail the hash uses."""
     mask_ok: bool | None = None
     mask_error: str = ""
+    mask_mode: str | None = None
     mask_width: int | None = None
     mask_height: int | None = None
     mask_binary: bool | None = None
     lesion_fraction: float | None = None
+    mask_components: int | None = None
+    mask_touches_border: bool | None = None
+    attribute_masks_bad: int | None = None
+    attribute_masks_problem: str = ""
+    companions_bad: int | None = None
+    companions_problem: str = ""
 
 
-def _open(uri: str) -> tuple[Image.Image, bytes]:
-    data = storage.read_bytes(uri)
+FACT_COLUMNS = tuple(f.name for f in fields(SampleFacts))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode(data: bytes) -> tuple[Image.Image, int | None, str | None]:
+    """Decoded, EXIF-upright image (as the training loader sees it), EXIF orientation, format."""
     if not data:
         raise ValueError("file is empty (0 bytes)")
     img = Image.open(io.BytesIO(data))
     img.load()  # a truncated file fails here, not at open()
-    return ImageOps.exif_transpose(img), data
+    orientation, file_format = img.getexif().get(_EXIF_ORIENTATION), img.format
+    if orientation in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orientation])
+    return img, orientation, file_format
 
 
-def sample_facts(row: dict) -> SampleFacts:
-    """Facts of one manifest row (URIs already resolved)."""
-    facts = SampleFacts(row["sample_id"], row.get("split"), row.get("label"), row["image_uri"],
-                        row.get("mask_uri"))
-    try:
-        img, data = _open(row["image_uri"])
-        facts.image_ok = True
-        facts.width, facts.height = img.size
-        facts.mode, facts.format = img.mode, img.format
-        facts.sha256 = hashlib.sha256(data).hexdigest()
-    except (storage.StorageError, UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        facts.image_error = _reason(exc)
-    if row.get("mask_uri"):
-        try:
-            mask, _ = _open(row["mask_uri"])
-            facts.mask_ok = True
-            facts.mask_width, facts.mask_height = mask.size
-            values = np.asarray(mask.convert("L"))
-            facts.mask_binary = bool(np.isin(values, (0, 255)).all()) and mask.mode in ("L", "1",
-                                                                                         "P")
-            facts.lesion_fraction = float((values > 127).mean())
-        except (storage.StorageError, UnidentifiedImageError, OSError, ValueError,
-                SyntaxError) as exc:
-            facts.mask_ok = False
-            facts.mask_error = _reason(exc)
-    return facts
-
-
-def _reason(exc: Exception) -> str:
+def _reason(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, UnidentifiedImageError):
         return "not a decodable image"
     if "truncated" in text.lower():
         return "truncated image file"
-    return text
+    if isinstance(exc, storage.StorageError | ValueError):
+        return text.split(": ", 1)[-1] if text.startswith(("/", "s3://")) else text
+    return f"not a decodable image ({type(exc).__name__}: {text})"
+
+
+def _small(img: Image.Image) -> Image.Image:
+    side = max(img.size)
+    return img.reduce(side // _STATS_MAX_SIDE + 1) if side > _STATS_MAX_SIDE else img
+
+
+def perceptual_hash(img: Image.Image) -> str:
+    """``imagehash.phash(img, hash_size=16)`` as hex, with the DCT as two small matrix products."""
+    return _hash_and_contrast(img)[0]
+
+
+def _hash_and_contrast(img: Image.Image) -> tuple[str, float]:
+    """Perceptual hash and the grey-level standard deviation of the same 64x64 thumbnail.
+
+    Images larger than 128 px are box-reduced before the Lanczos filter (Pillow's
+    ``reducing_gap``): 4x faster at 256 px; the hash then differs from imagehash's in a few bits.
+    """
+    gray = img.convert("L")
+    if gray.size != (_PHASH_IMAGE, _PHASH_IMAGE):
+        gray = gray.resize((_PHASH_IMAGE, _PHASH_IMAGE), Image.Resampling.LANCZOS,
+                           reducing_gap=2.0)
+    flat = np.frombuffer(gray.tobytes(), np.uint8).astype(np.float64)
+    low = (_DCT @ flat.reshape(_PHASH_IMAGE, _PHASH_IMAGE) @ _DCT.T).ravel()
+    middle = np.sort(low)
+    median = (middle[low.size // 2 - 1] + middle[low.size // 2]) / 2
+    mean = flat.sum() / flat.size  # ndarray.std() costs more than the hash itself
+    contrast = float(np.sqrt(max(flat @ flat / flat.size - mean * mean, 0.0)))
+    return np.packbits(low > median).tobytes().hex(), contrast
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """uint8 (H, W[, C]) array of a decoded 8-bit image."""
+    bands = len(img.getbands())
+    shape = (img.size[1], img.size[0]) + ((bands,) if bands > 1 else ())
+    return np.frombuffer(img.tobytes(), np.uint8).reshape(shape)
+
+
+def _mean_colour(img: Image.Image) -> tuple[float, float, float]:
+    """Mean R, G, B, by box filters (an integer reduction first, then down to one pixel)."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    factor = max(1, min(rgb.size) // _PHASH_IMAGE)
+    rgb = rgb.reduce(factor) if factor > 1 else rgb
+    r, g, b = rgb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    return float(r), float(g), float(b)
+
+
+def _image_facts(facts: SampleFacts) -> Image.Image | None:
+    if not facts.image_uri:
+        facts.image_error = "no image_uri for this sample"
+        return None
+    try:
+        data = storage.read_bytes(facts.image_uri)
+    except storage.StorageError as exc:
+        facts.image_error = _reason(exc)
+        return None
+    facts.file_size = len(data)
+    facts.sha256 = hashlib.sha256(data).hexdigest()
+    try:
+        img, facts.exif_orientation, facts.format = _decode(data)
+    except Exception as exc:  # any decoder failure is a finding about this file, not a crash
+        facts.image_error = _reason(exc)
+        return None
+    facts.image_ok = True
+    facts.width, facts.height = img.size
+    facts.mode = img.mode
+    facts.channels = len(img.getbands())
+    try:
+        small = _small(img)
+        facts.phash, facts.gray_std = _hash_and_contrast(small)
+        facts.mean_r, facts.mean_g, facts.mean_b = _mean_colour(small)
+    except (ValueError, OSError):  # modes Pillow cannot convert (e.g. 32-bit float): no hash
+        pass
+    return img
+
+
+def _mask_facts(facts: SampleFacts) -> None:
+    try:
+        mask = _decode(storage.read_bytes(facts.mask_uri or ""))[0]
+    except Exception as exc:
+        facts.mask_ok, facts.mask_error = False, _reason(exc)
+        return
+    facts.mask_mode = mask.mode
+    facts.mask_width, facts.mask_height = mask.size
+    try:
+        gray = _pixels(mask if mask.mode == "L" else mask.convert("L"))
+    except (ValueError, OSError) as exc:
+        facts.mask_ok, facts.mask_error = False, f"mask mode {mask.mode} is not supported ({exc})"
+        return
+    facts.mask_ok = True
+    hist = Image.fromarray(gray).histogram() if mask.mode != "L" else mask.histogram()
+    total = gray.size
+    n_lesion = sum(hist[128:])
+    facts.mask_binary = mask.mode in _BINARY_MASK_MODES and hist[0] + hist[255] == total
+    facts.lesion_fraction = n_lesion / total if total else 0.0
+    if not n_lesion:
+        facts.mask_components, facts.mask_touches_border = 0, False
+        return
+    lesion = (gray > 127).view(np.uint8)
+    facts.mask_components = _count_components(lesion)
+    facts.mask_touches_border = bool(lesion[[0, -1]].any() or lesion[:, [0, -1]].any())
+
+
+def _count_components(lesion: np.ndarray) -> int:
+    """8-connected lesion regions, counted by OpenCV on this thread only: its worker threads
+    would not survive a later fork of this process (a DataLoader, a pool)."""
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return int(cv2.connectedComponents(lesion, connectivity=8)[0]) - 1
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def companion_problems(uris: dict[str, str | None], size: tuple[int, int] | None,
+                       binary: bool) -> list[str]:
+    """Problems of the files that go with an image (attribute masks, anatomy, depth maps)."""
+    out = []
+    for name, uri in sorted(uris.items()):
+        if not uri:
+            out.append(f"no {name} file")
+            continue
+        try:
+            img = _decode(storage.read_bytes(uri))[0]
+        except Exception as exc:
+            out.append(f"{name} {uri}: {_reason(exc)}")
+            continue
+        if size and img.size != size:
+            out.append(f"{name} {uri} is {img.size[0]}x{img.size[1]} but the image is "
+                       f"{size[0]}x{size[1]}")
+        elif binary:
+            hist = (img if img.mode == "L" else img.convert("L")).histogram()
+            if img.mode not in _BINARY_MASK_MODES or hist[0] + hist[255] != sum(hist):
+                out.append(f"{name} {uri}: values other than 0 and 255")
+    return out
+
+
+def sample_facts(row: dict) -> SampleFacts:
+    """Facts of one manifest row (URIs already resolved).
+
+    Optional row keys: ``attribute_mask_uris`` (checked as binary masks of the image's size) and
+    ``companions`` (other files that must decode at the image's size).
+    """
+    facts = SampleFacts(row["sample_id"], row.get("split"), row.get("label"), row["image_uri"],
+                        row.get("mask_uri"))
+    img = _image_facts(facts)
+    if facts.mask_uri:
+        _mask_facts(facts)
+    size = img.size if img is not None else None
+    for key, binary, bad, problem in (("attribute_mask_uris", True, "attribute_masks_bad",
+                                       "attribute_masks_problem"),
+                                      ("companions", False, "companions_bad",
+                                       "companions_problem")):
+        if key in row:
+            found = companion_problems(row[key] or {}, size, binary)
+            setattr(facts, bad, len(found))
+            setattr(facts, problem, "; ".join(found))
+    return facts
+
+
+def _facts_batch(rows: list[dict]) -> list[tuple]:
+    # Plain tuples pickle several times faster than dataclasses on the way back.
+    return [tuple(sample_facts(row).__dict__.values()) for row in rows]
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _none_if_missing(value: Any) -> Any:
+    return None if not isinstance(value, dict | list) and pd.isna(value) else value
+
+
+def uri_resolver(manifest: Manifest):
+    """``manifest.resolve`` with each folder resolved once (rows share a few folders)."""
+    folders: dict[str, str | None] = {}
+
+    def resolve(uri: Any) -> str | None:
+        uri = _none_if_missing(uri)
+        if not uri:
+            return None
+        head, sep, tail = str(uri).rpartition("/")
+        if not sep or not head or tail in ("", ".", ".."):
+            return manifest.resolve(uri)
+        if head not in folders:
+            folders[head] = manifest.resolve(head)
+        return f"{folders[head]}{'/' if '://' in folders[head] else os.sep}{tail}"
+
+    return resolve
+
+
+def fact_rows(manifest: Manifest, attribute_masks: tuple[str, ...] | None = None,
+              companion_columns: Iterable[str] = ()) -> Iterator[dict]:
+    """Worker input per manifest row: resolved URIs plus the files the suite wants checked.
+
+    ``attribute_masks``: check each row's attribute masks, and that these names have one.
+    """
+    companion_columns = tuple(companion_columns)
+    resolve = uri_resolver(manifest)
+    df = manifest.df
+    columns = ["sample_id", "split", "label", "image_uri", "mask_uri"]
+    extra = [c for c in ("attribute_mask_uris", *companion_columns) if c in df.columns]
+    for values in zip(*(df[c] for c in columns + extra), strict=True):
+        rec = dict(zip(columns + extra, values, strict=True))
+        row = {"sample_id": str(rec["sample_id"]), "split": _none_if_missing(rec["split"]),
+               "label": _none_if_missing(rec["label"]), "image_uri": resolve(rec["image_uri"]),
+               "mask_uri": resolve(rec["mask_uri"])}
+        if attribute_masks is not None:
+            uris = dict(rec.get("attribute_mask_uris") or {})
+            row["attribute_mask_uris"] = {name: resolve(uris.get(name))
+                                          for name in sorted(set(uris) | set(attribute_masks))}
+        if companion_columns:
+            row["companions"] = {c: resolve(rec.get(c)) for c in companion_columns}
+        yield row
+
+
+def default_processes() -> int:
+    """Worker processes when none are asked for: the CPUs this process may run on (max 16)."""
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1, 16))
+
+
+def stream_fact_tuples(rows: Iterable[dict], total: int, processes: int | None = None,
+                       progress: bool = False) -> Iterator[tuple]:
+    """Facts (as tuples in ``FACT_COLUMNS`` order) of ``rows``, in order, from worker processes.
+
+    At most ``4 * processes`` batches are in flight, so neither inputs nor results pile up.
+    Workers are started by a fork server (about a second), never forked from this process:
+    a fork copies locks held by this process's threads (MLflow's system-metrics thread, torch,
+    the S3 client) and can deadlock. The fork server imports this module once, so workers
+    start with it loaded.
+    """
+    processes = processes or default_processes()
+    bar = _progress(total, progress)
+    batches = _batched(rows, _BATCH)
+    try:
+        if processes <= 1 or total < 2 * _BATCH:
+            for batch in batches:
+                yield from _emit(_facts_batch(batch), bar)
+            return
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        with ProcessPoolExecutor(processes, context, initializer=_init_worker,
+                                 initargs=(_storage_env(),)) as pool:
+            pending: deque = deque()
+            for batch in batches:
+                pending.append(pool.submit(_facts_batch, batch))
+                if len(pending) >= 4 * processes:
+                    yield from _emit(pending.popleft().result(), bar)
+            while pending:
+                yield from _emit(pending.popleft().result(), bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+_STORAGE_ENV = ("DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def _storage_env() -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in _STORAGE_ENV}
+
+
+def _init_worker(env: dict[str, str | None]) -> None:
+    # The fork server keeps the environment it started with; take the caller's storage settings.
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    # The workers already use every core; BLAS threads would only fight over them.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _batched(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _emit(results: list[tuple], bar) -> Iterator[tuple]:
+    if bar is not None:
+        bar.update(len(results))
+    yield from results
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="validating", unit="img")
+
+
+def collect_facts(manifest: Manifest, processes: int | None = 2,
+                  progress: bool = False) -> Iterator[SampleFacts]:
+    """Facts of every row, computed in ``processes`` worker processes, in manifest order."""
+    for values in stream_fact_tuples(fact_rows(manifest), len(manifest.df), processes,
+                                     progress):
+        yield SampleFacts(*values)
+
+
+def facts_frame(manifest: Manifest, processes: int | None = None, progress: bool = False,
+                attribute_masks: tuple[str, ...] | None = None,
+                companion_columns: Iterable[str] = ()) -> pd.DataFrame:
+    """All facts as one DataFrame (one row per manifest row, ``FACT_COLUMNS``)."""
+    rows = fact_rows(manifest, attribute_masks, companion_columns)
+    records = list(stream_fact_tuples(rows, len(manifest.df), processes, progress))
+    return pd.DataFrame.from_records(records, columns=list(FACT_COLUMNS))
+
+
+# --------------------------------------------------------------------------- report
 
 
 @dataclass
 class Problem:
+    """One finding: the sample (empty for dataset-level findings), its file, the rule, why."""
+
     sample_id: str
     file: str
     check: str
@@ -97,11 +447,23 @@ class Problem:
 
 @dataclass
 class ValidationReport:
+    """Everything a validation found; ``problems`` fail it, ``warnings`` do not."""
+
     manifest_uri: str
     dataset_version: str
     n_samples: int
     problems: list[Problem] = field(default_factory=list)
     split_counts: dict[str, int] = field(default_factory=dict)
+    suite: str = ""
+    warnings: list[Problem] = field(default_factory=list)
+    expectations: list[dict] = field(default_factory=list)
+    """Per expectation: name, rule, type, table, column, success, severity, observed,
+    unexpected_count and the first failing samples (``failing``)."""
+    drift: dict | None = None
+    artifacts: dict[str, str] = field(default_factory=dict)
+    """Report files by kind (json, facts, quarantine, data_docs, drift_plot)."""
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: facts, tables, expectations (+ Data Docs), report."""
 
     @property
     def passed(self) -> bool:
@@ -111,77 +473,75 @@ class ValidationReport:
     def quarantine(self) -> list[str]:
         return sorted({p.sample_id for p in self.problems if p.sample_id})
 
+    def counts(self) -> dict[str, int]:
+        failed = [e for e in self.expectations if not e["success"]]
+        return {"n_samples": self.n_samples, "n_problems": len(self.problems),
+                "n_warnings": len(self.warnings), "n_quarantined": len(self.quarantine),
+                "n_expectations": len(self.expectations),
+                "n_failed_expectations": sum(e["severity"] == "error" for e in failed),
+                "n_warning_expectations": sum(e["severity"] == "warning" for e in failed)}
+
     def to_json(self) -> str:
         data = asdict(self)
         data["passed"] = self.passed
+        data["counts"] = self.counts()
         data["quarantine"] = self.quarantine
-        return json.dumps(data, indent=2)
+        return json.dumps(data, indent=2, default=_json_default)
 
     def summary(self, limit: int = 20) -> str:
-        head = (f"{self.manifest_uri}: {self.n_samples} samples, "
-                f"{'PASSED' if self.passed else f'FAILED ({len(self.problems)} problems)'}")
+        verdict = "PASSED" if self.passed else f"FAILED ({len(self.problems)} problems)"
+        head = f"{self.manifest_uri}: {self.n_samples} samples, {verdict}"
+        if self.warnings:
+            head += f", {len(self.warnings)} warnings"
         lines = [head] + [f"  {p.sample_id or '-'} [{p.check}] {p.file}: {p.reason}"
                           for p in self.problems[:limit]]
         if len(self.problems) > limit:
             lines.append(f"  ... and {len(self.problems) - limit} more (see the JSON report)")
+        lines += [f"  warning [{p.check}] {p.sample_id or p.file}: {p.reason}"
+                  for p in self.warnings[: max(0, limit - len(self.problems))]]
+        if self.drift is not None:
+            verdict = ("no drift" if self.drift["passed"]
+                       else "DRIFTED: " + ", ".join(self.drift["drifted"]))
+            lines.append(f"  drift against {self.drift['reference_uri']}: {verdict}")
         return "\n".join(lines)
 
 
-def check_sample(facts: SampleFacts, require_mask: bool) -> list[Problem]:
-    out = []
-    if not facts.image_ok:
-        out.append(Problem(facts.sample_id, facts.image_uri, "image_decodable", facts.image_error))
-    if require_mask and not facts.mask_uri:
-        out.append(Problem(facts.sample_id, facts.image_uri, "mask_present",
-                           "no mask_uri for this sample (missing mask file?)"))
-    elif facts.mask_ok is False:
-        out.append(Problem(facts.sample_id, facts.mask_uri or "", "mask_decodable",
-                           facts.mask_error))
-    elif facts.mask_ok and facts.image_ok:
-        if (facts.mask_width, facts.mask_height) != (facts.width, facts.height):
-            out.append(Problem(facts.sample_id, facts.mask_uri or "", "mask_size_matches_image",
-                               f"mask is {facts.mask_width}x{facts.mask_height} but image "
-                               f"{facts.image_uri} is {facts.width}x{facts.height}"))
-        if not facts.mask_binary:
-            out.append(Problem(facts.sample_id, facts.mask_uri or "", "mask_binary",
-                               "mask has values other than 0 and 255 (soft or RGB mask)"))
-    return out
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
 
 
-def collect_facts(manifest: Manifest, processes: int = 2, progress: bool = False):
-    """Facts of every row, computed in ``processes`` worker processes, in manifest order."""
-    rows = [{"sample_id": r.sample_id, "split": r.split, "label": r.label,
-             "image_uri": manifest.resolve(r.image_uri), "mask_uri": manifest.resolve(r.mask_uri)}
-            for r in manifest.df.itertuples()]
-    if processes <= 1 or len(rows) < 64:
-        iterator = map(sample_facts, rows)
-        yield from _with_progress(iterator, len(rows), progress)
-        return
-    with ProcessPoolExecutor(processes) as pool:
-        iterator = pool.map(sample_facts, rows, chunksize=32)
-        yield from _with_progress(iterator, len(rows), progress)
+def validate_manifest(manifest: Manifest, suite: SuiteConfig | str = "segmentation",
+                      processes: int | None = None, progress: bool = False,
+                      reference: Manifest | None = None,
+                      report_folder: str | None = None) -> tuple[ValidationReport, pd.DataFrame]:
+    """Facts of every sample, then the suite's expectations (great-expectations) over them.
 
+    Returns the report and the samples table (manifest columns + facts + rule columns). With
+    ``report_folder`` (local), Data Docs and the drift plot are written there.
+    """
+    from dermml.validation.expectations import run_suite
+    from dermml.validation.suite import load_suite
+    from dermml.validation.table import samples_table
 
-def _with_progress(iterator, total: int, enabled: bool):
-    if not enabled:
-        return iterator
-    from tqdm.auto import tqdm
-
-    return tqdm(iterator, total=total, desc="validating", unit="img")
-
-
-def validate_manifest(manifest: Manifest, require_mask: bool = True,
-                      required_splits: tuple[str, ...] = (), processes: int = 2,
-                      progress: bool = False) -> tuple[ValidationReport, list[SampleFacts]]:
-    report = ValidationReport(manifest.uri, manifest.version, len(manifest.df))
+    suite = load_suite(suite) if isinstance(suite, str) else suite
+    report = ValidationReport(manifest.uri, manifest.version, len(manifest.df), suite=suite.name)
     report.split_counts = {str(k): int(v) for k, v in
                            manifest.df["split"].fillna("-").value_counts().items()}
-    facts = []
-    for f in collect_facts(manifest, processes, progress):
-        facts.append(f)
-        report.problems.extend(check_sample(f, require_mask))
-    for split in required_splits:
-        if report.split_counts.get(split, 0) == 0:
-            report.problems.append(Problem("", manifest.uri, "split_not_empty",
-                                           f"split {split!r} has no samples"))
-    return report, facts
+    needs = suite.fact_needs()
+    start = time.perf_counter()
+    facts = facts_frame(manifest, processes, progress, needs.attribute_masks, needs.companions)
+    reference_facts = facts_frame(reference, processes, progress) if reference else None
+    report.timings["facts"] = time.perf_counter() - start
+    table = samples_table(manifest, facts, suite)
+    reference_table = (samples_table(reference, reference_facts, suite, leakage=False)
+                       if reference else None)
+    report.timings["tables"] = time.perf_counter() - start - report.timings["facts"]
+    start = time.perf_counter()
+    run_suite(report, table, suite, reference_table, reference.uri if reference else None,
+              report_folder)
+    report.timings["expectations"] = time.perf_counter() - start
+    return report, table

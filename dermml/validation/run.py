@@ -1,7 +1,17 @@
-"""The validation stage: a manifest in; a report, a quarantine list and a clean manifest out."""
+"""The validation stage: a manifest in; a report, a quarantine list and a clean manifest out.
+
+Report folder (``--report``, local or s3://; always logged to MLflow under ``validation/``):
+``validation.json`` (summary), ``facts.csv`` (per-sample facts and rule columns),
+``quarantine.csv`` (failing samples and why), ``data_docs/`` (great-expectations Data Docs) and,
+with a drift reference, ``drift.png``. The dataset itself is only read.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -10,10 +20,14 @@ import pandas as pd
 from dermml import storage
 from dermml.data.manifest import read_manifest, write_manifest
 from dermml.orchestration import tracking
-from dermml.validation.checks import ValidationReport, validate_manifest
+from dermml.validation.checks import Problem, ValidationReport, validate_manifest
+from dermml.validation.suite import SuiteConfig, load_suite
 
-SUITE_NEEDS_MASK = {"segmentation": True, "classification": False, "attributes": True,
-                    "segdiff": True}
+REPORT_FILE = "validation.json"
+FACTS_FILE = "facts.csv"
+QUARANTINE_FILE = "quarantine.csv"
+_URI_COLUMNS = ("image_uri", "mask_uri", "anatomy_uri", "depth_uri")
+_NESTED_COLUMNS = ("attribute_mask_uris", "boxes", "box_labels")
 
 
 class ValidationFailed(RuntimeError):
@@ -34,48 +48,116 @@ class ValidationOutcome:
 def validate(manifest_uri: str, suite: str = "segmentation", report_dir: str | None = None,
              required_splits: tuple[str, ...] = (), warn_only: bool = False,
              write_clean: str | None = None, parent_run_id: str | None = None,
-             track: bool = True, progress: bool = True) -> ValidationOutcome:
-    """Check every sample; raise ``ValidationFailed`` on problems unless ``warn_only``."""
-    run = tracking.stage_run(suite, "validate", parent_run_id) if track else nullcontext()
+             track: bool = True, progress: bool = True, overrides: list[str] | None = None,
+             drift_against: str | None = None,
+             processes: int | None = None) -> ValidationOutcome:
+    """Check every sample against a suite; raise ``ValidationFailed`` unless ``warn_only``.
+
+    ``suite`` is a shipped suite name or a YAML/JSON path; ``overrides`` are ``rule.param=value``
+    thresholds; ``drift_against`` compares this manifest with a reference manifest.
+    """
+    config = load_suite(suite, overrides, tuple(required_splits))
+    if drift_against and not config.drift.enabled:
+        config.drift.enabled = True
+    if write_clean and storage.exists(write_clean):
+        raise FileExistsError(f"{write_clean} exists; choose another --write-clean path")
+    run = (tracking.stage_run(config.experiment_task, "validate", parent_run_id) if track
+           else nullcontext())
     with run:  # failing inside the run marks it (and the pipeline's parent run) FAILED
-        return _validate(manifest_uri, suite, report_dir, required_splits, warn_only,
-                         write_clean, track, progress)
+        return _validate(manifest_uri, config, report_dir, warn_only, write_clean, track,
+                         progress, drift_against, processes)
 
 
-def _validate(manifest_uri, suite, report_dir, required_splits, warn_only, write_clean, track,
-              progress) -> ValidationOutcome:
+def _validate(manifest_uri: str, config: SuiteConfig, report_dir: str | None, warn_only: bool,
+              write_clean: str | None, track: bool, progress: bool, drift_against: str | None,
+              processes: int | None) -> ValidationOutcome:
     manifest = read_manifest(manifest_uri)
-    report, facts = validate_manifest(manifest, SUITE_NEEDS_MASK.get(suite, False),
-                                      required_splits, progress=progress)
-    report_uri = None
-    if report_dir:
-        report_uri = storage.join(report_dir, "validation.json")
-        storage.write_bytes(report_uri, report.to_json().encode())
-        facts_df = pd.DataFrame([f.__dict__ for f in facts])
-        storage.write_bytes(storage.join(report_dir, "facts.csv"),
-                            facts_df.to_csv(index=False).encode())
-    clean_uri = None
-    if write_clean:
-        if storage.exists(write_clean):
-            raise FileExistsError(f"{write_clean} exists; choose another --write-clean path")
-        clean = manifest.df[~manifest.df["sample_id"].isin(report.quarantine)].copy()
-        # Relative URIs would break when the clean manifest lives elsewhere.
-        for col in ("image_uri", "mask_uri", "anatomy_uri", "depth_uri"):
-            clean[col] = [manifest.resolve(u) for u in clean[col]]
-        write_manifest(clean, write_clean)
-        clean_uri = write_clean
-    if track:
-        _log(report)
+    reference = read_manifest(drift_against) if drift_against else None
+    with tempfile.TemporaryDirectory(prefix="dermml-validation-") as scratch:
+        folder = _local_report_folder(report_dir, scratch) if (report_dir or track) else None
+        report, table = validate_manifest(manifest, config, processes, progress, reference,
+                                          folder)
+        if folder:
+            start = time.perf_counter()
+            _write_report_files(report, table, folder)
+            report.timings["report"] = time.perf_counter() - start
+            if report_dir and storage.is_remote(report_dir):
+                storage.upload_dir(folder, report_dir)
+        clean_uri = _write_clean(manifest, report, write_clean) if write_clean else None
+        if track:
+            _log(report, folder)
     if not report.passed and not warn_only:
         raise ValidationFailed(report)
+    report_uri = storage.join(report_dir, REPORT_FILE) if report_dir else None
     return ValidationOutcome(report, report_uri, clean_uri)
 
 
-def _log(report: ValidationReport) -> None:
+def _local_report_folder(report_dir: str | None, scratch: str) -> str:
+    """The local folder report files are written to (a scratch one for s3:// or no report)."""
+    if not report_dir or storage.is_remote(report_dir):
+        return scratch
+    folder = report_dir.removeprefix("file://")
+    os.makedirs(folder, exist_ok=True)
+    shutil.rmtree(os.path.join(folder, "data_docs"), ignore_errors=True)  # ours, from last time
+    return folder
+
+
+def _write_report_files(report: ValidationReport, table: pd.DataFrame, folder: str) -> None:
+    report.artifacts.update(json=REPORT_FILE, facts=FACTS_FILE, quarantine=QUARANTINE_FILE)
+    # Nested manifest columns (attribute masks, boxes) are summarised by rule columns instead.
+    facts = table.drop(columns=["_row", *(c for c in _NESTED_COLUMNS if c in table.columns)])
+    storage.write_bytes(os.path.join(folder, FACTS_FILE), facts.to_csv(index=False).encode())
+    storage.write_bytes(os.path.join(folder, QUARANTINE_FILE),
+                        quarantine_frame(report.problems, table).to_csv(index=False).encode())
+    storage.write_bytes(os.path.join(folder, REPORT_FILE), report.to_json().encode())
+
+
+def quarantine_frame(problems: list[Problem], table: pd.DataFrame) -> pd.DataFrame:
+    """One row per quarantined sample: its files, the failed checks and the reasons."""
+    rows: dict[str, dict] = {}
+    for p in problems:
+        if not p.sample_id:
+            continue
+        row = rows.setdefault(p.sample_id, {"sample_id": p.sample_id, "checks": [],
+                                            "reasons": [], "files": []})
+        row["checks"].append(p.check)
+        row["reasons"].append(f"{p.check}: {p.reason}")
+        row["files"].append(p.file)
+    uris = table.drop_duplicates("sample_id").set_index("sample_id")[["image_uri", "mask_uri"]]
+    out = pd.DataFrame([{"sample_id": r["sample_id"],
+                         "checks": ";".join(dict.fromkeys(r["checks"])),
+                         "files": ";".join(dict.fromkeys(r["files"])),
+                         "reasons": " | ".join(r["reasons"])} for r in rows.values()],
+                       columns=["sample_id", "checks", "files", "reasons"])
+    return out.join(uris, on="sample_id")
+
+
+def _write_clean(manifest, report: ValidationReport, uri: str) -> str:
+    clean = manifest.df[~manifest.df["sample_id"].isin(report.quarantine)].copy()
+    # Relative URIs would break when the clean manifest lives elsewhere.
+    for col in _URI_COLUMNS:
+        clean[col] = [manifest.resolve(u) for u in clean[col]]
+    clean["attribute_mask_uris"] = [
+        {k: manifest.resolve(v) for k, v in u.items()} if isinstance(u, dict) else u
+        for u in clean["attribute_mask_uris"]]
+    write_manifest(clean, uri)
+    return uri
+
+
+def _log(report: ValidationReport, folder: str | None) -> None:
     import mlflow
 
     tracking.log_dataset(report.manifest_uri, report.dataset_version, report.split_counts)
-    mlflow.log_metrics({"n_samples": report.n_samples, "n_problems": len(report.problems),
-                        "n_quarantined": len(report.quarantine)})
+    mlflow.log_metrics({k: float(v) for k, v in report.counts().items()})
+    for feature in (report.drift or {}).get("features", []):
+        mlflow.log_metric(f"drift_{feature['feature']}", feature["value"])
     mlflow.set_tag("dermml.validation", "passed" if report.passed else "failed")
+    mlflow.set_tag("dermml.validation_suite", report.suite)
     mlflow.log_text(report.to_json(), "validation/report.json")
+    if not folder:
+        return
+    for name in (FACTS_FILE, QUARANTINE_FILE, "drift.png"):
+        if os.path.exists(os.path.join(folder, name)):
+            mlflow.log_artifact(os.path.join(folder, name), "validation")
+    if os.path.isdir(os.path.join(folder, "data_docs")):
+        mlflow.log_artifacts(os.path.join(folder, "data_docs"), "validation/data_docs")

@@ -1,0 +1,369 @@
+"""Validation: each kind of bad input is reported with its sample and reason, the pipeline stops,
+and the dataset is left byte-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image, ImageFilter
+from typer.testing import CliRunner
+
+from dermml.cli import app
+from dermml.data.manifest import read_manifest, write_manifest
+from dermml.validation.run import ValidationFailed, validate
+
+runner = CliRunner()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def demo64(tmp_path_factory) -> Path:
+    """60 procedural samples at 64 px (train/val/test), shared read-only by this module."""
+    from dermml.data.demo import generate_demo
+
+    root = tmp_path_factory.mktemp("demo64") / "data"
+    generate_demo(str(root), n=60, size=64, seed=1)
+    return root
+
+
+@pytest.fixture()
+def dataset(demo64, tmp_path) -> Path:
+    """A private copy of the demo data that a test may damage."""
+    root = tmp_path / "data"
+    shutil.copytree(demo64, root)
+    return root
+
+
+def rows_of(root: Path) -> pd.DataFrame:
+    return read_manifest(str(root)).df
+
+
+def save_manifest(root: Path, df: pd.DataFrame) -> str:
+    uri = str(root / "manifest.parquet")
+    Path(uri).unlink()
+    write_manifest(df, uri)
+    return uri
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def findings(report) -> dict[str, list[tuple[str, str, str]]]:
+    out: dict[str, list] = {}
+    for p in report.problems:
+        out.setdefault(p.sample_id, []).append((p.check, p.file, p.reason))
+    return out
+
+
+def has(found: dict, sample_id: str, check: str, *texts: str) -> bool:
+    return any(c == check and all(t in f"{file} {reason}" for t in texts)
+               for c, file, reason in found.get(sample_id, []))
+
+
+# --------------------------------------------------------------------------- planting
+
+
+def plant_bad_inputs(root: Path) -> dict[str, str]:
+    """Damage a copy of the demo data in every way the issue lists; returns role -> sample id."""
+    df = rows_of(root)
+    by_split = {s: df[df["split"] == s]["sample_id"].tolist() for s in ("train", "val", "test")}
+    train, test = by_split["train"], by_split["test"]
+    roles = dict(zip(["empty", "truncated_jpeg", "not_image", "rgb_mask", "soft_mask",
+                      "mask_off_by_one", "missing_mask_file", "no_mask", "unknown_label",
+                      "empty_mask"], train[:10], strict=True))
+    roles.update(patient_leak=test[0], leak_source=train[10], near_source=train[11])
+    row = {sid: i for i, sid in enumerate(df["sample_id"])}
+
+    def image(sid: str) -> Path:
+        return root / df.at[row[sid], "image_uri"]
+
+    def mask(sid: str) -> Path:
+        return root / df.at[row[sid], "mask_uri"]
+
+    image(roles["empty"]).write_bytes(b"")
+    full = jpeg_bytes(Image.open(image(roles["truncated_jpeg"])))
+    image(roles["truncated_jpeg"]).with_suffix(".jpg").write_bytes(full[: len(full) // 2])
+    df.at[row[roles["truncated_jpeg"]], "image_uri"] = f"images/{roles['truncated_jpeg']}.jpg"
+    image(roles["not_image"]).write_bytes(b"GIF89a? no: just some text with an image name")
+    binary = np.asarray(Image.open(mask(roles["rgb_mask"])))
+    Image.fromarray(np.stack([binary] * 3, axis=-1)).save(mask(roles["rgb_mask"]))
+    soft = Image.open(mask(roles["soft_mask"])).filter(ImageFilter.GaussianBlur(2))
+    soft.save(mask(roles["soft_mask"]))
+    off = Image.open(mask(roles["mask_off_by_one"]))
+    off.resize((off.width - 1, off.height), Image.Resampling.NEAREST).save(
+        mask(roles["mask_off_by_one"]))
+    mask(roles["missing_mask_file"]).unlink()
+    df.at[row[roles["no_mask"]], "mask_uri"] = None
+    df.at[row[roles["unknown_label"]], "label"] = "unknown_disease"
+    Image.new("L", Image.open(mask(roles["empty_mask"])).size, 0).save(mask(roles["empty_mask"]))
+
+    # The same image in test under another name, and a resized + recompressed copy.
+    source = df.loc[row[roles["leak_source"]]]
+    near = df.loc[row[roles["near_source"]]]
+    shutil.copyfile(image(roles["leak_source"]), root / "images" / "renamed_copy.png")
+    big = Image.open(image(roles["near_source"])).resize((80, 80), Image.Resampling.BICUBIC)
+    (root / "images" / "near_copy.jpg").write_bytes(jpeg_bytes(big, quality=85))
+    Image.open(mask(roles["near_source"])).resize((80, 80), Image.Resampling.NEAREST).save(
+        root / "masks" / "near_copy.png")
+    extra = pd.DataFrame([
+        {**source.to_dict(), "sample_id": "renamed_copy", "image_uri": "images/renamed_copy.png",
+         "split": "test", "patient_id": "p_new1", "lesion_id": "l_new1", "width": None,
+         "height": None},
+        {**near.to_dict(), "sample_id": "near_copy", "image_uri": "images/near_copy.jpg",
+         "mask_uri": "masks/near_copy.png", "split": "test", "patient_id": "p_new2",
+         "lesion_id": "l_new2", "width": None, "height": None}])
+    roles.update(exact_copy="renamed_copy", near_copy="near_copy")
+    # A patient with samples in train and in test.
+    df.at[row[roles["patient_leak"]], "patient_id"] = df.at[row[train[12]], "patient_id"]
+    roles["patient_home"] = train[12]
+    save_manifest(root, pd.concat([df, extra], ignore_index=True))
+    return roles
+
+
+def test_each_planted_bad_input_is_reported_with_its_sample_and_reason(dataset, tmp_path):
+    roles = plant_bad_inputs(dataset)
+    before = tree_digest(dataset)
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), "segmentation", report_dir=str(tmp_path / "report"), track=False,
+                 progress=False)
+    report = failed.value.report
+    found = findings(report)
+    assert has(found, roles["empty"], "image_decodable", "empty (0 bytes)")
+    assert has(found, roles["truncated_jpeg"], "image_decodable", ".jpg", "truncated")
+    assert has(found, roles["not_image"], "image_decodable", "not a decodable image")
+    assert has(found, roles["rgb_mask"], "mask_binary", "values other than 0 and 255", "RGB")
+    assert has(found, roles["soft_mask"], "mask_binary", "values other than 0 and 255")
+    assert has(found, roles["mask_off_by_one"], "mask_size_matches_image", "mask is 63x64",
+               "is 64x64")
+    assert has(found, roles["missing_mask_file"], "mask_decodable", "masks/", "not found")
+    assert has(found, roles["no_mask"], "mask_present", "no mask_uri")
+    assert has(found, roles["unknown_label"], "labels_allowed", "'unknown_disease'")
+    assert has(found, roles["empty_mask"], "lesion_fraction", "mask is empty")
+    assert has(found, "renamed_copy", "no_exact_duplicates_across_splits",
+               roles["leak_source"], "'train'")
+    assert has(found, "near_copy", "no_near_duplicates_across_splits", roles["near_source"],
+               "perceptual-hash distance")
+    assert has(found, roles["patient_leak"], "no_group_across_splits", "patient_id",
+               roles["patient_home"], "'test'")
+    # The originals of the leaks stay; nothing else is quarantined.
+    planted = {v for k, v in roles.items() if k not in ("leak_source", "near_source",
+                                                        "patient_home")}
+    assert set(report.quarantine) == planted
+    assert tree_digest(dataset) == before  # the dataset is only read
+
+    # The report folder holds the JSON summary, Data Docs, quarantine and facts tables.
+    folder = tmp_path / "report"
+    summary = json.loads((folder / "validation.json").read_text())
+    assert summary["passed"] is False and set(summary["quarantine"]) == planted
+    mask_binary = next(e for e in summary["expectations"] if e["name"] == "mask_binary")
+    assert mask_binary["success"] is False and mask_binary["severity"] == "error"
+    assert {f["sample_id"] for f in mask_binary["failing"]} == {roles["rgb_mask"],
+                                                                 roles["soft_mask"]}
+    assert mask_binary["expectation_type"] == "ExpectColumnValuesToBeInSet"
+    index = (folder / "data_docs" / "index.html").read_text()
+    assert "segmentation.samples" in index
+    quarantine = pd.read_csv(folder / "quarantine.csv")
+    assert set(quarantine["sample_id"]) == planted
+    soft = quarantine.set_index("sample_id").loc[roles["soft_mask"]]
+    assert "mask_binary" in soft["checks"] and soft["mask_uri"].endswith(".png")
+    facts = pd.read_csv(folder / "facts.csv")
+    assert {"phash", "sha256", "lesion_fraction", "mask_components", "exif_orientation",
+            "channels", "file_size", "mask_touches_border", "near_leak"} <= set(facts.columns)
+
+
+def test_cli_exits_non_zero_names_files_and_write_clean_yields_a_passing_manifest(dataset,
+                                                                                  tmp_path):
+    roles = plant_bad_inputs(dataset)
+    before = tree_digest(dataset)
+    result = runner.invoke(app, ["validate", str(dataset), "--no-track"])
+    assert result.exit_code == 1
+    assert roles["not_image"] in result.output and "not a decodable image" in result.output
+    clean = tmp_path / "clean.parquet"
+    result = runner.invoke(app, ["validate", str(dataset), "--warn-only", "--no-track",
+                                 "--write-clean", str(clean)])
+    assert result.exit_code == 0, result.output
+    assert "FAILED" in result.output  # warn-only still says what is wrong
+    kept = set(read_manifest(str(clean)).df["sample_id"])
+    assert roles["soft_mask"] not in kept and roles["leak_source"] in kept
+    assert runner.invoke(app, ["validate", str(clean), "--no-track"]).exit_code == 0
+    assert tree_digest(dataset) == before
+
+
+def test_a_failed_validation_marks_its_mlflow_run_and_logs_every_report_file(dataset):
+    from mlflow.tracking import MlflowClient
+
+    from dermml.orchestration.tracking import tracking_uri
+
+    plant_bad_inputs(dataset)
+    with pytest.raises(ValidationFailed):
+        validate(str(dataset), "segmentation", progress=False)
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name("dermml/segmentation")
+    run = client.search_runs([experiment.experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["dermml.validation"] == "failed"
+    assert run.data.metrics["n_quarantined"] == 13
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
+    assert {"validation/report.json", "validation/facts.csv", "validation/quarantine.csv",
+            "validation/data_docs"} <= files
+
+
+def test_clean_demo_data_passes_every_shipped_suite_it_fits(demo64):
+    for suite in ("segmentation", "classification", "attributes"):
+        outcome = validate(str(demo64), suite, track=False, progress=False)
+        assert outcome.report.passed, (suite, outcome.report.summary())
+        assert len(outcome.report.expectations) > 15
+
+
+def test_duplicate_sample_ids_are_reported(dataset):
+    df = rows_of(dataset)
+    df.loc[1, "sample_id"] = df.loc[0, "sample_id"]
+    Path(dataset / "manifest.parquet").unlink()
+    # write_manifest refuses duplicates; other tools may not.
+    pq.write_table(pa.Table.from_pandas(df.drop(columns=["attribute_mask_uris"])),
+                   dataset / "manifest.parquet")
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), track=False, progress=False)
+    checks = {(p.sample_id, p.check) for p in failed.value.report.problems}
+    assert (df.loc[0, "sample_id"], "unique_sample_ids") in checks
+
+
+# --------------------------------------------------------------------------- suites
+
+
+def test_threshold_override_changes_the_outcome(demo64):
+    assert validate(str(demo64), track=False, progress=False).report.passed
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(demo64), track=False, progress=False,
+                 overrides=["lesion_fraction.min=0.5"])
+    problems = failed.value.report.problems
+    assert problems and all(p.check == "lesion_fraction" for p in problems)
+    assert "outside [50.000%, 95.000%]" in problems[0].reason
+
+
+def test_unknown_override_key_names_the_rules_parameters(demo64):
+    result = runner.invoke(app, ["validate", str(demo64), "--no-track", "--set",
+                                 "lesion_fraction.minimum=0.1"])
+    assert result.exit_code == 2
+    assert "lesion_fraction.minimum" in result.output and "min, max" in result.output
+    result = runner.invoke(app, ["validate", str(demo64), "--no-track", "--suite", "segmentatio"])
+    assert result.exit_code == 2 and "classification" in result.output
+
+
+def test_a_custom_suite_file_is_used_and_can_turn_rules_off(dataset, tmp_path):
+    roles = plant_bad_inputs(dataset)
+    suite = tmp_path / "mine.yaml"
+    suite.write_text("name: mine\ntask: segmentation\nimage_decodable:\nmask_binary: "
+                     "{severity: warning}\n")
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), str(suite), track=False, progress=False)
+    report = failed.value.report
+    assert {p.check for p in report.problems} == {"image_decodable"}
+    assert {p.sample_id for p in report.warnings} == {roles["rgb_mask"], roles["soft_mask"]}
+    assert [e["name"] for e in report.expectations] == ["image_decodable", "mask_binary"]
+
+
+def test_required_split_and_class_counts_fail_without_quarantining_samples(dataset):
+    df = rows_of(dataset)
+    df = df[~((df["split"] == "val") & (df["label"] == "melanoma"))]
+    save_manifest(dataset, df)
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), track=False, progress=False, required_splits=("train", "holdout"))
+    report = failed.value.report
+    reasons = [p.reason for p in report.problems]
+    assert "split 'holdout' has no samples" in reasons
+    assert "split 'val' has 0 samples of class 'melanoma' (minimum 1)" in reasons
+    assert report.quarantine == []
+
+
+def test_class_imbalance_is_a_warning_only(dataset):
+    df = rows_of(dataset)
+    melanoma = df[(df["split"] == "train") & (df["label"] == "melanoma")].index
+    save_manifest(dataset, df.drop(index=melanoma[:10]))
+    outcome = validate(str(dataset), track=False, progress=False,
+                       overrides=["class_balance.max_ratio=2"])
+    assert outcome.report.passed
+    warning = next(w for w in outcome.report.warnings if w.check == "class_balance")
+    assert "'train': class 'melanoma'" in warning.reason and warning.sample_id == ""
+
+
+def test_detection_boxes_outside_or_without_area_are_reported(dataset):
+    df = rows_of(dataset)
+    df["boxes"] = [[[10.0, 10.0, 20.0, 20.0]] for _ in range(len(df))]
+    df.at[0, "boxes"] = [[10.0, 10.0, 20.0, 20.0], [50.0, 50.0, 30.0, 10.0]]  # x+w = 80 > 64
+    df.at[1, "boxes"] = [[5.0, 5.0, 0.0, 8.0]]
+    save_manifest(dataset, df)
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), "detection", track=False, progress=False)
+    found = findings(failed.value.report)
+    assert has(found, df.at[0, "sample_id"], "boxes_inside_image", "1 of 2 boxes",
+               "outside the image")
+    assert has(found, df.at[1, "sample_id"], "boxes_positive_area", "no area")
+    assert set(failed.value.report.quarantine) == {df.at[0, "sample_id"], df.at[1, "sample_id"]}
+
+
+def test_attribute_masks_are_checked_for_presence_size_and_values(dataset):
+    df = rows_of(dataset)
+    first, second = df.at[0, "sample_id"], df.at[1, "sample_id"]
+    streaks = dataset / df.at[0, "attribute_mask_uris"]["streaks"]
+    Image.new("L", (64, 63), 0).save(streaks)
+    uris = dict(df.at[1, "attribute_mask_uris"])
+    del uris["globules"]
+    df.at[1, "attribute_mask_uris"] = uris
+    save_manifest(dataset, df)
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), "attributes", track=False, progress=False)
+    found = findings(failed.value.report)
+    assert has(found, first, "attribute_masks", "streaks", "64x63")
+    assert has(found, second, "attribute_masks", "no globules file")
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def test_drift_passes_an_identical_batch_and_flags_a_shifted_one(demo64, dataset, tmp_path):
+    same = validate(str(demo64), track=False, progress=False, drift_against=str(demo64),
+                    report_dir=str(tmp_path / "same"))
+    assert same.report.passed and same.report.drift["passed"]
+    assert all(f["value"] == 0 for f in same.report.drift["features"])
+    assert (tmp_path / "same" / "drift.png").stat().st_size > 1000
+
+    for path in (dataset / "images").glob("*.png"):  # a darker camera
+        pixels = np.asarray(Image.open(path)).astype(np.float32) * 0.6
+        Image.fromarray(pixels.astype(np.uint8)).save(path)
+    df = rows_of(dataset)
+    save_manifest(dataset, df[df["label"] != "nevus"])  # and no nevi in this batch
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), track=False, progress=False, drift_against=str(demo64),
+                 report_dir=str(tmp_path / "shifted"))
+    drift = failed.value.report.drift
+    assert not drift["passed"]
+    assert {"mean_r", "mean_g", "mean_b", "label"} <= set(drift["drifted"])
+    assert {"width", "height"}.isdisjoint(drift["drifted"])
+    checks = {p.check for p in failed.value.report.problems}
+    assert checks == {"drift.features", "drift.labels"}
+    assert (tmp_path / "shifted" / "drift.png").exists()
+
+
+def test_an_independent_batch_of_the_same_source_does_not_drift(demo64, tmp_path):
+    from dermml.data.demo import generate_demo
+
+    other = generate_demo(str(tmp_path / "other"), n=60, size=64, seed=2)
+    outcome = validate(other, track=False, progress=False, drift_against=str(demo64))
+    assert outcome.report.drift["passed"], outcome.report.drift
