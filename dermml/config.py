@@ -84,23 +84,28 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:
+    """The mapping in a YAML (or JSON) file; errors name the file and the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} not found")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {p} is not valid YAML/JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping at the top level")
+    return loaded
+
+
 def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
                 overrides: list[str] | None = None, base: dict | None = None) -> T:
     """Build ``model_cls`` from defaults, then ``base``, then a YAML file, then ``--set`` items."""
     data: dict = dict(base or {})
     source = "defaults"
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = _deep_merge(data, loaded)
-        source = str(p)
+        data = _deep_merge(data, read_yaml_mapping(path))
+        source = str(path)
     for item in overrides or []:
         keys, value = parse_override(item)
         _set_nested(data, keys, value, model_cls)

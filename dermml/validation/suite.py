@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from dermml.config import ConfigError, Section, load_config
+from dermml.config import ConfigError, Section, load_config, read_yaml_mapping
 
 SUITES_DIRS = (Path(__file__).resolve().parents[2] / "configs" / "validation",
                Path.cwd() / "configs" / "validation")
@@ -600,12 +599,7 @@ def load_suite(suite: str, overrides: list[str] | None = None,
                required_splits: tuple[str, ...] = ()) -> SuiteConfig:
     """Load a suite by name or path, apply ``rule.param=value`` overrides and required splits."""
     path = suite_path(suite)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"validation suite {path} is not valid YAML/JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"validation suite {path} must hold a mapping of rule names")
+    data = read_yaml_mapping(path, "validation suite")
     # A rule listed without parameters (``mask_binary:``) is on with its defaults.
     data = {"name": path.stem, **{k: ({} if v is None and k in _RULE_NAMES else v)
                                   for k, v in data.items()}}
