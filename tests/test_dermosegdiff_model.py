@@ -102,7 +102,7 @@ def test_one_adam_step_reduces_the_hybrid_boundary_loss_on_a_fixed_batch():
 def test_tiny_model_overfits_one_demo_image_and_samples_its_lesion_mask():
     torch.manual_seed(0)
     image, mask = _demo_lesion()
-    assert 0.2 < mask.mean() < 0.3
+    assert 0.05 < mask.mean() < 0.5  # a lesion, not a speck or the image
     timesteps, batch = 50, 4
     model = DermoSegDiffUNet(tiny_config(attn_heads=2, attn_dim_head=8))
     diffusion = GaussianDiffusion(beta_schedule("linear", timesteps))

@@ -21,7 +21,7 @@ TASK_OVERRIDES = {
                        "augment.flips=true"],
     "segmentation": [],
     "attributes": ["model.arch=small_unet", "model.base_channels=16", "model.depth=2",
-                   "train.epochs=15",
+                   "train.epochs=20", "data.batch_size=4",
                    "train.lr=0.01"],
 }
 
