@@ -117,6 +117,8 @@ def test_bad_data_stops_the_pipeline_before_training(tracking_server, demo_data,
     report = client.download_artifacts(validation.info.run_id, "validation/report.json",
                                        str(tmp_path))
     assert victim.stem in Path(report).read_text()
+    logged = {a.path for a in client.list_artifacts(validation.info.run_id, "validation")}
+    assert {"validation/quarantine.csv", "validation/data_docs"} <= logged
     assert victim.read_bytes() == before  # source data untouched
 
 

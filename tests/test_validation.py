@@ -367,3 +367,33 @@ def test_an_independent_batch_of_the_same_source_does_not_drift(demo64, tmp_path
     other = generate_demo(str(tmp_path / "other"), n=60, size=64, seed=2)
     outcome = validate(other, track=False, progress=False, drift_against=str(demo64))
     assert outcome.report.drift["passed"], outcome.report.drift
+
+
+def test_synth3d_companion_files_must_exist_and_match_the_image(dataset):
+    df = rows_of(dataset)
+    df["anatomy_uri"], df["depth_uri"] = df["mask_uri"], df["mask_uri"]
+    Image.new("L", (64, 65)).save(dataset / "masks" / "depth_off.png")
+    df.at[0, "depth_uri"] = "masks/depth_off.png"
+    df.at[1, "anatomy_uri"] = None
+    save_manifest(dataset, df)
+    with pytest.raises(ValidationFailed) as failed:
+        validate(str(dataset), "synth3d", track=False, progress=False)
+    found = findings(failed.value.report)
+    assert has(found, df.at[0, "sample_id"], "companion_files", "depth_uri", "64x65")
+    assert has(found, df.at[1, "sample_id"], "companion_files", "no anatomy_uri file")
+    assert set(failed.value.report.quarantine) == {df.at[0, "sample_id"], df.at[1, "sample_id"]}
+
+
+def test_a_suite_can_extend_another_and_every_task_has_a_suite(demo64, tmp_path):
+    from dermml.tasks import task_names
+    from dermml.validation.suite import load_suite, shipped_suites
+
+    assert set(task_names()) <= set(shipped_suites())  # the pipeline validates with suite=task
+    suite = tmp_path / "strict.yaml"
+    suite.write_text("extends: segmentation\nlesion_fraction: {min: 0.5}\n")
+    config = load_suite(str(suite))
+    assert config.name == "strict" and config.experiment_task == "segmentation"
+    assert config.lesion_fraction.min == 0.5 and config.mask_binary.enabled
+    with pytest.raises(ValidationFailed):
+        validate(str(demo64), str(suite), track=False, progress=False)
+    assert validate(str(demo64), "segdiff", track=False, progress=False).report.passed

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -34,9 +35,8 @@ PHASH_SIZE = 16
 """Side of the perceptual hash (256 bits): 64-bit hashes collide on look-alike lesion photos."""
 _PHASH_IMAGE = PHASH_SIZE * 4
 # Type-II DCT rows (unnormalised, as scipy.fftpack.dct): the low frequencies of a 64x64 image.
-_DCT = 2 * np.cos(np.pi * np.arange(PHASH_SIZE)[:, None]
-                  * (2 * np.arange(_PHASH_IMAGE)[None] + 1) / (2 * _PHASH_IMAGE))
-_STATS_MAX_SIDE = 512  # colour statistics and hashes of larger images use a box-reduced copy
+_DCT = (2 * np.cos(np.pi * np.arange(PHASH_SIZE)[:, None] * (2 * np.arange(_PHASH_IMAGE)[None] + 1)
+                   / (2 * _PHASH_IMAGE))).astype(np.float32)
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -66,7 +66,7 @@ class SampleFacts:
     exif_orientation: int | None = None
     sha256: str | None = None
     phash: str | None = None
-    """256-bit DCT perceptual hash (hex), as ``imagehash.phash(image, hash_size=16)``."""
+    """256-bit DCT perceptual hash (hex), see ``perceptual_hash``."""
     mean_r: float | None = None
     mean_g: float | None = None
     mean_b: float | None = None
@@ -116,33 +116,43 @@ def _reason(exc: BaseException) -> str:
     return f"not a decodable image ({type(exc).__name__}: {text})"
 
 
-def _small(img: Image.Image) -> Image.Image:
-    side = max(img.size)
-    return img.reduce(side // _STATS_MAX_SIDE + 1) if side > _STATS_MAX_SIDE else img
-
-
 def perceptual_hash(img: Image.Image) -> str:
-    """``imagehash.phash(img, hash_size=16)`` as hex, with the DCT as two small matrix products."""
-    return _hash_and_contrast(img)[0]
+    """256-bit DCT perceptual hash as hex; equal to ``imagehash.phash(img, hash_size=16)`` for
+    images up to 64 px (larger ones are box-reduced before the Lanczos filter, which is faster)."""
+    gray, _ = _thumbnail(img)
+    return _hashes_and_contrast(np.frombuffer(gray, np.uint8)[None])[0][0]
 
 
-def _hash_and_contrast(img: Image.Image) -> tuple[str, float]:
-    """Perceptual hash and the grey-level standard deviation of the same 64x64 thumbnail.
+def _thumbnail(img: Image.Image) -> tuple[bytes, tuple[float, float, float]]:
+    """The 64x64 grey thumbnail the hash is computed on (bytes), and the mean colour."""
+    source = img if img.mode in ("RGB", "L") else img.convert("RGB")
+    if max(source.size) > _PHASH_IMAGE:
+        # An integer box reduction first, then Lanczos for the rest: several times faster than
+        # Lanczos alone on large images, and the hash stays as robust to resizing.
+        thumb = source.resize((_PHASH_IMAGE, _PHASH_IMAGE), Image.Resampling.LANCZOS,
+                              reducing_gap=1.0)
+        gray = thumb.convert("L")
+    else:  # imagehash's order: grey first, then resize
+        thumb, gray = source, source.convert("L")
+        if gray.size != (_PHASH_IMAGE, _PHASH_IMAGE):
+            gray = gray.resize((_PHASH_IMAGE, _PHASH_IMAGE), Image.Resampling.LANCZOS)
+    rgb = thumb if thumb.mode == "RGB" else thumb.convert("RGB")
+    colour = rgb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    return gray.tobytes(), (float(colour[0]), float(colour[1]), float(colour[2]))
 
-    Images larger than 128 px are box-reduced before the Lanczos filter (Pillow's
-    ``reducing_gap``): 4x faster at 256 px; the hash then differs from imagehash's in a few bits.
-    """
-    gray = img.convert("L")
-    if gray.size != (_PHASH_IMAGE, _PHASH_IMAGE):
-        gray = gray.resize((_PHASH_IMAGE, _PHASH_IMAGE), Image.Resampling.LANCZOS,
-                           reducing_gap=2.0)
-    flat = np.frombuffer(gray.tobytes(), np.uint8).astype(np.float64)
-    low = (_DCT @ flat.reshape(_PHASH_IMAGE, _PHASH_IMAGE) @ _DCT.T).ravel()
-    middle = np.sort(low)
-    median = (middle[low.size // 2 - 1] + middle[low.size // 2]) / 2
-    mean = flat.sum() / flat.size  # ndarray.std() costs more than the hash itself
-    contrast = float(np.sqrt(max(flat @ flat / flat.size - mean * mean, 0.0)))
-    return np.packbits(low > median).tobytes().hex(), contrast
+
+def _hashes_and_contrast(grays: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Hashes (hex) and grey-level standard deviations of (N, 4096) uint8 thumbnails, all at
+    once: per-image numpy calls would cost more than the arithmetic."""
+    pixels = grays.astype(np.float32)  # exact for uint8 sums up to 2**24; halves the memory
+    low = (_DCT @ pixels.reshape(-1, _PHASH_IMAGE, _PHASH_IMAGE) @ _DCT.T).reshape(len(grays), -1)
+    middle = np.sort(low, axis=1)
+    half = low.shape[1] // 2
+    bits = np.packbits(low > ((middle[:, half - 1] + middle[:, half]) / 2)[:, None], axis=1)
+    mean = pixels.mean(axis=1, dtype=np.float64)
+    squares = np.einsum("ij,ij->i", pixels, pixels, dtype=np.float64) / pixels.shape[1]
+    contrast = np.sqrt(np.maximum(squares - mean * mean, 0.0))
+    return [row.tobytes().hex() for row in bits], contrast
 
 
 def _pixels(img: Image.Image) -> np.ndarray:
@@ -152,42 +162,32 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return np.frombuffer(img.tobytes(), np.uint8).reshape(shape)
 
 
-def _mean_colour(img: Image.Image) -> tuple[float, float, float]:
-    """Mean R, G, B, by box filters (an integer reduction first, then down to one pixel)."""
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    factor = max(1, min(rgb.size) // _PHASH_IMAGE)
-    rgb = rgb.reduce(factor) if factor > 1 else rgb
-    r, g, b = rgb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
-    return float(r), float(g), float(b)
-
-
-def _image_facts(facts: SampleFacts) -> Image.Image | None:
+def _image_facts(facts: SampleFacts) -> tuple[Image.Image | None, bytes | None]:
+    """Facts of the image file; the decoded image and its grey thumbnail (for the hash)."""
     if not facts.image_uri:
         facts.image_error = "no image_uri for this sample"
-        return None
+        return None, None
     try:
         data = storage.read_bytes(facts.image_uri)
     except storage.StorageError as exc:
         facts.image_error = _reason(exc)
-        return None
+        return None, None
     facts.file_size = len(data)
     facts.sha256 = hashlib.sha256(data).hexdigest()
     try:
         img, facts.exif_orientation, facts.format = _decode(data)
     except Exception as exc:  # any decoder failure is a finding about this file, not a crash
         facts.image_error = _reason(exc)
-        return None
+        return None, None
     facts.image_ok = True
     facts.width, facts.height = img.size
     facts.mode = img.mode
     facts.channels = len(img.getbands())
     try:
-        small = _small(img)
-        facts.phash, facts.gray_std = _hash_and_contrast(small)
-        facts.mean_r, facts.mean_g, facts.mean_b = _mean_colour(small)
+        gray, (facts.mean_r, facts.mean_g, facts.mean_b) = _thumbnail(img)
     except (ValueError, OSError):  # modes Pillow cannot convert (e.g. 32-bit float): no hash
-        pass
-    return img
+        gray = None
+    return img, gray
 
 
 def _mask_facts(facts: SampleFacts) -> None:
@@ -199,20 +199,20 @@ def _mask_facts(facts: SampleFacts) -> None:
     facts.mask_mode = mask.mode
     facts.mask_width, facts.mask_height = mask.size
     try:
-        gray = _pixels(mask if mask.mode == "L" else mask.convert("L"))
+        gray = mask if mask.mode == "L" else mask.convert("L")
     except (ValueError, OSError) as exc:
         facts.mask_ok, facts.mask_error = False, f"mask mode {mask.mode} is not supported ({exc})"
         return
     facts.mask_ok = True
-    hist = Image.fromarray(gray).histogram() if mask.mode != "L" else mask.histogram()
-    total = gray.size
+    hist = gray.histogram()
+    total = gray.size[0] * gray.size[1]
     n_lesion = sum(hist[128:])
     facts.mask_binary = mask.mode in _BINARY_MASK_MODES and hist[0] + hist[255] == total
     facts.lesion_fraction = n_lesion / total if total else 0.0
     if not n_lesion:
         facts.mask_components, facts.mask_touches_border = 0, False
         return
-    lesion = (gray > 127).view(np.uint8)
+    lesion = (_pixels(gray) > 127).view(np.uint8)
     facts.mask_components = _count_components(lesion)
     facts.mask_touches_border = bool(lesion[[0, -1]].any() or lesion[:, [0, -1]].any())
 
@@ -257,12 +257,31 @@ def sample_facts(row: dict) -> SampleFacts:
     Optional row keys: ``attribute_mask_uris`` (checked as binary masks of the image's size) and
     ``companions`` (other files that must decode at the image's size).
     """
-    facts = SampleFacts(row["sample_id"], row.get("split"), row.get("label"), row["image_uri"],
-                        row.get("mask_uri"))
-    img = _image_facts(facts)
-    if facts.mask_uri:
-        _mask_facts(facts)
-    size = img.size if img is not None else None
+    return batch_facts([row])[0]
+
+
+def batch_facts(rows: list[dict]) -> list[SampleFacts]:
+    """Facts of several rows; the hashes of all their thumbnails are computed together."""
+    out, thumbs = [], {}
+    for i, row in enumerate(rows):
+        facts = SampleFacts(row["sample_id"], row.get("split"), row.get("label"),
+                            row["image_uri"], row.get("mask_uri"))
+        img, gray = _image_facts(facts)
+        if gray is not None:
+            thumbs[i] = gray
+        if facts.mask_uri:
+            _mask_facts(facts)
+        _companion_facts(facts, row, img.size if img is not None else None)
+        out.append(facts)
+    if thumbs:
+        grays = np.frombuffer(b"".join(thumbs.values()), np.uint8).reshape(len(thumbs), -1)
+        hashes, contrast = _hashes_and_contrast(grays)
+        for k, i in enumerate(thumbs):
+            out[i].phash, out[i].gray_std = hashes[k], float(contrast[k])
+    return out
+
+
+def _companion_facts(facts: SampleFacts, row: dict, size: tuple[int, int] | None) -> None:
     for key, binary, bad, problem in (("attribute_mask_uris", True, "attribute_masks_bad",
                                        "attribute_masks_problem"),
                                       ("companions", False, "companions_bad",
@@ -271,12 +290,11 @@ def sample_facts(row: dict) -> SampleFacts:
             found = companion_problems(row[key] or {}, size, binary)
             setattr(facts, bad, len(found))
             setattr(facts, problem, "; ".join(found))
-    return facts
 
 
 def _facts_batch(rows: list[dict]) -> list[tuple]:
     # Plain tuples pickle several times faster than dataclasses on the way back.
-    return [tuple(sample_facts(row).__dict__.values()) for row in rows]
+    return [tuple(f.__dict__.values()) for f in batch_facts(rows)]
 
 
 # --------------------------------------------------------------------------- streaming
@@ -330,9 +348,16 @@ def fact_rows(manifest: Manifest, attribute_masks: tuple[str, ...] | None = None
 
 
 def default_processes() -> int:
-    """Worker processes when none are asked for: the CPUs this process may run on (max 16)."""
-    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1, 16))
+    """Worker processes when none are asked for: the CPUs this process may use (max 16), with a
+    container's CPU limit (cgroup v2 ``cpu.max``) taken into account."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus or 1, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(cpus or 1, 16))
 
 
 def stream_fact_tuples(rows: Iterable[dict], total: int, processes: int | None = None,

@@ -69,15 +69,11 @@ def label_frequencies(reference: pd.DataFrame,
     return ref / max(ref.sum(), 1), new / max(new.sum(), 1)
 
 
-def threshold(row: pd.Series | dict, cfg: Drift) -> float:
-    return cfg.max_label_js if row["kind"] == "labels" else cfg.max_ks
-
-
 def drift_summary(table: pd.DataFrame, cfg: Drift, reference_uri: str) -> dict:
     """The drift section of the report: per feature statistic, threshold and verdict."""
     features = []
     for row in table.to_dict("records"):
-        limit = threshold(row, cfg)
+        limit = cfg.limit(row["kind"])
         features.append({"feature": row["feature"], "statistic": row["statistic_name"],
                          "value": round(row["statistic"], 4), "threshold": limit,
                          "p_value": None if pd.isna(row["p_value"]) else row["p_value"],
@@ -102,7 +98,7 @@ def plot_drift(reference: pd.DataFrame, batch: pd.DataFrame, table: pd.DataFrame
     n_rows = max(1, -(-len(rows) // cols))
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3 * n_rows), squeeze=False)
     for ax, row in zip(axes.flat, rows, strict=False):
-        limit = threshold(row, cfg)
+        limit = cfg.limit(row["kind"])
         drifted = row["statistic"] > limit
         if row["kind"] == "labels":
             ref, new = label_frequencies(reference, batch)

@@ -10,7 +10,7 @@ expectations over one of three tables: ``samples`` (manifest + per-sample facts 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -46,7 +46,6 @@ class ExpectationSpec:
     """Reason for one failing row (the row of ``table`` as a dict)."""
     explain_result: Callable[[dict], list[str]] | None = None
     """Reasons for a failing table-level expectation, from its great-expectations result."""
-    index_columns: tuple[str, ...] = field(default=("_row",))
 
 
 # --------------------------------------------------------------------------- rules
@@ -422,7 +421,7 @@ class MinSamplesPerClass(Rule):
 
         return [self._spec(name, name, "ExpectColumnValuesToBeBetween",
                            {"column": "count", "min_value": self.min}, file_column=None,
-                           explain=explain, index_columns=("split", "label"))]
+                           explain=explain)]
 
 
 class ClassBalance(Rule):
@@ -440,7 +439,7 @@ class ClassBalance(Rule):
 
         return [self._spec(name, name, "ExpectColumnValuesToBeBetween",
                            {"column": "share_of_largest", "min_value": 1.0 / self.max_ratio},
-                           file_column=None, explain=explain, index_columns=("split", "label"))]
+                           file_column=None, explain=explain)]
 
 
 class Drift(Rule):
@@ -454,14 +453,17 @@ class Drift(Rule):
                            "lesion_fraction"]
     table: ClassVar[str] = "drift"
 
+    def limit(self, kind: str) -> float:
+        """The threshold of a drift-table row of this kind (``numeric`` or ``labels``)."""
+        return self.max_label_js if kind == "labels" else self.max_ks
+
     def specs(self, name):
         def explain(row: dict) -> str:
-            limit = self.max_label_js if row["kind"] == "labels" else self.max_ks
             return (f"{row['feature']}: {row['statistic_name']} {row['statistic']:.3f} > "
-                    f"{limit:g} (reference median {row['reference_median']}, batch median "
-                    f"{row['batch_median']})")
+                    f"{self.limit(row['kind']):g} (reference median "
+                    f"{row['reference_median']}, batch median {row['batch_median']})")
 
-        common = {"file_column": None, "explain": explain, "index_columns": ("feature",)}
+        common = {"file_column": None, "explain": explain}
         return [self._spec(f"{name}.features", name, "ExpectColumnValuesToBeBetween",
                            {"column": "ks_statistic", "max_value": self.max_ks}, **common),
                 self._spec(f"{name}.labels", name, "ExpectColumnValuesToBeBetween",
@@ -560,6 +562,23 @@ _RULE_NAMES = tuple(n for n, f in SuiteConfig.model_fields.items()
                     if isinstance(f.annotation, type) and issubclass(f.annotation, Rule))
 
 
+def _suite_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A suite file's mapping; ``extends: NAME_OR_PATH`` starts from another suite, whose rules
+    this file's keys replace one by one."""
+    data = read_yaml_mapping(path, "validation suite")
+    # A rule listed without parameters (``mask_binary:``) is on with its defaults.
+    data = {k: ({} if v is None and k in _RULE_NAMES else v) for k, v in data.items()}
+    base = data.pop("extends", None)
+    if not base:
+        return data
+    base_path = suite_path(str(base))
+    if base_path.resolve() in seen:
+        raise ConfigError(f"validation suite {path}: 'extends' loops back to {base_path}")
+    inherited = _suite_data(base_path, (*seen, path.resolve()))
+    inherited.pop("name", None)  # a suite is named after its own file unless it says otherwise
+    return {**inherited, **data}
+
+
 def _check_override_keys(overrides: list[str]) -> None:
     """Name the rule's own parameters when an override has a typo (not all 100 suite keys)."""
     for item in overrides:
@@ -599,10 +618,7 @@ def load_suite(suite: str, overrides: list[str] | None = None,
                required_splits: tuple[str, ...] = ()) -> SuiteConfig:
     """Load a suite by name or path, apply ``rule.param=value`` overrides and required splits."""
     path = suite_path(suite)
-    data = read_yaml_mapping(path, "validation suite")
-    # A rule listed without parameters (``mask_binary:``) is on with its defaults.
-    data = {"name": path.stem, **{k: ({} if v is None and k in _RULE_NAMES else v)
-                                  for k, v in data.items()}}
+    data = {"name": path.stem, **_suite_data(path)}
     _check_override_keys(overrides or [])
     try:
         config = load_config(SuiteConfig, None, overrides, base=data)

@@ -18,7 +18,7 @@ _NULLABLE = {"image_ok": "boolean", "mask_ok": "boolean", "mask_binary": "boolea
              "width": "Int64", "height": "Int64", "exif_orientation": "Int64",
              "mask_width": "Int64", "mask_height": "Int64", "mask_components": "Int64",
              "attribute_masks_bad": "Int64", "companions_bad": "Int64"}
-_QUERY_CHUNK = 1024  # perceptual-hash comparisons per matrix product (~30 MB at 7,000 refs)
+_SIMILARITY_BLOCK = 8_000_000  # hash pairs compared per matrix product (32 MB of float32)
 
 
 def samples_table(manifest: Manifest, facts: pd.DataFrame, suite: SuiteConfig,
@@ -129,8 +129,9 @@ def _add_near_leaks(table: pd.DataFrame, rank: np.ndarray, max_hamming: int) -> 
             queries, refs = np.flatnonzero(rank[rows] == r), np.flatnonzero(rank[rows] < r)
             if not refs.size:
                 continue
-            for start in range(0, queries.size, _QUERY_CHUNK):
-                q = queries[start:start + _QUERY_CHUNK]
+            chunk = max(1, _SIMILARITY_BLOCK // refs.size)
+            for start in range(0, queries.size, chunk):
+                q = queries[start:start + chunk]
                 agree = signs[q] @ signs[refs].T  # n_bits - 2 * hamming
                 best = agree.argmax(axis=1)
                 partner[rows[q]] = rows[refs[best]]
