@@ -31,6 +31,25 @@ def dermml_home() -> Path:
     return Path(os.environ.get("DERMML_HOME", ".dermml")).absolute()
 
 
+def configs_dirs() -> list[Path]:
+    """Folders searched for shipped configs, first match wins: ``$DERMML_CONFIGS``, the
+    repository checkout this package runs from, then ``./configs`` (a container's workdir: the
+    images install the package into site-packages and copy ``configs/`` to ``/app``)."""
+    found = [Path(os.environ["DERMML_CONFIGS"])] if os.environ.get("DERMML_CONFIGS") else []
+    found += [Path(__file__).resolve().parents[1] / "configs", Path.cwd() / "configs"]
+    return list(dict.fromkeys(p.absolute() for p in found))
+
+
+def shipped_config(*parts: str) -> Path | None:
+    """A shipped config file or folder (e.g. ``shipped_config("platform", "default.yaml")``),
+    or None when no configs folder has it."""
+    for folder in configs_dirs():
+        candidate = folder.joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    return None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML (numbers, lists, bools)."""
     key, sep, raw = item.partition("=")

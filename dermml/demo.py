@@ -9,12 +9,11 @@ from __future__ import annotations
 import base64
 import io
 import socket
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from dermml.config import dermml_home
+from dermml.config import dermml_home, shipped_config
 from dermml.data.images import load_image, load_mask
 from dermml.data.manifest import read_manifest
 from dermml.data.run import demo_dataset_uri
@@ -34,16 +33,14 @@ def free_port(preferred: int) -> int:
         return s.getsockname()[1]
 
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "segmentation" / "demo.yaml"
-
-
 def run_demo(n: int = 200, size: int = 64, epochs: int = 20, seed: int = 0,
              port: int = 5055) -> float:
     """Run the demo; returns the Dice of the served prediction."""
     from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
 
     print(f"[1/3] training pipeline (KFP local) with DERMML_HOME={dermml_home()}", flush=True)
-    config = str(DEMO_CONFIG) if DEMO_CONFIG.is_file() else ""
+    demo_config = shipped_config("segmentation", "demo.yaml")
+    config = str(demo_config) if demo_config else ""
     outputs = run_local("training", {"demo_n": n, "demo_size": size, "seed": seed,
                                      "config": config,
                                      "overrides": [f"train.epochs={epochs}",

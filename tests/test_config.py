@@ -1,5 +1,7 @@
 """Config files and --set overrides: typed, validated, and loud about typos."""
 
+import os
+
 import pytest
 
 from dermml.config import ConfigError, flatten, load_config
@@ -52,3 +54,37 @@ def test_shipped_configs_load():
 
     for path in Path(__file__).parents[1].glob("configs/segmentation/*.yaml"):
         load_config(SegmentationConfig, path)
+
+
+def test_an_installed_package_finds_shipped_configs_from_the_image_workdir_or_env(tmp_path):
+    """As in the container images: the package sits in site-packages, configs/ elsewhere."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site-packages"
+    shutil.copytree(repo / "dermml", site / "dermml",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    configs = tmp_path / "app" / "configs"
+    shutil.copytree(repo / "configs", configs)
+    probe = ("from dermml.validation.suite import load_suite\n"
+             "from dermml.orchestration.k8s import load_platform\n"
+             "from dermml.config import shipped_config\n"
+             "print(load_suite('segdiff').name, load_platform().pools['gpu'].node_selector,"
+             " shipped_config('segmentation', 'demo.yaml'))\n")
+
+    def run(cwd: Path, **env: str) -> subprocess.CompletedProcess:
+        clean = {k: v for k, v in os.environ.items() if k not in ("DERMML_CONFIGS",
+                                                                  "DERMML_PLATFORM")}
+        return subprocess.run([sys.executable, "-c", probe], cwd=cwd, capture_output=True,
+                              text=True, env={**clean, "PYTHONPATH": str(site), **env})
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    lost = run(elsewhere)
+    assert lost.returncode != 0 and "unknown validation suite 'segdiff'" in lost.stderr
+    for found in (run(configs.parent), run(elsewhere, DERMML_CONFIGS=str(configs))):
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.startswith("segdiff {") and str(configs) in found.stdout

@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
-from dermml.config import Section, load_config
+from dermml.config import Section, load_config, shipped_config
 
 
 class Toleration(Section):
@@ -85,14 +84,13 @@ class PlatformConfig(Section):
         return self.pools[name]
 
 
-DEFAULT_PLATFORM = Path(__file__).resolve().parents[2] / "configs" / "platform" / "default.yaml"
 _active: PlatformConfig | None = None
 
 
 def load_platform(path: str | os.PathLike | None = None) -> PlatformConfig:
     """The platform config at ``path``, ``$DERMML_PLATFORM``, or the shipped default."""
-    path = path or os.environ.get("DERMML_PLATFORM") or (
-        DEFAULT_PLATFORM if DEFAULT_PLATFORM.is_file() else None)
+    path = path or os.environ.get("DERMML_PLATFORM") or shipped_config("platform",
+                                                                       "default.yaml")
     return load_config(PlatformConfig, path)
 
 

@@ -16,11 +16,13 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from dermml.config import ConfigError, Section, load_config, read_yaml_mapping
+from dermml.config import ConfigError, Section, configs_dirs, load_config, read_yaml_mapping
 
-SUITES_DIRS = (Path(__file__).resolve().parents[2] / "configs" / "validation",
-               Path.cwd() / "configs" / "validation")
-"""Where shipped suites are looked up by name (the repository, then the working directory)."""
+
+def suites_dirs() -> list[Path]:
+    """Where shipped suites are looked up by name (``configs/validation`` of ``configs_dirs``)."""
+    return [d / "validation" for d in configs_dirs()]
+
 
 Severity = Literal["error", "warning"]
 GX_SEVERITY = {"error": "critical", "warning": "warning"}
@@ -596,7 +598,7 @@ def _check_override_keys(overrides: list[str]) -> None:
 
 
 def shipped_suites() -> list[str]:
-    return sorted({p.stem for d in SUITES_DIRS if d.is_dir() for p in d.glob("*.yaml")})
+    return sorted({p.stem for d in suites_dirs() if d.is_dir() for p in d.glob("*.yaml")})
 
 
 def suite_path(suite: str) -> Path:
@@ -606,7 +608,7 @@ def suite_path(suite: str) -> Path:
         if not path.is_file():
             raise ConfigError(f"validation suite file {path} not found")
         return path
-    for folder in SUITES_DIRS:
+    for folder in suites_dirs():
         candidate = folder / f"{suite}.yaml"
         if candidate.is_file():
             return candidate
