@@ -36,6 +36,9 @@ def test_images_masks_and_attributes_are_well_formed(demo_data):
         mask = load_mask(manifest.resolve(row["mask_uri"]))
         assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
         assert 0 < mask.mean() < 0.9  # a lesion, not the whole image
+        rows, cols = np.nonzero(mask)  # the box is COCO-style [x, y, w, h] around the lesion
+        assert [list(b) for b in row["boxes"]] == [[cols.min(), rows.min(), np.ptp(cols) + 1,
+                                                    np.ptp(rows) + 1]]
         for name in ATTRIBUTES:
             uri = row["attribute_mask_uris"].get(name)
             if uri:

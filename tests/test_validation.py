@@ -397,3 +397,10 @@ def test_a_suite_can_extend_another_and_every_task_has_a_suite(demo64, tmp_path)
     with pytest.raises(ValidationFailed):
         validate(str(demo64), str(suite), track=False, progress=False)
     assert validate(str(demo64), "segdiff", track=False, progress=False).report.passed
+
+
+def test_demo_boxes_are_coco_style_and_pass_the_detection_suite(demo64):
+    outcome = validate(str(demo64), "detection", track=False, progress=False)
+    assert outcome.report.passed, outcome.report.summary()
+    boxes = {e["name"]: e for e in outcome.report.expectations}
+    assert boxes["boxes_inside_image"]["success"] and boxes["boxes_positive_area"]["success"]

@@ -587,7 +587,9 @@ def write_sample(out: str, sample_id: str, sample: DemoSample) -> dict:
     for rel, data in files.items():
         storage.write_bytes(storage.join(out, *rel.split("/")), data)
     rows, cols = np.nonzero(sample.mask)
-    box = [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+    # COCO-style [x, y, width, height], as the manifest contract says.
+    box = [float(cols.min()), float(rows.min()), float(cols.max() + 1 - cols.min()),
+           float(rows.max() + 1 - rows.min())]
     height, width = sample.mask.shape
     return {
         "sample_id": sample_id, "image_uri": f"images/{sample_id}.png",
