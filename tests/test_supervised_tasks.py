@@ -172,3 +172,20 @@ def test_cross_validation_trains_k_folds_and_aggregates(demo_data):
     folds = fold_ids(pool, 3)
     by_patient = pd.Series(folds).groupby(pool["patient_id"].to_numpy()).nunique()
     assert (by_patient == 1).all()  # a patient never spans folds
+
+
+def test_a_size_too_small_for_the_network_is_a_config_error_before_training(demo_data):
+    from dermml.config import ConfigError
+
+    common = [o for o in tiny_overrides(demo_data, 1) if not o.startswith("model.")]
+    cfg = resolve_config("attributes", None, common + ["data.image_size=64"])
+    assert cfg.model.encoder == "tu-inception_v3"  # the reference's encoder, shipped default
+    task = get_task("attributes")
+    cfg = task.prepare(cfg, read_manifest(demo_data))
+    with pytest.raises(ConfigError, match="64 px is too small.*Inception-v3"):
+        build_parts(task, cfg)
+    tiny = ["model.dim_x=8", "model.dim_g=8", "model.dim_x_mults=[1,2,3]",
+            "model.dim_g_mults=[1,2,4]", "data.image_size=30"]
+    segdiff = resolve_config("segdiff", None, common + tiny)
+    with pytest.raises(ConfigError, match=r"\[30\].*multiples of 4"):
+        build_parts(get_task("segdiff"), segdiff)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dermml.config import Section
+from dermml.config import ConfigError, Section
 from dermml.data.augment import AugmentConfig
 from dermml.data.manifest import Manifest
 from dermml.data.sampling import MixConfig, ProgressiveResizeConfig
@@ -141,6 +141,29 @@ class Task(ABC):
 
     @abstractmethod
     def build_model(self, cfg: TaskConfig) -> nn.Module: ...
+
+    def check_input_size(self, model: nn.Module, cfg: TaskConfig) -> None:
+        """Fail before training when the smallest training size is too small for the network.
+
+        A dry forward of one blank image: encoders such as Inception-v3 shrink a small input to
+        less than their kernels, which torch reports deep inside the first step.
+        """
+        side = min([cfg.data.image_size, *cfg.data.progressive_resize.sizes])
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, side, side))
+        except RuntimeError as exc:
+            if "size" not in str(exc).lower():
+                raise
+            raise ConfigError(
+                f"data.image_size / progressive_resize.sizes: {side} px is too small for this "
+                f"network ({type(model).__name__}: {str(exc).splitlines()[0]}); use a larger "
+                "size (Inception-v3 encoders need at least 75 px, the reference works use 128 "
+                "or 256)") from None
+        finally:
+            model.train(was_training)
 
     def prepare(self, cfg: TaskConfig, manifest: Manifest) -> TaskConfig:
         """Fill data-dependent settings (class names, class weights) before training.

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from dermml.config import Section
+from dermml.config import ConfigError, Section
 from dermml.data.augment import build_augment
 from dermml.data.datasets import SegmentationDataset, image_to_tensor, resize_image
 from dermml.data.manifest import Manifest
@@ -157,6 +157,16 @@ class SegDiffTask(SegmentationTask):
 
     def build_model(self, cfg: SegDiffConfig) -> nn.Module:
         return SegDiffNet(cfg)
+
+    def check_input_size(self, model: nn.Module, cfg: SegDiffConfig) -> None:
+        """The dual-path U-Net halves the size per level: sizes must divide by 2**(levels-1)
+        (checked without a forward pass, which costs seconds for the reference presets)."""
+        factor = cfg.model.downsampling_factor
+        bad = [s for s in [cfg.data.image_size, *cfg.data.progressive_resize.sizes] if s % factor]
+        if bad:
+            raise ConfigError(
+                f"data.image_size / progressive_resize.sizes {bad}: the segdiff U-Net has "
+                f"{len(cfg.model.dim_x_mults)} levels, so sizes must be multiples of {factor}")
 
     def dataset(self, cfg: SegDiffConfig, manifest: Manifest, rows, train: bool):
         if train and DATA_SCALE[cfg.data_scale] > 1:

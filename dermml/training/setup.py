@@ -46,6 +46,7 @@ def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None)
                                   generator=generator, **loader_kw, **options)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
     model = task.build_model(cfg)
+    task.check_input_size(model, cfg)
     if cfg.init_from:
         model.load_state_dict(initial_weights(cfg.init_from))
     return TrainingParts(model, train_loader, val_loader, custom_sampling="shuffle" not in options)
