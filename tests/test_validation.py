@@ -404,3 +404,21 @@ def test_demo_boxes_are_coco_style_and_pass_the_detection_suite(demo64):
     assert outcome.report.passed, outcome.report.summary()
     boxes = {e["name"]: e for e in outcome.report.expectations}
     assert boxes["boxes_inside_image"]["success"] and boxes["boxes_positive_area"]["success"]
+
+
+def test_a_file_twice_in_one_split_is_a_warning_naming_both_samples(dataset):
+    df = rows_of(dataset)
+    train = df.index[df["split"] == "train"]
+    first, copy = df.loc[train[0]], df.loc[train[1]]
+    shutil.copyfile(dataset / first["image_uri"], dataset / "images" / "copy_of_first.png")
+    df.at[train[1], "image_uri"] = "images/copy_of_first.png"
+    save_manifest(dataset, df)
+    outcome = validate(str(dataset), track=False, progress=False)
+    assert outcome.report.passed  # a warning in the shipped suites
+    warning = next(w for w in outcome.report.warnings
+                   if w.check == "no_exact_duplicates_within_split")
+    assert warning.sample_id == copy["sample_id"] and first["sample_id"] in warning.reason
+    assert "copy_of_first.png" in warning.file
+    with pytest.raises(ValidationFailed):
+        validate(str(dataset), track=False, progress=False,
+                 overrides=["no_exact_duplicates_within_split.severity=error"])

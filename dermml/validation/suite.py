@@ -386,6 +386,17 @@ class NoExactDuplicatesAcrossSplits(Rule):
         return self._flag(name, "exact_leak", False, explain)
 
 
+class NoExactDuplicatesWithinSplit(Rule):
+    """No image file is byte-identical to another in the same split (counted twice)."""
+
+    def specs(self, name):
+        def explain(row: dict) -> str:
+            return (f"same file as {row['exact_dup_partner']} ({row['exact_dup_file']}) in the "
+                    f"same split: the image counts twice in training or in the metrics")
+
+        return self._flag(name, "exact_dup", False, explain)
+
+
 class NoNearDuplicatesAcrossSplits(Rule):
     """No image is a resized/recompressed copy of one in an earlier split (perceptual hash)."""
 
@@ -519,6 +530,8 @@ class SuiteConfig(Section):
     boxes_positive_area: BoxesPositiveArea = BoxesPositiveArea()
     no_exact_duplicates_across_splits: NoExactDuplicatesAcrossSplits = \
         NoExactDuplicatesAcrossSplits()
+    no_exact_duplicates_within_split: NoExactDuplicatesWithinSplit = \
+        NoExactDuplicatesWithinSplit()
     no_near_duplicates_across_splits: NoNearDuplicatesAcrossSplits = \
         NoNearDuplicatesAcrossSplits()
     no_group_across_splits: NoGroupAcrossSplits = NoGroupAcrossSplits()

@@ -37,6 +37,7 @@ def samples_table(manifest: Manifest, facts: pd.DataFrame, suite: SuiteConfig,
     if leakage:
         rank = split_rank(table["split"], suite.split_order())
         _add_exact_leaks(table, rank)
+        _add_exact_duplicates(table)
         _add_near_leaks(table, rank, suite.no_near_duplicates_across_splits.max_hamming)
         _add_group_leaks(table, rank, suite.no_group_across_splits.columns)
     return table
@@ -107,6 +108,18 @@ def _add_exact_leaks(table: pd.DataFrame, rank: np.ndarray) -> None:
     partner[valid] = first.reindex(table["sha256"].to_numpy()[valid]).to_numpy()
     leak = valid & (partner >= 0) & (rank > rank[np.maximum(partner, 0)])
     _partner_columns(table, "exact_leak", leak, partner)
+
+
+def _add_exact_duplicates(table: pd.DataFrame) -> None:
+    """Rows whose file bytes equal an earlier row's in the same split (counted twice)."""
+    valid = table["sha256"].notna().to_numpy() & table["image_ok"].to_numpy(bool)
+    rows = np.flatnonzero(valid)
+    sub = pd.DataFrame({"split": table["split"].to_numpy(dtype=object)[rows],
+                        "sha": table["sha256"].to_numpy(dtype=object)[rows], "row": rows})
+    partner = np.full(len(table), -1)
+    partner[rows] = sub.groupby(["split", "sha"], dropna=False)["row"].transform("min")
+    duplicate = valid & (partner >= 0) & (partner != np.arange(len(table)))
+    _partner_columns(table, "exact_dup", duplicate, partner)
 
 
 def hash_bits(hexes: pd.Series) -> np.ndarray:
