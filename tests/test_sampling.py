@@ -224,3 +224,31 @@ def test_progressive_resize_schedule_errors_surface_as_config_errors():
     with pytest.raises(ConfigError, match="must increase"):
         load_config(Cfg, overrides=["progressive_resize.sizes=[64,96]",
                                     "progressive_resize.epochs=[5,0]"])
+
+
+def test_ray_workers_shard_custom_samplers_into_disjoint_equal_parts():
+    from torch.utils.data import DataLoader
+
+    from dermml.orchestration.ray_train import _shard_custom_sampler
+
+    data = TensorDataset(torch.arange(40))
+
+    def mixed(rank: int) -> list[list[int]]:
+        loader = DataLoader(data, batch_sampler=MixedBatchSampler(range(10), range(10, 40), 4,
+                                                                  0.5, seed=0))
+        _shard_custom_sampler(loader, world_size=2, rank=rank, seed=0)
+        return [batch[0].tolist() for batch in loader]
+
+    whole = list(MixedBatchSampler(range(10), range(10, 40), 4, 0.5, seed=0, num_batches=6))
+    rank0, rank1 = mixed(0), mixed(1)
+    assert len(rank0) == len(rank1) == 3  # half an epoch each, not a whole one
+    assert rank0 == whole[0::2] and rank1 == whole[1::2]
+
+    def oversampled(rank: int) -> list[int]:
+        sampler = oversampling_sampler(np.array([0] * 30 + [1] * 10), seed=0)
+        loader = DataLoader(data, batch_size=5, sampler=sampler)
+        _shard_custom_sampler(loader, world_size=2, rank=rank, seed=0)
+        return [i for batch in loader for i in batch[0].tolist()]
+
+    a, b = oversampled(0), oversampled(1)
+    assert len(a) == len(b) == 20 and a != b  # 1/2 of the draws each, different streams

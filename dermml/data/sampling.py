@@ -89,12 +89,16 @@ class MixedBatchSampler(Sampler[list[int]]):
         self.synthetic_per_batch = batch_size - self.real_per_batch
         _check_mix(self.real.size, self.synthetic.size, batch_size, real_batch_ratio,
                    self.real_per_batch)
+        self.total_batches = num_batches or math.ceil(self.real.size / self.real_per_batch)
+        self.seed, self.epoch = seed, 0
+        self.shard(num_replicas, rank)
+
+    def shard(self, num_replicas: int, rank: int) -> None:
+        """Give this sampler's rank every ``num_replicas``-th batch of the epoch."""
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in 0..{num_replicas - 1}")
-        total = num_batches or math.ceil(self.real.size / self.real_per_batch)
-        self.batches_per_replica = math.ceil(total / num_replicas)
+        self.batches_per_replica = math.ceil(self.total_batches / num_replicas)
         self.num_replicas, self.rank = num_replicas, rank
-        self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -99,8 +99,8 @@ def _shard_custom_sampler(loader, world_size: int, rank: int, seed: int) -> None
     if world_size == 1:
         return
     batch_sampler = loader.batch_sampler
-    if hasattr(batch_sampler, "num_replicas"):
-        batch_sampler.num_replicas, batch_sampler.rank = world_size, rank
+    if hasattr(batch_sampler, "shard"):
+        batch_sampler.shard(world_size, rank)
     sampler = getattr(batch_sampler, "sampler", None)
     if isinstance(sampler, torch.utils.data.WeightedRandomSampler):
         sampler.generator = torch.Generator().manual_seed(seed * 1000 + rank)
