@@ -187,3 +187,17 @@ def test_augment_survives_pickling_for_spawned_workers():
     augment = build_augment(AugmentConfig(hair=1.0, rotate_degrees=10), seed=9)
     copy = pickle.loads(pickle.dumps(augment))
     np.testing.assert_array_equal(copy(image, mask)[0], augment(image, mask)[0])
+
+
+def test_another_stream_of_the_same_seed_draws_other_transforms_reproducibly():
+    """Synthetic data mixed into real batches: same config and seed, not the same transforms."""
+    image, mask = marked_corner()
+    cfg = AugmentConfig(rotate_degrees=20, color_jitter=0.3, hue=0.05)
+    real, synthetic, again = (build_augment(cfg, seed=7) for _ in range(3))
+    synthetic.use_stream(1)
+    again.use_stream(1)
+    real_out = [real(image, mask)[0] for _ in range(4)]
+    synthetic_out = [synthetic(image, mask)[0] for _ in range(4)]
+    assert all(not np.array_equal(r, s) for r, s in zip(real_out, synthetic_out, strict=True))
+    for s in synthetic_out:
+        np.testing.assert_array_equal(s, again(image, mask)[0])

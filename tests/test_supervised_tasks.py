@@ -189,3 +189,22 @@ def test_a_size_too_small_for_the_network_is_a_config_error_before_training(demo
     segdiff = resolve_config("segdiff", None, common + tiny)
     with pytest.raises(ConfigError, match=r"\[30\].*multiples of 4"):
         build_parts(get_task("segdiff"), segdiff)
+
+
+def test_mixed_real_and_synthetic_training_composes_batches_from_both(demo_data, tmp_path):
+    from dermml.data.demo import generate_demo
+
+    synthetic = generate_demo(str(tmp_path / "synthetic"), n=40, size=32, seed=9)
+    cfg = task_cfg("segmentation", demo_data, 1, f"mix.synthetic_manifest={synthetic}",
+                   "mix.real_batch_ratio=0.5", "mix.synthetic_fraction=0.5")
+    task = get_task("segmentation")
+    parts = build_parts(task, cfg)
+    mixed = parts.train_loader.dataset
+    real, synth = mixed.datasets  # Subsets (real_ratio, synthetic_fraction) of the two sets
+    assert parts.custom_sampling and len(synth) == len(synth.dataset) // 2
+    assert synth.dataset.augment.stream == 1 != real.dataset.augment.stream
+    n_real = len(real)
+    for indices in parts.train_loader.batch_sampler:
+        assert sum(i < n_real for i in indices) == len(indices) // 2 == 4
+    result = run_loop(task, cfg, parts, torch.device("cpu"))
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])

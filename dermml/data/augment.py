@@ -176,7 +176,16 @@ class Augmenter:
     def __init__(self, pipeline: A.Compose, seed: int | None = None):
         self.pipeline = pipeline
         self.seed = seed
+        self.stream = 0
         self._worker: tuple[int, int] | None = None
+
+    def use_stream(self, stream: int) -> None:
+        """Draw from an independent stream of the same seed: a second dataset augmented with
+        the same config (synthetic data mixed into real batches) must not replay the first's
+        transforms sample for sample."""
+        self.stream, self._worker = stream, None
+        entropy = [0 if self.seed is None else self.seed, stream]
+        self.pipeline.set_random_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -192,6 +201,8 @@ class Augmenter:
             return
         self._worker = (info.id, info.seed)
         entropy = [info.seed] if self.seed is None else [self.seed, info.seed]
+        if self.stream:
+            entropy.append(self.stream)
         self.pipeline.set_random_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 

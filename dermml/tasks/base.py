@@ -190,6 +190,8 @@ class Task(ABC):
             synthetic_manifest = read_manifest(cfg.mix.synthetic_manifest)
             synthetic = self.dataset(cfg, synthetic_manifest,
                                      synthetic_manifest.split(cfg.mix.synthetic_split), True)
+            if hasattr(getattr(synthetic, "augment", None), "use_stream"):
+                synthetic.augment.use_stream(1)  # not the real set's transforms, in lockstep
             train, batch_sampler, _ = mixed_dataset(train, synthetic, cfg.mix,
                                                     cfg.data.batch_size)
             train.dermml_batch_sampler = batch_sampler  # read by loader_options
