@@ -42,6 +42,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _is_mlflow_input_error(exc: BaseException) -> bool:
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    return (mlflow_exceptions is not None
+            and isinstance(exc, mlflow_exceptions.MlflowException)
+            and exc.get_http_status_code() in (400, 404))
+
+
 def cli_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -50,6 +57,12 @@ def cli_errors(fn):
         except _user_errors() as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             typer.secho(f"error: {message}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            if not _is_mlflow_input_error(exc):
+                raise
+            # Bad serving params, an unknown model or alias: MLflow's message says which.
+            typer.secho(f"error: {exc.message}", fg="red", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -211,7 +224,9 @@ def evaluate_cmd(
 @app.command("predict")
 @cli_errors
 def predict_cmd(
-    model_uri: Annotated[str, typer.Argument(help="runs:/ID/model or models:/NAME@ALIAS")],
+    model_uri: Annotated[str, typer.Argument(
+        help="runs:/ID/model, models:/NAME@ALIAS, or a task name for its champion "
+             "(segdiff = models:/dermml-segdiff@champion)")],
     images: Annotated[list[str], typer.Argument(help="Image files or URIs")],
     out: Annotated[str, typer.Option(help="Folder for masks / label maps and predictions.csv")],
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v")]
@@ -228,8 +243,12 @@ def predict_cmd(
     from dermml.data.images import load_image
     from dermml.evaluation.run import load_python_model
     from dermml.orchestration.kfp_local import parse_params
+    from dermml.registry.gate import champion_uri
     from dermml.serving.pyfunc import request_frame
+    from dermml.tasks import task_names
 
+    if model_uri in task_names():
+        model_uri = champion_uri(model_uri)
     if storage.exists(storage.join(out, "predictions.csv")):
         raise FileExistsError(f"{out}/predictions.csv exists; choose another --out")
     params = parse_params(param or [])

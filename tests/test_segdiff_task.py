@@ -111,3 +111,33 @@ def test_resume_restores_ema_weights_and_step_counter(demo_data, tmp_path):
                       checkpointer=ckpt)
     assert seen["ema_step"] == 6 and torch.equal(seen["ema"], saved[ema_key])
     assert int(resumed.model.ema_step) == 9 and [h["epoch"] for h in result.history] == [0, 1, 2]
+
+
+def test_cli_predict_by_task_name_uses_the_champion_and_the_sampler_flags(trained, demo_data,
+                                                                          tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+    from dermml.orchestration import tracking
+    from dermml.registry.gate import register
+
+    home, outcome = trained
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    version = register(outcome.model_uri, "segdiff")
+    MlflowClient(tracking.configure()).set_registered_model_alias("dermml-segdiff", "champion",
+                                                                  version)
+    manifest = read_manifest(demo_data)
+    image = manifest.resolve(manifest.split("test").iloc[0]["image_uri"])
+    args = ["predict", "segdiff", image, "--out", str(tmp_path / "out"), "--sampler", "ddim",
+            "--steps", "3", "--ensemble", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    mask = Image.open(tmp_path / "out" / f"{Path(image).stem}_mask.png")
+    assert mask.size == Image.open(image).size and set(np.unique(mask)) <= {0, 255}
+    assert "lesion_fraction" in (tmp_path / "out" / "predictions.csv").read_text()
+    again = CliRunner().invoke(app, args)  # never overwrites an earlier prediction
+    assert again.exit_code != 0 and "exists" in again.output
+    bad = CliRunner().invoke(app, [*args[:4], str(tmp_path / "other"), "--sampler", "euler"])
+    assert bad.exit_code != 0 and "euler" in bad.output

@@ -25,6 +25,11 @@ def model_name(task: str) -> str:
     return f"dermml-{task}"
 
 
+def champion_uri(task: str) -> str:
+    """``models:/dermml-<task>@champion``: what serving loads for a task."""
+    return f"models:/{model_name(task)}@{CHAMPION}"
+
+
 def _client() -> MlflowClient:
     uri = tracking.configure()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
