@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from dermml import storage
-from dermml.data.manifest import read_manifest, write_manifest
+from dermml.data.manifest import Manifest, read_manifest, write_manifest
 from dermml.orchestration import tracking
 from dermml.validation.checks import Problem, ValidationReport, validate_manifest
 from dermml.validation.suite import SuiteConfig, load_suite
@@ -61,17 +61,17 @@ def validate(manifest_uri: str, suite: str = "segmentation", report_dir: str | N
         config.drift.enabled = True
     if write_clean and storage.exists(write_clean):
         raise FileExistsError(f"{write_clean} exists; choose another --write-clean path")
+    manifest = read_manifest(manifest_uri)  # an unreadable manifest fails before any MLflow run
     run = (tracking.stage_run(config.experiment_task, "validate", parent_run_id) if track
            else nullcontext())
     with run:  # failing inside the run marks it (and the pipeline's parent run) FAILED
-        return _validate(manifest_uri, config, report_dir, warn_only, write_clean, track,
+        return _validate(manifest, config, report_dir, warn_only, write_clean, track,
                          progress, drift_against, processes)
 
 
-def _validate(manifest_uri: str, config: SuiteConfig, report_dir: str | None, warn_only: bool,
+def _validate(manifest: Manifest, config: SuiteConfig, report_dir: str | None, warn_only: bool,
               write_clean: str | None, track: bool, progress: bool, drift_against: str | None,
               processes: int | None) -> ValidationOutcome:
-    manifest = read_manifest(manifest_uri)
     reference = read_manifest(drift_against) if drift_against else None
     with tempfile.TemporaryDirectory(prefix="dermml-validation-") as scratch:
         folder = _local_report_folder(report_dir, scratch) if (report_dir or track) else None
