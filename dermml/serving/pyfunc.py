@@ -39,8 +39,9 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
     """Loads a task's network from the bundle artifact and predicts through the task."""
 
     def load_context(self, context) -> None:
+        # Tensors, strings, numbers, lists and dicts only: loading runs no pickled code.
         bundle = torch.load(context.artifacts[BUNDLE_ARTIFACT], map_location="cpu",
-                            weights_only=False)
+                            weights_only=True)
         self.task = get_task(bundle["task"])
         self.cfg = self.task.config_cls.model_validate(bundle["config"])
         self.model = self.task.build_model(self.cfg)
@@ -111,10 +112,12 @@ def log_task_model(task_name: str, cfg: TaskConfig, state_dict: dict,
     with tempfile.TemporaryDirectory() as folder:
         bundle = Path(folder, "model.pt")
         buf = io.BytesIO()
-        torch.save({"task": task_name, "config": cfg.model_dump(), "state_dict": state_dict}, buf)
+        torch.save({"task": task_name, "config": cfg.model_dump(mode="json"),
+                    "state_dict": state_dict}, buf)
         bundle.write_bytes(buf.getvalue())
         info = mlflow.pyfunc.log_model(
-            name=name, python_model=DermmlModel(), artifacts={BUNDLE_ARTIFACT: str(bundle)},
+            name=name, python_model=str(Path(__file__).with_name("model_code.py")),
+            artifacts={BUNDLE_ARTIFACT: str(bundle)},
             signature=signature_for(task_name, cfg),
             input_example=request_frame([example_image]),
             pip_requirements=[f"dermml=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
