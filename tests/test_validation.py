@@ -422,3 +422,24 @@ def test_a_file_twice_in_one_split_is_a_warning_naming_both_samples(dataset):
     with pytest.raises(ValidationFailed):
         validate(str(dataset), track=False, progress=False,
                  overrides=["no_exact_duplicates_within_split.severity=error"])
+
+
+def test_data_docs_templates_are_compiled_once_not_on_every_report(demo64, tmp_path,
+                                                                    monkeypatch):
+    import jinja2
+
+    validate(str(demo64), report_dir=str(tmp_path / "first"), track=False, progress=False)
+    compiled = []
+    original = jinja2.Environment.compile
+
+    def counting(self, source, name=None, *args, **kwargs):
+        compiled.append(name)
+        return original(self, source, name, *args, **kwargs)
+
+    monkeypatch.setattr(jinja2.Environment, "compile", counting)
+    validate(str(demo64), report_dir=str(tmp_path / "second"), track=False, progress=False)
+    pages = list((tmp_path / "second" / "data_docs").rglob("*.html"))
+    assert len(pages) >= 5 and all(p.stat().st_size > 10_000 for p in pages)
+    # GE renders each page with a new jinja Environment; the bytecode cache spares the
+    # ~50 file templates (only inline string templates, if any, are still compiled).
+    assert not [n for n in compiled if n and n.endswith(".j2")], compiled

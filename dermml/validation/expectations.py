@@ -121,9 +121,13 @@ def _run_gx(suite_name: str, tables: dict[str, pd.DataFrame], specs: list[Expect
     )
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
+    page_view = {"module_name": "dermml.validation.gx_views", "class_name": "CachedPageView"}
     sites = {DATA_DOCS_SITE: {
         "class_name": "SiteBuilder",
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder",
+                               "view": {**page_view, "class_name": "CachedIndexPageView"}},
+        "site_section_builders": {section: {"view": page_view}
+                                  for section in ("expectations", "validations", "profiling")},
         "store_backend": {"class_name": "TupleFilesystemStoreBackend",
                           "base_directory": os.path.abspath(docs_dir)}}} if docs_dir else {}
     context = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
