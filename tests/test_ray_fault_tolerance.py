@@ -29,3 +29,31 @@ def test_killed_worker_resumes_from_s3_checkpoint(demo_data, s3_endpoint, tmp_pa
     assert result.epochs_run == 4
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]  # no epoch trained twice
     assert storage.list_files("s3://dermml/ray/fault-drill", (".pt",))  # checkpoints on S3
+
+
+def test_two_workers_split_each_mixed_epoch_and_return_a_plain_model(demo_data, tmp_path,
+                                                                     monkeypatch):
+    """Data-parallel training (DDP over gloo) with real + synthetic batches on 2 Ray workers."""
+    import math
+
+    import ray
+
+    from dermml.data.demo import generate_demo
+    from dermml.data.manifest import read_manifest
+    from dermml.tasks import get_task
+
+    monkeypatch.setenv("DERMML_HOME", str(tmp_path / "home"))
+    synthetic = generate_demo(str(tmp_path / "synthetic"), n=40, size=32, seed=9)
+    cfg = resolve_config("segmentation", None, tiny_overrides(demo_data, 2, ray=True) + [
+        "ray.num_workers=2", "ray.cpus_per_worker=0.5", f"mix.synthetic_manifest={synthetic}",
+        "mix.real_batch_ratio=0.5"])
+    try:
+        result = fit_with_ray("segmentation", cfg, run_name="two-workers")
+    finally:
+        ray.shutdown()
+    n_real = len(read_manifest(demo_data).split("train"))
+    batches = math.ceil(n_real / 4)  # 4 real + 4 synthetic per batch of 8
+    assert result.epochs_run == 2
+    assert [h["optimizer_steps"] for h in result.history] == [math.ceil(batches / 2)] * 2
+    model = get_task("segmentation").build_model(cfg)
+    model.load_state_dict(result.best_model)  # no DDP "module." prefix

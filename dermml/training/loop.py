@@ -180,12 +180,13 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
     for epoch in range(start_epoch, cfg.epochs):
         if hooks.on_epoch_start:
             hooks.on_epoch_start(epoch)
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), global_step
         train_loss, global_step = _train_epoch(
             model, train_loader, cfg, loss_step, optimizer, scheduler, device, hooks,
             global_step, progress, epoch, after_step)
         metrics = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                   "epoch_seconds": time.perf_counter() - started}
+                   "epoch_seconds": time.perf_counter() - started,
+                   "optimizer_steps": global_step - first_step}
         if evaluate is not None and val_loader is not None:
             model.eval()
             with torch.no_grad(), autocast(device, cfg.amp):
