@@ -443,3 +443,18 @@ def test_data_docs_templates_are_compiled_once_not_on_every_report(demo64, tmp_p
     # GE renders each page with a new jinja Environment; the bytecode cache spares the
     # ~50 file templates (only inline string templates, if any, are still compiled).
     assert not [n for n in compiled if n and n.endswith(".j2")], compiled
+
+
+def test_validation_under_an_info_root_logger_prints_no_great_expectations_chatter(demo64):
+    """KFP's executor logs at INFO: GE's import-time INFO lines must not flood pipeline logs."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from dermml.validation.run import validate\n"
+            f"validate({str(demo64)!r}, track=False, progress=False, processes=1)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    chatter = [line for line in done.stderr.splitlines() if "great_expectations" in line]
+    assert not chatter and len(done.stderr.splitlines()) < 20, done.stderr[-2000:]

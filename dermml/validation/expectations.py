@@ -113,6 +113,9 @@ def _plain(row: dict) -> dict:
 def _run_gx(suite_name: str, tables: dict[str, pd.DataFrame], specs: list[ExpectationSpec],
             docs_dir: str | None) -> list[dict]:
     """Validate each table against its expectations; results in plain dicts, suite order."""
+    # Before the import: GE logs hundreds of INFO lines while importing, and KFP's executor
+    # sets the root logger to INFO, which would print them all in every pipeline run.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -120,7 +123,6 @@ def _run_gx(suite_name: str, tables: dict[str, pd.DataFrame], specs: list[Expect
         ProgressBarsConfig,
     )
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     page_view = {"module_name": "dermml.validation.gx_views", "class_name": "CachedPageView"}
     sites = {DATA_DOCS_SITE: {
         "class_name": "SiteBuilder",
