@@ -139,11 +139,13 @@ def ensure_ray(address: str = "") -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     address = address or os.environ.get("RAY_ADDRESS", "")  # set by KubeRay in a RayJob
+    # A module that imports nothing heavy: the hook runs in every worker process at start.
+    hook = {"worker_process_setup_hook": "dermml.orchestration.ray_logging.quiet_worker_logs"}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=hook)
     else:
         ray.init(include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": _forwarded_env()})
+                 runtime_env={"env_vars": _forwarded_env(), **hook})
 
 
 def _forwarded_env() -> dict[str, str]:
