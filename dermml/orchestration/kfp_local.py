@@ -67,6 +67,8 @@ def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
     with warnings.catch_warnings(), using_platform(PlatformConfig()):
         # kfp warns that base_image is not used locally: expected, components run in this venv.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+        # ... and that CPU/memory requests are ignored locally: they are for the cluster.
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         task = get_pipeline(name)(**params)  # built inside the local platform
     outputs = getattr(task, "outputs", None) or {}
     return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
