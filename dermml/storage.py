@@ -88,6 +88,24 @@ def exists(uri: str) -> bool:
         raise StorageError(f"{uri}: cannot reach storage ({exc})") from exc
 
 
+def missing_files(uris: list[str]) -> list[str]:
+    """The URIs in ``uris`` that are not files, in order; one metadata call per filesystem."""
+    by_fs: dict[tuple, tuple[pafs.FileSystem, list[tuple[str, str]]]] = {}
+    for uri in dict.fromkeys(uris):
+        fs, path = _filesystem(uri)
+        key = (fs.type_name, 0 if fs.type_name == "local" else id(fs))  # S3 ones are cached
+        by_fs.setdefault(key, (fs, []))[1].append((uri, path))
+    missing = set()
+    for fs, pairs in by_fs.values():
+        try:
+            infos = fs.get_file_info([path for _, path in pairs])
+        except OSError as exc:
+            raise StorageError(f"{pairs[0][0]}: cannot reach storage ({exc})") from exc
+        missing.update(uri for (uri, _), info in zip(pairs, infos, strict=True)
+                       if info.type != pafs.FileType.File)
+    return [uri for uri in dict.fromkeys(uris) if uri in missing]
+
+
 def is_dir(uri: str) -> bool:
     fs, path = _filesystem(uri)
     return fs.get_file_info(path).type == pafs.FileType.Directory

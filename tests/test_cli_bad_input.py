@@ -1,6 +1,7 @@
 """Bad input: a clear error naming the file and problem, a non-zero exit, user data untouched."""
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dermml.cli import app
+from dermml.data.datasets import SegmentationDataset
+from dermml.data.images import ImageReadError
+from dermml.data.manifest import read_manifest
 
 runner = CliRunner()
 
@@ -122,3 +126,48 @@ def test_demo_refuses_to_overwrite_existing_dataset(demo_data):
     result = runner.invoke(app, ["data", "demo", "--out", out, "--n", "10"])
     assert result.exit_code == 2
     assert tree_digest(Path(out)) == before
+
+
+def test_missing_mask_stops_ray_training_before_any_worker_starts(demo_data, dermml_home,
+                                                                  tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(Path(demo_data).parent, data)
+    manifest = read_manifest(str(data))
+    row = manifest.split("train").iloc[0]
+    gone = Path(manifest.resolve(row["mask_uri"]))
+    gone.unlink()
+    before = tree_digest(data)
+    # Ray is on (the default): the check runs in the driver, before a Ray worker could be
+    # retried on it and end in a worker traceback.
+    result = runner.invoke(app, ["train", "segmentation", "--set", f"data.manifest={data}"])
+    assert result.exit_code == 2, result.output
+    assert str(gone) in result.output and "do not exist" in result.output
+    assert "dermml validate" in result.output
+    assert not (dermml_home / "ray_results").exists()
+    assert tree_digest(data) == before
+
+
+def test_mask_of_another_size_is_an_error_not_resized(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(Path(demo_data).parent, data)
+    manifest = read_manifest(str(data))
+    rows = manifest.split("train").iloc[:2]
+    mask_path = Path(manifest.resolve(rows.iloc[1]["mask_uri"]))
+    with Image.open(mask_path) as img:
+        img.resize((img.width - 1, img.height)).save(mask_path)
+    dataset = SegmentationDataset(manifest, rows, image_size=16)
+    assert dataset[0][1].shape == (1, 16, 16)
+    with pytest.raises(ImageReadError, match=rf"{mask_path}: mask is \d+x\d+ but its image"):
+        dataset[1]
+
+
+def test_ray_worker_input_errors_are_reraised_as_they_were_raised():
+    from ray.train import WorkerGroupError
+
+    from dermml.orchestration.ray_train import _input_error
+
+    cause = ImageReadError("/data/m.png: mask is 3x4 but its image /data/i.png is 4x4")
+    wrapped = RuntimeError("worker died")
+    wrapped.__cause__ = cause
+    assert _input_error(WorkerGroupError("failed", {0: RuntimeError("oom"), 1: wrapped})) is cause
+    assert _input_error(WorkerGroupError("failed", {0: RuntimeError("oom")})) is None

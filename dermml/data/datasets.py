@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from dermml.data.images import load_image, load_mask
+from dermml.data.images import ImageReadError, load_image, load_mask
 from dermml.data.manifest import ATTRIBUTES, Manifest
 
 Augment = Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray | None]]
@@ -29,6 +29,30 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
         return mask
     img = Image.fromarray(mask.astype(np.uint8) * 255)
     return np.asarray(img.resize((size, size), Image.NEAREST)) > 127
+
+
+def check_same_size(mask: np.ndarray, mask_uri: str, image: np.ndarray, image_uri: str) -> None:
+    """A mask that is not pixel-aligned with its image is an error, not something to resize."""
+    if mask.shape[:2] != image.shape[:2]:
+        raise ImageReadError(
+            f"{mask_uri}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_uri} is "
+            f"{image.shape[1]}x{image.shape[0]}; fix the mask or run `dermml validate` and train "
+            "on the clean manifest (--write-clean)")
+
+
+def dataset_files(dataset: Dataset) -> list[str]:
+    """Every file a dataset (or a ``Subset`` / ``ConcatDataset`` of datasets) reads."""
+    if isinstance(dataset, Subset):
+        return [f for i in dataset.indices for f in _files(dataset.dataset, i)]
+    if isinstance(dataset, ConcatDataset):
+        return [f for part in dataset.datasets for f in dataset_files(part)]
+    return [f for i in range(len(dataset)) for f in _files(dataset, i)]
+
+
+def _files(dataset: Dataset, index: int) -> list[str]:
+    if isinstance(dataset, Subset | ConcatDataset):
+        raise TypeError("nested subsets: use dataset_files")
+    return dataset.files(index)
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -54,11 +78,16 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_uris)
 
+    def files(self, index: int) -> list[str]:
+        """The files sample ``index`` reads."""
+        return [self.image_uris[index], self.mask_uris[index]]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The resized image and mask before augmentation."""
-        image = resize_image(load_image(self.image_uris[index]), self.image_size)
-        mask = resize_mask(load_mask(self.mask_uris[index]), self.image_size)
-        return image, mask
+        image = load_image(self.image_uris[index])
+        mask = load_mask(self.mask_uris[index])
+        check_same_size(mask, self.mask_uris[index], image, self.image_uris[index])
+        return resize_image(image, self.image_size), resize_mask(mask, self.image_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.load(index)
@@ -89,6 +118,10 @@ class ClassificationDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_uris)
+
+    def files(self, index: int) -> list[str]:
+        """The files sample ``index`` reads."""
+        return [self.image_uris[index]]
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
         """The resized image and its class index, before augmentation."""
@@ -131,13 +164,20 @@ class AttributeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_uris)
 
+    def files(self, index: int) -> list[str]:
+        """The files sample ``index`` reads."""
+        return [self.image_uris[index], *(u for u in self.attribute_uris[index] if u)]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The resized image and int64 label map (H, W), before augmentation."""
-        image = resize_image(load_image(self.image_uris[index]), self.image_size)
+        full = load_image(self.image_uris[index])
+        image = resize_image(full, self.image_size)
         label_map = np.zeros((self.image_size, self.image_size), np.int64)
         for k, uri in enumerate(self.attribute_uris[index], start=1):
             if uri is not None:
-                label_map[resize_mask(load_mask(uri), self.image_size)] = k
+                mask = load_mask(uri)
+                check_same_size(mask, uri, full, self.image_uris[index])
+                label_map[resize_mask(mask, self.image_size)] = k
         return image, label_map
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,6 +155,23 @@ def _forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+def _input_error(exc: BaseException) -> BaseException | None:
+    """The first worker failure caused by input (an unreadable image, a bad mask), if any."""
+    from dermml.config import ConfigError
+    from dermml.data.images import ImageReadError
+    from dermml.data.manifest import ManifestError
+
+    user_errors = (ImageReadError, ManifestError, ConfigError, storage.StorageError)
+    for failure in getattr(exc, "worker_failures", {}).values():
+        seen = set()
+        while failure is not None and id(failure) not in seen:
+            seen.add(id(failure))
+            if isinstance(failure, user_errors):
+                return failure
+            failure = getattr(failure, "cause", None) or failure.__cause__
+    return None
+
+
 def fit_with_ray(task_name: str, cfg: TaskConfig, run_name: str, tracking_uri: str = "",
                  mlflow_run_id: str = "") -> FitResult:
     """Train with ``TorchTrainer``; the run named ``run_name`` resumes if it exists already."""
@@ -180,7 +197,13 @@ def fit_with_ray(task_name: str, cfg: TaskConfig, run_name: str, tracking_uri: s
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        cause = _input_error(exc)
+        if cause is not None:  # bad data found mid-training: the one-line error, not Ray's
+            raise cause from None
+        raise
     if result.error:
         raise RuntimeError(f"Ray training failed: {result.error}")
     if result.checkpoint is None:

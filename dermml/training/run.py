@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import mlflow
 
 from dermml.config import dermml_home, load_config
-from dermml.data.manifest import read_manifest
+from dermml.data.manifest import ManifestError, read_manifest
 from dermml.orchestration import tracking
 from dermml.tasks import get_task
 from dermml.tasks.base import TaskConfig
@@ -46,6 +46,7 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
     manifest = read_manifest(cfg.data.manifest)
     for split in (cfg.data.train_split, cfg.data.val_split):
         manifest.split(*split.split(","))  # fails early, naming the empty split
+    check_training_files(task, cfg, manifest)
     if resume_run_id is None:
         cfg = task.prepare(cfg, manifest)  # class names/weights: logged and stored with model
     tracking_uri = tracking.configure()
@@ -73,6 +74,23 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
         model_uri = _log_model_and_preview(task_name, cfg, result, manifest)
         mlflow.set_tag("dermml.model_uri", model_uri)
     return TrainOutcome(run_id=run_id, model_uri=model_uri, metrics=metrics)
+
+
+def check_training_files(task, cfg: TaskConfig, manifest) -> None:
+    """Fail before any worker starts when a file the training or validation set reads is
+    missing (a missing mask found mid-epoch in a Ray worker would be retried, then reported as
+    a worker traceback)."""
+    from dermml import storage
+    from dermml.data.datasets import dataset_files
+
+    files = [f for ds in task.datasets(cfg, manifest) for f in dataset_files(ds)]
+    missing = storage.missing_files(files)
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ManifestError(
+            f"{manifest.uri}: {len(missing)} of the {len(set(files))} files the training and "
+            f"validation splits read do not exist: {shown}; run `dermml validate "
+            f"{manifest.uri} --write-clean CLEAN` and train on CLEAN")
 
 
 def _train_as_rayjob(task_name: str, cfg: TaskConfig, run_id: str) -> TrainOutcome:
