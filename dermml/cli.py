@@ -399,7 +399,7 @@ ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Pipeline pa
 def pipeline_submit(
     name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
     host: HostOpt, experiment: ExperimentOpt = "dermml", namespace: NamespaceOpt = "kubeflow",
-    service_account: SaOpt = "dermml-pipeline-runner", pipeline_root: RootOpt = None,
+    service_account: SaOpt = "pipeline-runner", pipeline_root: RootOpt = None,
     platform: PlatformOpt = None, param: ParamOpt = None,
 ):
     """Upload the pipeline to a KFP instance and start a run."""
@@ -417,7 +417,7 @@ def pipeline_schedule(
     host: HostOpt,
     cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 2 * * 1' (5 or 6 fields)")],
     experiment: ExperimentOpt = "dermml", namespace: NamespaceOpt = "kubeflow",
-    service_account: SaOpt = "dermml-pipeline-runner", pipeline_root: RootOpt = None,
+    service_account: SaOpt = "pipeline-runner", pipeline_root: RootOpt = None,
     platform: PlatformOpt = None, param: ParamOpt = None,
     max_concurrency: Annotated[int, typer.Option(help="Concurrent runs at most")] = 1,
 ):

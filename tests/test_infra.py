@@ -348,3 +348,31 @@ def test_local_services_are_where_the_local_chart_profile_looks_for_them():
     (deployment,) = [o for o in of_kind(objects, "Deployment") if o["metadata"]["name"] == "minio"]
     (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
     assert f"/data/{bucket}" in init["command"]
+
+
+# vCPU and GiB of the instance types a GPU node group may use; the kubelet keeps ~0.1 CPU and
+# ~1 GiB of them (EKS AMI defaults for these sizes).
+INSTANCE_CAPACITY = {"g5.xlarge": (4, 16), "g5.2xlarge": (8, 32), "g6.xlarge": (4, 16),
+                     "g4dn.xlarge": (4, 16), "g4dn.2xlarge": (8, 32)}
+
+
+def test_gpu_stage_and_rayjob_worker_requests_fit_one_node_of_the_eks_gpu_group():
+    """Requests larger than a node keep a pod Pending, and the autoscaler never adds a node."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    from dermml.orchestration.k8s import load_platform
+    from dermml.tasks.base import RayKubernetesConfig
+
+    config = load_yaml(INFRA / "eks" / "cluster.yaml")
+    selector = gpu_worker_group()["nodeSelector"]
+    (gpu,) = [g for g in config["managedNodeGroups"]
+              if selector.items() <= g.get("labels", {}).items()]
+    vcpus, gib = INSTANCE_CAPACITY[gpu["instanceType"]]
+    cpu_free, memory_free = vcpus - 0.1, (gib - 1) * 2**30
+    pool = load_platform(ROOT / "configs" / "platform" / "default.yaml").pool_for("train")
+    ray = RayKubernetesConfig()
+    for what, cpu, memory in (("platform gpu pool", pool.cpu_request, pool.memory_request),
+                              ("RayJob worker", ray.worker_cpu, ray.worker_memory)):
+        assert parse_quantity(cpu) <= cpu_free, f"{what}: cpu {cpu} > {cpu_free}"
+        assert parse_quantity(memory) <= memory_free, f"{what}: memory {memory}"
+    assert parse_quantity(pool.memory_limit) <= memory_free

@@ -121,7 +121,7 @@ def test_schedule_creates_a_cron_recurring_run():
     assert out["cron"] == "0 0 2 * * 1"
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * 1"
     assert job["max_concurrency"] in (1, "1")
-    assert job["service_account"] == "dermml-pipeline-runner"
+    assert job["service_account"] == "pipeline-runner"
 
 
 def test_bad_cron_and_unknown_params_are_rejected_before_any_call():
@@ -132,3 +132,30 @@ def test_bad_cron_and_unknown_params_are_rejected_before_any_call():
 
     with pytest.raises(ConfigError, match="epochz"):
         submit("training", target, {"epochz": 3})
+
+
+def test_local_platform_runs_every_stage_on_the_cpu_node_without_gpus(tmp_path):
+    """kind has no GPU: a step asking for one would stay Pending forever."""
+    root = Path(__file__).resolve().parents[1]
+    path = compile_pipeline("training", str(tmp_path / "t.yaml"),
+                            str(root / "configs" / "platform" / "local.yaml"))
+    pipeline, platform = load_docs(path)
+    executors = pipeline["deploymentSpec"]["executors"]
+    assert executors
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert "accelerator" not in container.get("resources", {}), name
+        k8s = k8s_config(platform, name)
+        assert k8s["nodeSelector"]["labels"] == {"dermml.io/pool": "cpu"}, name
+        assert "tolerations" not in k8s, name
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["DERMML_S3_ENDPOINT"].startswith("http://minio.dermml"), name
+
+
+def test_default_service_account_is_the_one_the_chart_binds_in_the_default_namespace():
+    """Steps of a submitted run must be allowed to create RayJobs in the dermml namespace."""
+    root = Path(__file__).resolve().parents[1]
+    values = yaml.safe_load((root / "charts" / "dermml" / "values.yaml").read_text())
+    target = Target(host="http://kfp")
+    assert {"name": target.service_account, "namespace": target.namespace} in \
+        values["pipelineRunner"]["extraServiceAccounts"]

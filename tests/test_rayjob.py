@@ -1,10 +1,8 @@
 """Training as a KubeRay RayJob: a valid manifest, submitted and awaited via the Kubernetes API."""
 
-from pathlib import Path
 
-import jsonschema
+import kubernetes_validate
 import pytest
-import yaml
 from conftest import tiny_overrides
 from fake_k8s import FakeKubeRay
 from mlflow.tracking import MlflowClient
@@ -13,26 +11,40 @@ from dermml.orchestration import tracking
 from dermml.orchestration.rayjob import rayjob_manifest
 from dermml.training.run import resolve_config, train
 
-CRDS = Path(__file__).resolve().parents[2] / "shared" / "k8s-crds" / "kuberay-v1.7.0"
 
+def validate_strictly(manifest: dict) -> None:
+    """The CRD schema with unknown fields forbidden (as the chart's RayCluster is checked), and
+    every pod template as a Kubernetes 1.33 Pod in strict mode."""
+    from test_chart import KUBE_VERSION, crd_validator
 
-def crd_schema(kind_file: str) -> dict:
-    if not CRDS.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRDS} (the repo expects ../shared beside it)")
-    crd = yaml.safe_load((CRDS / kind_file).read_text())
-    return next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"][
-        "openAPIV3Schema"]
+    errors = list(crd_validator(manifest["apiVersion"], manifest["kind"]).iter_errors(manifest))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    spec = manifest["spec"]
+    templates = [spec["submitterPodTemplate"]]
+    if "rayClusterSpec" in spec:
+        cluster = spec["rayClusterSpec"]
+        templates += [cluster["headGroupSpec"]["template"],
+                      *(g["template"] for g in cluster["workerGroupSpecs"])]
+    for template in templates:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", **template["metadata"]},
+               "spec": template["spec"]}
+        kubernetes_validate.validate(pod, KUBE_VERSION, strict=True)
+        for container in template["spec"]["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert {"/tmp", "/dev/shm"} <= mounts
 
 
 def gpu_cfg(**extra):
-    sets = ["ray.use_gpu=true", "ray.num_workers=2", "ray.kubernetes.enabled=true"]
+    sets = ["ray.use_gpu=true", "ray.num_workers=2", "ray.kubernetes.enabled=true",
+            "ray.storage_path=s3://dermml/ray"]
     sets += [f"{k}={v}" for k, v in extra.items()]
     return resolve_config("segmentation", None, sets)
 
 
 def test_rayjob_manifest_matches_the_kuberay_crd_and_asks_for_gpus():
     manifest = rayjob_manifest("segmentation", gpu_cfg(), "0123456789abcdef0123")
-    jsonschema.validate(manifest, crd_schema("ray.io_rayjobs.yaml"))
+    validate_strictly(manifest)
     spec = manifest["spec"]
     assert spec["entrypoint"].startswith("dermml train segmentation --resume 0123456789abcdef")
     worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]
@@ -55,12 +67,23 @@ def test_rayjob_manifest_matches_the_kuberay_crd_and_asks_for_gpus():
 def test_rayjob_can_target_an_existing_raycluster():
     cfg = gpu_cfg(**{"ray.kubernetes.cluster_selector": "{ray.io/cluster: dermml-ray}"})
     manifest = rayjob_manifest("segmentation", cfg, "abc")
-    jsonschema.validate(manifest, crd_schema("ray.io_rayjobs.yaml"))
+    validate_strictly(manifest)
     assert manifest["spec"]["clusterSelector"] == {"ray.io/cluster": "dermml-ray"}
     assert "rayClusterSpec" not in manifest["spec"]
 
 
 @pytest.mark.integration
+def test_rayjob_without_s3_checkpoints_is_refused_before_any_run(demo_data):
+    from dermml.config import ConfigError
+
+    cfg = resolve_config("segmentation", None, tiny_overrides(demo_data, 1) + [
+        "ray.enabled=true", "ray.kubernetes.enabled=true"])
+    with pytest.raises(ConfigError, match="ray.storage_path"):
+        train("segmentation", cfg, progress=False)
+    assert MlflowClient(tracking.tracking_uri()).get_experiment_by_name(
+        "dermml/segmentation") is None
+
+
 def test_train_submits_a_rayjob_that_trains_inside_the_same_run(demo_data, tmp_path,
                                                                monkeypatch):
     with FakeKubeRay(tmp_path) as kuberay:

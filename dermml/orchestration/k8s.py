@@ -37,11 +37,11 @@ class Pool(Section):
     """Taints the pod tolerates (GPU pools are tainted)."""
     cpu_request: str = "1"
     """CPU request."""
-    memory_request: str = "2G"
+    memory_request: str = "2Gi"
     """Memory request."""
     cpu_limit: str | None = None
     """CPU limit (unset: none)."""
-    memory_limit: str | None = "8G"
+    memory_limit: str | None = "8Gi"
     """Memory limit."""
     accelerator_type: str | None = None
     """Accelerator resource, e.g. nvidia.com/gpu."""

@@ -24,7 +24,8 @@ class Target:
     host: str
     experiment: str = "dermml"
     namespace: str = "kubeflow"
-    service_account: str = "dermml-pipeline-runner"
+    service_account: str = "pipeline-runner"
+    """KFP standalone runs steps as `pipeline-runner`; the chart binds it to its Role."""
     pipeline_root: str | None = None
     """e.g. ``s3://dermml-pipelines/root``; None uses the KFP instance's default."""
     platform: str | None = None

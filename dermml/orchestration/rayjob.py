@@ -19,9 +19,13 @@ from dermml.tasks.base import RayKubernetesConfig, TaskConfig
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
                  "AWS_DEFAULT_REGION", "DERMML_HOME", "DERMML_GIT_COMMIT")
-RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": False,
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                         "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
                         "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+HOME = "/home/dermml"
+"""The images' home directory (the chart's ``homeDir``)."""
 
 
 class RayJobFailed(RuntimeError):
@@ -46,12 +50,16 @@ def _container(name: str, k8s: RayKubernetesConfig, cpu: str, memory: str,
     resources: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
         resources["nvidia.com/gpu"] = str(gpus)
-    return {"name": name, "image": k8s.image, "env": _env(),
+    return {"name": name, "image": k8s.image,
+            "env": [{"name": "HOME", "value": HOME}, *_env()],
             "envFrom": [{"secretRef": {"name": s}} for s in k8s.secrets],
             "resources": {"requests": dict(resources), "limits": dict(resources)},
-            # Ray writes its session files under /tmp; the root FS stays as the image made it.
+            # Read-only root FS as in the chart: Ray writes its session files under /tmp, its
+            # auth token under $HOME and its object store in /dev/shm, all emptyDirs.
             "securityContext": RESTRICTED_CONTAINER,
-            "volumeMounts": [{"name": "ray-tmp", "mountPath": "/tmp"}]}
+            "volumeMounts": [{"name": "ray-tmp", "mountPath": "/tmp"},
+                             {"name": "home", "mountPath": HOME},
+                             {"name": "dshm", "mountPath": "/dev/shm"}]}
 
 
 POD_LABELS = {"app.kubernetes.io/part-of": "dermml", "app.kubernetes.io/component": "ray"}
@@ -63,15 +71,30 @@ def _pod(container: dict, k8s: RayKubernetesConfig, gpu_pool: bool) -> dict[str,
         "serviceAccountName": k8s.service_account, "containers": [container],
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
                             "seccompProfile": {"type": "RuntimeDefault"}},
-        "volumes": [{"name": "ray-tmp", "emptyDir": {}}]}
+        "volumes": [{"name": "ray-tmp", "emptyDir": {"sizeLimit": "20Gi"}},
+                    {"name": "home", "emptyDir": {"sizeLimit": "1Gi"}},
+                    {"name": "dshm", "emptyDir": {"medium": "Memory",
+                                                  "sizeLimit": k8s.shm_size}}]}
     if gpu_pool:
         spec["nodeSelector"] = dict(k8s.worker_node_selector)
         spec["tolerations"] = [dict(t) for t in k8s.worker_tolerations]
     return {"metadata": {"labels": dict(POD_LABELS)}, "spec": spec}
 
 
+def check_config(cfg: TaskConfig) -> None:
+    """Refuse a RayJob whose checkpoints would die with its pods."""
+    if cfg.ray.enabled and not cfg.ray.storage_path.startswith("s3://"):
+        from dermml.config import ConfigError
+
+        raise ConfigError(
+            f"ray.storage_path: {cfg.ray.storage_path or '(empty: a local folder)'} is lost with "
+            "the RayJob's pods, so a lost worker or a resubmitted job could not resume; set "
+            "ray.storage_path=s3://BUCKET/ray")
+
+
 def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str) -> dict[str, Any]:
     """The RayJob for training ``task`` in MLflow run ``run_id``."""
+    check_config(cfg)
     k8s = cfg.ray.kubernetes
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(task, run_id),

@@ -62,12 +62,15 @@ class RayKubernetesConfig(Section):
     """Service account of the Ray pods."""
     head_cpu: str = "2"
     """Head pod CPU (the head runs no training: num-cpus 0)."""
-    head_memory: str = "8G"
+    head_memory: str = "8Gi"
     """Head pod memory."""
-    worker_cpu: str = "8"
-    """CPU per worker pod."""
-    worker_memory: str = "32G"
+    worker_cpu: str = "3"
+    """CPU per worker pod. The defaults fit one worker per node of the GPU pool in
+    infra/eks/cluster.yaml (g5.xlarge: 4 vCPU, 16 GiB, less what the kubelet reserves)."""
+    worker_memory: str = "12Gi"
     """Memory per worker pod."""
+    shm_size: str = "2Gi"
+    """Size of /dev/shm (Ray's object store and DataLoader workers; counts as memory)."""
     worker_gpus: int = 1
     """nvidia.com/gpu per worker pod."""
     worker_node_selector: dict[str, str] = {"dermml.io/pool": "gpu"}

@@ -47,6 +47,10 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
     for split in (cfg.data.train_split, cfg.data.val_split):
         manifest.split(*split.split(","))  # fails early, naming the empty split
     check_training_files(task, cfg, manifest)
+    if cfg.ray.kubernetes.enabled:
+        from dermml.orchestration.rayjob import check_config
+
+        check_config(cfg)
     if resume_run_id is None:
         cfg = task.prepare(cfg, manifest)  # class names/weights: logged and stored with model
     tracking_uri = tracking.configure()
