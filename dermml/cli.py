@@ -168,11 +168,16 @@ def train_cmd(
         = None,
     sl_train: Annotated[str | None, typer.Option(help="Strong-label split")] = None,
     repeats: Annotated[int, typer.Option(help="Weak-label relabel/train/fine-tune rounds")] = 1,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Local weights file (.pth/.pt/.safetensors) for the backbone or encoder; the same "
+             "as --set model.pretrained=PATH. Weights are never downloaded.")] = None,
 ):
     """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
     from dermml.orchestration.tracking import ui_command
     from dermml.training.run import resolve_config, train
 
+    if pretrained:
+        set_ = [*(set_ or []), f"model.pretrained={pretrained}"]
     cfg = resolve_config(task, config, set_, resume_run_id=resume)
     if folds:
         from dermml.training.schemes import cross_validate

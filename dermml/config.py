@@ -129,9 +129,33 @@ def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
         keys, value = parse_override(item)
         _set_nested(data, keys, value, model_cls)
     try:
-        return model_cls.model_validate(data)
+        return model_cls.model_validate(_keep_section_defaults(model_cls, data))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _keep_section_defaults(model: type[BaseModel], given: dict,
+                           current: BaseModel | None = None) -> dict:
+    """``given`` with each partially given section completed from the field's own default.
+
+    Pydantic fills a section given as ``{aspp: false}`` from the section *class* defaults, so
+    ``--set model.aspp=false`` would silently drop a task's model defaults (attributes'
+    Inception-v3 encoder). Plain dict values (node selectors, ...) are replaced, not merged.
+    """
+    out = dict(given)
+    for name, field in model.model_fields.items():
+        value = given.get(name)
+        default = getattr(current, name) if current is not None else field.default
+        if not (isinstance(value, dict) and isinstance(default, BaseModel)):
+            continue
+        section = type(default)
+        # Only what the field's default changes from the section class's own defaults: the rest
+        # stays unset, so validators that look at which keys were given still see the user's.
+        kept = {k: getattr(default, k) for k, f in section.model_fields.items()
+                if k not in value
+                and getattr(default, k) != f.get_default(call_default_factory=True)}
+        out[name] = {**kept, **_keep_section_defaults(section, value, default)}
+    return out
 
 
 def _deep_merge(a: dict, b: dict) -> dict:

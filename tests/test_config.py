@@ -88,3 +88,17 @@ def test_an_installed_package_finds_shipped_configs_from_the_image_workdir_or_en
     for found in (run(configs.parent), run(elsewhere, DERMML_CONFIGS=str(configs))):
         assert found.returncode == 0, found.stderr
         assert found.stdout.startswith("segdiff {") and str(configs) in found.stdout
+
+
+def test_a_partial_section_keeps_the_task_defaults_of_the_rest_of_the_section():
+    """attributes ships a U-Net/Inception-v3 + ASPP at 256 px: overriding one key of a section
+    must not reset the others to the section class's generic defaults."""
+    from dermml.training.run import resolve_config
+
+    cfg = resolve_config("attributes", None, ["model.aspp=false", "data.batch_size=3"])
+    assert (cfg.model.arch, cfg.model.encoder, cfg.model.aspp) == ("unet", "tu-inception_v3",
+                                                                   False)
+    assert (cfg.data.image_size, cfg.data.batch_size) == (256, 3)
+    # Plain mappings are replaced, not merged (a node selector must be exactly what was given).
+    seg = resolve_config("segmentation", None, ["ray.kubernetes.worker_node_selector={pool: a}"])
+    assert seg.ray.kubernetes.worker_node_selector == {"pool": "a"}

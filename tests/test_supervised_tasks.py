@@ -186,6 +186,11 @@ def test_a_size_too_small_for_the_network_is_a_config_error_before_training(demo
         build_parts(task, cfg)
     tiny = ["model.dim_x=8", "model.dim_g=8", "model.dim_x_mults=[1,2,3]",
             "model.dim_g_mults=[1,2,4]", "data.image_size=30"]
+    # Without a size given, the shipped default is one Inception-v3 can take.
+    default = task.prepare(resolve_config("attributes", None, [f"data.manifest={demo_data}"]),
+                           read_manifest(demo_data))
+    assert default.data.image_size == 256
+    task.check_input_size(task.build_model(default), default)
     segdiff = resolve_config("segdiff", None, common + tiny)
     with pytest.raises(ConfigError, match=r"\[30\].*multiples of 4"):
         build_parts(get_task("segdiff"), segdiff)
@@ -208,3 +213,26 @@ def test_mixed_real_and_synthetic_training_composes_batches_from_both(demo_data,
         assert sum(i < n_real for i in indices) == len(indices) // 2 == 4
     result = run_loop(task, cfg, parts, torch.device("cpu"))
     assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_mixup_applies_the_configured_loss_to_both_partners(demo_data):
+    """MixUp keeps label smoothing / class weights / focal: lam-weighted loss of both labels."""
+    import torch.nn.functional as F
+
+    from dermml.data.sampling import mixup_pairs
+
+    task = get_task("classification")
+    cfg = task.prepare(task_cfg("classification", demo_data, 1, "mixup_alpha=0.4",
+                                "loss=[{name: label_smoothing, params: {label_smoothing: 0.3}}]"),
+                       read_manifest(demo_data))
+    model = task.build_model(cfg).eval()
+    images, labels = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = task.loss_step(cfg)(model, (images, labels))
+    mixed, a, b, lam, _ = mixup_pairs(images, labels, 0.4,
+                                      torch.Generator().manual_seed(cfg.train.seed))
+    logits = model(mixed)
+    expected = (lam * F.cross_entropy(logits, a, label_smoothing=0.3)
+                + (1 - lam) * F.cross_entropy(logits, b, label_smoothing=0.3))
+    assert torch.allclose(loss, expected, atol=1e-6)
+    without_smoothing = lam * F.cross_entropy(logits, a) + (1 - lam) * F.cross_entropy(logits, b)
+    assert not torch.allclose(loss, without_smoothing, atol=1e-4)

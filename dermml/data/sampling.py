@@ -185,13 +185,23 @@ def mixup(images: torch.Tensor, targets: torch.Tensor, num_classes: int, alpha: 
     one_hot = F.one_hot(targets.long(), num_classes).to(dtype)
     if alpha <= 0:
         return images, one_hot
+    mixed, _, _, lam, perm = mixup_pairs(images, targets, alpha, generator)
+    soft = one_hot * lam + one_hot[perm.to(one_hot.device)] * (1 - lam)
+    return mixed, soft
+
+
+def mixup_pairs(images: torch.Tensor, targets: torch.Tensor, alpha: float,
+                generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor]:
+    """MixUp as (mixed images, targets, partner targets, lam, permutation): the loss is
+    ``lam * loss(logits, targets) + (1 - lam) * loss(logits, partner targets)``, so any
+    configured loss (class weights, focal, label smoothing) applies unchanged."""
     # torch's Beta sampler takes no generator; draw lam from a numpy stream seeded by it.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
     mixed = images * lam + images[perm] * (1 - lam)
-    soft = one_hot * lam + one_hot[perm.to(one_hot.device)] * (1 - lam)
-    return mixed, soft
+    return mixed, targets, targets[perm.to(targets.device)], lam, perm
 
 
 # ------------------------------------------------------------------- progressive resizing

@@ -28,7 +28,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    try:  # weights_only: a weights file must not be able to run code when it is loaded
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: cannot be loaded as tensors only ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]}); re-save it with torch.save(model.state_dict(), PATH) "
+            "or as .safetensors") from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -160,8 +160,10 @@ def _input_error(exc: BaseException) -> BaseException | None:
     from dermml.config import ConfigError
     from dermml.data.images import ImageReadError
     from dermml.data.manifest import ManifestError
+    from dermml.models.pretrained import PretrainedWeightsError
 
-    user_errors = (ImageReadError, ManifestError, ConfigError, storage.StorageError)
+    user_errors = (ImageReadError, ManifestError, ConfigError, storage.StorageError,
+                   PretrainedWeightsError)
     for failure in getattr(exc, "worker_failures", {}).values():
         seen = set()
         while failure is not None and id(failure) not in seen:

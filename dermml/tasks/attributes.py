@@ -29,7 +29,7 @@ from dermml.models.postprocess import (
     postprocess_multiclass,
 )
 from dermml.models.segmentation import SegModelConfig, build_segmenter
-from dermml.tasks.base import Task, TaskConfig, register_task
+from dermml.tasks.base import DataConfig, Task, TaskConfig, register_task
 from dermml.visualization import image_grid
 
 PALETTE = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
@@ -39,6 +39,8 @@ PIXELS_PER_IMAGE_FOR_AUC = 2048
 
 class AttributesConfig(TaskConfig):
     task: str = "attributes"
+    data: DataConfig = DataConfig(image_size=256)
+    """Inception-v3 needs at least 75 px; the reference trains at 256."""
     model: SegModelConfig = SegModelConfig(arch="unet", encoder="tu-inception_v3", aspp=True)
     """Reference: U-Net, Inception-v3 encoder, ASPP with dilations 2, 3, 4."""
     attributes: list[str] = list(ATTRIBUTES)

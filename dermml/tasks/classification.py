@@ -13,8 +13,7 @@ from torch import nn
 from dermml.data.augment import build_augment
 from dermml.data.datasets import ClassificationDataset, image_to_tensor, resize_image
 from dermml.data.manifest import Manifest
-from dermml.data.sampling import mixup
-from dermml.losses.classification import soft_target_cross_entropy
+from dermml.data.sampling import mixup_pairs
 from dermml.losses.registry import LossTerm, build_loss, inverse_frequency_weights
 from dermml.metrics.classification import classification_metrics, confusion_matrix
 from dermml.models.classifier import ClassifierConfig, build_classifier
@@ -71,9 +70,11 @@ class ClassificationTask(Task):
 
         def step(model: nn.Module, batch) -> torch.Tensor:
             images, labels = batch
-            if cfg.mixup_alpha > 0:
-                mixed, soft = mixup(images, labels, len(cfg.classes), cfg.mixup_alpha, generator)
-                return soft_target_cross_entropy(model(mixed), soft.to(images.device))
+            if cfg.mixup_alpha > 0:  # the configured loss on both partners, weighted by lam
+                mixed, labels_a, labels_b, lam, _ = mixup_pairs(images, labels, cfg.mixup_alpha,
+                                                                generator)
+                logits = model(mixed)
+                return lam * loss_fn(logits, labels_a) + (1 - lam) * loss_fn(logits, labels_b)
             return loss_fn(model(images), labels)
 
         return step

@@ -46,13 +46,15 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
     manifest = read_manifest(cfg.data.manifest)
     for split in (cfg.data.train_split, cfg.data.val_split):
         manifest.split(*split.split(","))  # fails early, naming the empty split
-    check_training_files(task, cfg, manifest)
     if cfg.ray.kubernetes.enabled:
         from dermml.orchestration.rayjob import check_config
 
         check_config(cfg)
     if resume_run_id is None:
         cfg = task.prepare(cfg, manifest)  # class names/weights: logged and stored with model
+    check_training_files(task, cfg, manifest)
+    if getattr(cfg.model, "pretrained", ""):
+        task.build_model(cfg)  # a missing or mismatched weights file fails here, not in a worker
     tracking_uri = tracking.configure()
     with tracking.stage_run(task_name, "train", parent_run_id, run_id=resume_run_id,
                             system_metrics=True) as run:
