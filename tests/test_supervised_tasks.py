@@ -236,3 +236,35 @@ def test_mixup_applies_the_configured_loss_to_both_partners(demo_data):
     assert torch.allclose(loss, expected, atol=1e-6)
     without_smoothing = lam * F.cross_entropy(logits, a) + (1 - lam) * F.cross_entropy(logits, b)
     assert not torch.allclose(loss, without_smoothing, atol=1e-4)
+
+
+def test_pretrained_weights_come_from_a_local_file_only(demo_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+    from dermml.models.pretrained import PretrainedWeightsError
+
+    task = get_task("classification")
+    cfg = task.prepare(task_cfg("classification", demo_data, 1), read_manifest(demo_data))
+    source = task.build_model(cfg)
+    weights = tmp_path / "resnet10t.pth"
+    # A checkpoint as training scripts write it: prefixed keys inside a "state_dict" entry.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}},
+               weights)
+    loaded = task.build_model(cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"pretrained": str(weights)})}))
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    unrelated = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, unrelated)
+    with pytest.raises(PretrainedWeightsError, match="only 0 of"):
+        task.build_model(cfg.model_copy(
+            update={"model": cfg.model.model_copy(update={"pretrained": str(unrelated)})}))
+
+    missing = tmp_path / "nope.pth"
+    result = CliRunner().invoke(app, ["train", "classification", "--set",
+                                      f"data.manifest={demo_data}", "--set",
+                                      "model.backbone=resnet10t", "--pretrained", str(missing)])
+    assert result.exit_code == 2 and str(missing) in result.output
+    assert "never downloaded" in result.output
