@@ -71,3 +71,26 @@ def test_gate_compares_on_the_same_test_set(models, demo_data, monkeypatch):
     name = model_name("segmentation")
     assert stored_score(name, version, ds, "val", "dice") is not None
     assert stored_score(name, version, ds, "test", "dice") is None
+
+
+def test_an_unreachable_registry_is_an_error_not_a_missing_champion():
+    """Only "no such alias/model" means there is no champion; anything else must not promote."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+    from dermml.registry.gate import _champion_version
+
+    class Registry:
+        def __init__(self, error):
+            self.error = error
+
+        def get_model_version_by_alias(self, name, alias):
+            raise self.error
+
+    missing = MlflowException("alias champion not found", error_code=INVALID_PARAMETER_VALUE)
+    assert _champion_version(Registry(missing), "dermml-segmentation") is None
+    down = MlflowException("API request failed: connection refused", error_code=INTERNAL_ERROR)
+    with pytest.raises(MlflowException, match="connection refused"):
+        _champion_version(Registry(down), "dermml-segmentation")
+    with pytest.raises(ConnectionError):
+        _champion_version(Registry(ConnectionError("refused")), "dermml-segmentation")

@@ -135,10 +135,7 @@ def promote(task: str, version: str, manifest_uri: str, split: str = "test",
     name, client = model_name(task), _client()
     version = str(version)
     challenger = _score(name, version, manifest_uri, split, metric, parent_run_id)
-    try:
-        champion_version = str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except Exception:  # no champion yet
-        champion_version = None
+    champion_version = _champion_version(client, name)
     if champion_version is None:
         decision = GateDecision(True, version, metric, challenger, None, None,
                                 "first model: no champion to beat")
@@ -192,3 +189,17 @@ def history(task: str) -> list[dict]:
                      "run_id": mv.run_id, "gate": json.loads(mv.tags.get("dermml.gate", "null")),
                      "previous_champion": mv.tags.get("dermml.previous_champion")})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+def _champion_version(client, name: str) -> str | None:
+    """The champion's version, or None when there is none yet. Any other failure (the server
+    unreachable, no permission) is raised: it must never count as "no champion to beat"."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or \
+                exc.get_http_status_code() == 404:
+            return None
+        raise
