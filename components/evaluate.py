@@ -9,8 +9,11 @@ from components.image import CPU_IMAGE
 def evaluate_model(model_uri: str, manifest_uri: str, splits: str, parent_run_id: str,
                    metrics: dsl.Output[dsl.Metrics]) -> str:
     from dermml.evaluation.run import evaluate
+    from dermml.orchestration.tracking import failing_parent
 
-    result = evaluate(model_uri, manifest_uri, splits.split(","), parent_run_id, n_resamples=200)
+    with failing_parent(parent_run_id):
+        result = evaluate(model_uri, manifest_uri, splits.split(","), parent_run_id,
+                          n_resamples=200)
     for name, value in result.flat_metrics().items():
         metrics.log_metric(name, value)
     return result.run_id

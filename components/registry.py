@@ -8,13 +8,15 @@ from components.image import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def register_model(model_uri: str, task: str) -> NamedTuple("Registered", version=str,
-                                                             version_uri=str):
+def register_model(model_uri: str, task: str,
+                   parent_run_id: str) -> NamedTuple("Registered", version=str, version_uri=str):
     from collections import namedtuple
 
+    from dermml.orchestration.tracking import failing_parent
     from dermml.registry.gate import model_name, register
 
-    version = register(model_uri, task)
+    with failing_parent(parent_run_id):
+        version = register(model_uri, task)
     return namedtuple("Registered", ["version", "version_uri"])(
         version, f"models:/{model_name(task)}/{version}")
 
@@ -22,8 +24,10 @@ def register_model(model_uri: str, task: str) -> NamedTuple("Registered", versio
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def promote_model(task: str, version: str, manifest_uri: str, split: str, min_delta: float,
                   parent_run_id: str) -> bool:
+    from dermml.orchestration.tracking import failing_parent
     from dermml.registry.gate import promote
 
-    decision = promote(task, version, manifest_uri, split, None, min_delta, parent_run_id)
+    with failing_parent(parent_run_id):
+        decision = promote(task, version, manifest_uri, split, None, min_delta, parent_run_id)
     print(decision.reason)
     return decision.promoted

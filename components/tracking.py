@@ -1,4 +1,5 @@
-"""Parent MLflow run of a pipeline execution: opened first, closed by the exit handler."""
+"""Parent MLflow run of a pipeline execution: opened first, closed FINISHED by the last stage;
+every stage marks it FAILED when it fails (``dermml.orchestration.tracking.failing_parent``)."""
 
 from kfp import dsl
 

@@ -12,9 +12,11 @@ def train_model(task: str, config: str, overrides: list, manifest_uri: str,
                 parent_run_id: str) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
     from collections import namedtuple
 
+    from dermml.orchestration.tracking import failing_parent
     from dermml.training.run import resolve_config, train
 
-    sets = [str(o) for o in overrides] + [f"data.manifest={manifest_uri}"]
-    cfg = resolve_config(task, config or None, sets)
-    outcome = train(task, cfg, parent_run_id=parent_run_id, progress=False)
+    with failing_parent(parent_run_id):  # a bad override fails before the stage's run exists
+        sets = [str(o) for o in overrides] + [f"data.manifest={manifest_uri}"]
+        cfg = resolve_config(task, config or None, sets)
+        outcome = train(task, cfg, parent_run_id=parent_run_id, progress=False)
     return namedtuple("TrainOutputs", ["run_id", "model_uri"])(outcome.run_id, outcome.model_uri)

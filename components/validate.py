@@ -14,11 +14,14 @@ from components.image import CPU_IMAGE
 def validate_data(manifest_uri: str, suite: str, required_splits: str, parent_run_id: str,
                   report: dsl.Output[dsl.Artifact],
                   clean_manifest: dsl.Output[dsl.Dataset]) -> str:
+    from dermml.orchestration.tracking import failing_parent
     from dermml.validation.run import validate
 
     splits = tuple(s for s in required_splits.split(",") if s)
-    outcome = validate(manifest_uri, suite, report.path, splits, write_clean=clean_manifest.path,
-                       parent_run_id=parent_run_id, progress=False)
+    with failing_parent(parent_run_id):
+        outcome = validate(manifest_uri, suite, report.path, splits,
+                           write_clean=clean_manifest.path, parent_run_id=parent_run_id,
+                           progress=False)
     report.metadata.update(outcome.report.counts())
     clean_manifest.metadata.update(n_samples=outcome.report.n_samples,
                                    source_version=outcome.report.dataset_version)

@@ -356,13 +356,17 @@ def pipeline_run(
                                                                       "key=value")] = None,
 ):
     """Run a pipeline; `--local` executes every component here, against the same MLflow."""
-    from dermml.orchestration.kfp_local import parse_params, run_local
+    from dermml.orchestration.kfp_local import PipelineFailed, parse_params, run_local
 
     if not local:
         typer.secho("`pipeline run` executes locally (--local); to run on a cluster use "
                     "`dermml pipeline submit NAME --host URL`", fg="red", err=True)
         raise typer.Exit(2)
-    outputs = run_local(name, parse_params(param or []))
+    try:
+        outputs = run_local(name, parse_params(param or []))
+    except PipelineFailed as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
     typer.echo(json.dumps(outputs, indent=2, default=str))
 
 

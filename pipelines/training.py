@@ -35,13 +35,14 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                       min_delta: float = 0.0) -> TrainingOutputs:
     parent = start_pipeline_run(task=task, pipeline="training")
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
-                        demo_size=demo_size, seed=seed)
+                        demo_size=demo_size, seed=seed, parent_run_id=parent.output)
     checked = validate_data(manifest_uri=data.output, suite=task,
                             required_splits=required_splits, parent_run_id=parent.output)
     trained = train_model(task=task, config=config, overrides=overrides,
                           manifest_uri=checked.outputs["Output"],
                           parent_run_id=parent.output)
-    registered = register_model(model_uri=trained.outputs["model_uri"], task=task)
+    registered = register_model(model_uri=trained.outputs["model_uri"], task=task,
+                                parent_run_id=parent.output)
     evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],
                                manifest_uri=checked.outputs["Output"], splits=test_split,
                                parent_run_id=parent.output)

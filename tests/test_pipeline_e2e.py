@@ -16,7 +16,7 @@ from dermml.data.images import load_image, load_mask
 from dermml.data.manifest import read_manifest
 from dermml.metrics.segmentation import segmentation_scores
 from dermml.orchestration import tracking
-from dermml.orchestration.kfp_local import compile_pipeline, run_local
+from dermml.orchestration.kfp_local import PipelineFailed, compile_pipeline, run_local
 from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.integration
@@ -102,7 +102,7 @@ def test_bad_data_stops_the_pipeline_before_training(tracking_server, demo_data,
     before = victim.read_bytes()
     manifest = str(data / "manifest.parquet")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(PipelineFailed, match="failed at stage 'validate-data'"):
         run_local("training", pipeline_params(manifest, epochs=1))
 
     client = MlflowClient(tracking_server)
@@ -144,3 +144,15 @@ def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
     assert champion.run_id == outputs["train_run_id"]
     stages = runs_of(client, outputs["parent_run_id"])
     assert "test_balanced_accuracy" in stages["evaluate"][0].data.metrics
+
+
+def test_a_stage_failing_outside_its_own_run_still_fails_the_pipeline_run():
+    """A bad override, the registry: failures before a stage's MLflow run exists (or outside
+    it) must not leave the pipeline's parent run RUNNING forever."""
+    from dermml.orchestration.tracking import failing_parent, start_pipeline_run
+
+    parent = start_pipeline_run("segmentation", "training")
+    with pytest.raises(ValueError, match="bad override"), failing_parent(parent):
+        raise ValueError("bad override")
+    client = MlflowClient(tracking.tracking_uri())
+    assert client.get_run(parent).info.status == "FAILED"

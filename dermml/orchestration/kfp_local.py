@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -55,6 +56,19 @@ def local_environment() -> None:
     os.environ["DERMML_HOME"] = str(dermml_home())
 
 
+class PipelineFailed(RuntimeError):
+    """A local pipeline run failed; the message names the stage (its log is printed above)."""
+
+
+def _failure_message(name: str, kfp_message: str) -> str:
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", kfp_message)  # kfp colours its messages
+    stage = re.search(r"Inner task failed: '([^']+)'", plain)
+    if stage is None:
+        return f"pipeline {name} failed: {plain}"
+    return (f"pipeline {name} failed at stage {stage.group(1)!r}; its error is in the log "
+            "above, and the pipeline's MLflow run is marked FAILED")
+
+
 def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Execute pipeline ``name`` locally; every component runs as a subprocess here."""
     import kfp.local
@@ -69,7 +83,10 @@ def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         # ... and that CPU/memory requests are ignored locally: they are for the cluster.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
-        task = get_pipeline(name)(**params)  # built inside the local platform
+        try:
+            task = get_pipeline(name)(**params)  # built inside the local platform
+        except RuntimeError as exc:
+            raise PipelineFailed(_failure_message(name, str(exc))) from None
     outputs = getattr(task, "outputs", None) or {}
     return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
 

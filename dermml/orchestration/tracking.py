@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -17,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from dermml.config import dermml_home, flatten
+
+log = logging.getLogger(__name__)
 
 TAG_DATASET_VERSION = "dermml.dataset_version"
 TAG_DATASET_URI = "dermml.dataset_uri"
@@ -123,6 +126,23 @@ def stage_run(task: str, stage: str, parent_run_id: str | None = None,
 
                 MlflowClient(tracking_uri()).set_terminated(parent_run_id, "FAILED")
             raise
+
+
+@contextlib.contextmanager
+def failing_parent(parent_run_id: str | None) -> Iterator[None]:
+    """Mark the pipeline's parent run FAILED when a stage fails, whatever failed (a bad
+    override before any stage run exists, the registry, ...); the error is re-raised."""
+    try:
+        yield
+    except BaseException:
+        if parent_run_id:
+            from mlflow.tracking import MlflowClient
+
+            try:
+                MlflowClient(tracking_uri()).set_terminated(parent_run_id, "FAILED")
+            except Exception as exc:  # the stage's own error matters more
+                log.warning("could not mark pipeline run %s FAILED: %s", parent_run_id, exc)
+        raise
 
 
 def log_config(config: Any) -> None:
