@@ -88,3 +88,23 @@ def test_compiled_training_step_learns_and_checkpoints_the_eager_weights(demo_da
     assert losses[-1] < losses[0] * 0.9
     assert set(result.best_model) == keys  # no "_orig_mod." prefixes
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+
+
+def test_epoch_aware_samplers_see_every_epoch():
+    """A DistributedSampler (Ray, several workers) repeats its order unless told the epoch."""
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    from dermml.training.setup import _sampler_epochs
+
+    data = TensorDataset(torch.arange(32))
+    loader = DataLoader(data, batch_size=4,
+                        sampler=DistributedSampler(data, num_replicas=2, rank=0, seed=0))
+    seen = []
+    start = _sampler_epochs(loader, seen.append)
+    orders = []
+    for epoch in range(3):
+        start(epoch)
+        orders.append(torch.cat([b[0] for b in loader]).tolist())
+    assert seen == [0, 1, 2]
+    assert orders[0] != orders[1] != orders[2]
+    assert loader.sampler.epoch == 2

@@ -68,12 +68,32 @@ def run_loop(task: Task, cfg: TaskConfig, parts: TrainingParts, device: torch.de
     hooks = hooks or Hooks()
     if cfg.data.progressive_resize.sizes:
         hooks.on_epoch_start = _progressive_resize(cfg, parts, hooks.on_epoch_start)
+    hooks.on_epoch_start = _sampler_epochs(parts.train_loader, hooks.on_epoch_start)
     return fit(parts.model, parts.train_loader, parts.val_loader, cfg.train,
                loss_step=task.loss_step(cfg),
                evaluate=lambda model, loader, device: task.validate(model, loader, device, cfg),
                gate_metric=task.gate_metric, gate_mode=task.gate_mode, device=device,
                hooks=hooks, checkpointer=checkpointer, progress=progress,
                after_step=task.after_optimizer_step(cfg))
+
+
+def _sampler_epochs(loader, then):
+    """Tell epoch-aware samplers the epoch: a DistributedSampler (Ray, several workers) would
+    otherwise repeat epoch 0's order every epoch, and a resumed run would restart the mixed
+    batch sampler's stream at epoch 0."""
+    samplers = []
+    for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                    getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if hasattr(sampler, "set_epoch") and all(sampler is not s for s in samplers):
+            samplers.append(sampler)
+
+    def on_epoch_start(epoch: int) -> None:
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        if then:
+            then(epoch)
+
+    return on_epoch_start
 
 
 def _progressive_resize(cfg: TaskConfig, parts: TrainingParts, then):
