@@ -268,3 +268,42 @@ def test_pretrained_weights_come_from_a_local_file_only(demo_data, tmp_path):
                                       "model.backbone=resnet10t", "--pretrained", str(missing)])
     assert result.exit_code == 2 and str(missing) in result.output
     assert "never downloaded" in result.output
+
+
+def test_attributes_evaluate_with_intervals_and_serve_the_evaluated_label_maps(demo_data,
+                                                                              tmp_path):
+    """Per-class Jaccard and AUC with bootstrap CIs, overlays logged, and the served label map
+    is the evaluated one (per-class morphology included)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from dermml.evaluation.run import evaluate, load_python_model
+    from dermml.serving.pyfunc import request_frame
+
+    cfg = task_cfg("attributes", demo_data, 3, "data.image_size=32")
+    outcome = train("attributes", cfg, progress=False)
+    result = evaluate(outcome.model_uri, demo_data, ["test"], n_resamples=50)
+    metrics, intervals = result.metrics["test"], result.intervals["test"]
+    assert "mean_jaccard" in metrics and "mean_auc" in metrics
+    per_class = [k for k in metrics if k.startswith(("jaccard/", "auc/"))]
+    assert any(k.startswith("jaccard/") for k in per_class)
+    assert any(k.startswith("auc/") for k in per_class)
+    for name in ["mean_jaccard", *per_class]:
+        low, high = intervals[name]
+        assert low - 1e-9 <= metrics[name] <= high + 1e-9, (name, low, metrics[name], high)
+    names = {a.path.split("/")[-1] for a in MlflowClient(tracking.tracking_uri())
+             .list_artifacts(result.run_id, "evaluation")}
+    assert any("attribute_overlays" in n for n in names), names
+
+    model = load_python_model(outcome.model_uri)
+    manifest = read_manifest(demo_data)
+    images = [load_image(manifest.resolve(u)) for u in manifest.split("test")["image_uri"][:4]]
+    evaluated = model.predict_images(images)
+    served = model.predict(None, request_frame(images))
+    for pred, encoded, fractions in zip(evaluated, served["label_map"],
+                                        served["attribute_fractions"], strict=True):
+        decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+        assert np.array_equal(decoded, pred["label_map"])
+        assert set(json.loads(fractions)) == set(cfg.attributes)

@@ -158,13 +158,13 @@ class Task(ABC):
             with torch.no_grad():
                 model(torch.zeros(1, 3, side, side))
         except RuntimeError as exc:
-            if "size" not in str(exc).lower():
+            if not any(w in str(exc).lower() for w in ("size", "shape", "divisible")):
                 raise
             raise ConfigError(
                 f"data.image_size / progressive_resize.sizes: {side} px is too small for this "
                 f"network ({type(model).__name__}: {str(exc).splitlines()[0]}); use a larger "
-                "size (Inception-v3 encoders need at least 75 px, the reference works use 128 "
-                "or 256)") from None
+                "size, a multiple of 32 for smp U-Nets and 8 for DeepLabV3 (Inception-v3 "
+                "encoders need at least 75 px; the reference works use 128 or 256)") from None
         finally:
             model.train(was_training)
 
