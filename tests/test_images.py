@@ -72,6 +72,25 @@ def test_gpu_image_builds_pytorch3d_from_source_with_cuda():
     assert "9.0" in args(DOCKERFILES[1])["TORCH_CUDA_ARCH_LIST"]  # Hopper
 
 
+def test_gpu_image_builds_pytorch3d_on_the_runtime_os_and_pins_its_dependencies():
+    """A wheel compiled on a newer glibc than the runtime's does not import; unpinned or
+    missing runtime dependencies break ``import pytorch3d`` only in the image."""
+    text = DOCKERFILES[1].read_text()
+    bases = re.findall(r"^FROM (\S+)", text, re.M)
+    assert len(bases) == 2 and len({b.split(":")[1].rsplit("-", 1)[-1] for b in bases}) == 1, \
+        f"build and runtime stages on different OS releases: {bases}"
+    extra = (ROOT / "requirements" / "pytorch3d.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in extra if line and not line.startswith("#"))
+    assert {"iopath", "fvcore", "portalocker"} <= set(pins)
+    assert not set(pins) & set(lock()), "pinned twice"
+    for command in re.findall(r"pip install ([^&\n]+)", text):
+        for word in command.replace("\\", " ").split():
+            if re.match(r"^[A-Za-z][\w.-]*$", word) and word not in ("wheel", "setuptools",
+                                                                    "ninja"):
+                raise AssertionError(f"unpinned package in a pip install: {word}")
+    assert "pip check" in text
+
+
 def test_component_images_match_the_make_images_tags():
     from components.image import CPU_IMAGE, GPU_IMAGE
 
