@@ -95,12 +95,17 @@ def data_import(
     group: Annotated[str | None, typer.Option(help="Split by group column: patient_id or "
                                                    "lesion_id")] = None,
     annotations: Annotated[str | None, typer.Option(help="COCO JSON file (coco)")] = None,
+    metadata: Annotated[str | None, typer.Option(
+        help="CSV with patient_id and/or lesion_id per image (keyed by sample_id, image_id, "
+             "image, isic_id or image_name = file name without extension), e.g. "
+             "HAM10000_metadata.csv; use with --group")] = None,
 ):
     """Turn a public dataset layout into a manifest (images referenced, not copied)."""
     from dermml.data.importers import import_dataset, manifest_info
 
     options = {"annotations": annotations} if annotations else {}
-    uri, _ = import_dataset(fmt, src, out, seed=seed, group=group, progress=True, **options)
+    uri, _ = import_dataset(fmt, src, out, seed=seed, group=group, metadata=metadata,
+                            progress=True, **options)
     typer.echo(manifest_info(uri))
 
 

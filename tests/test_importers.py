@@ -335,6 +335,39 @@ def test_group_option_keeps_each_lesion_in_one_split(tmp_path):
             import_dataset("segmentation", str(src), str(tmp_path / "out"), group="lesion_id")
 
 
+def test_metadata_csv_gives_lesion_ids_that_keep_each_lesion_in_one_split(tmp_path):
+    """HAM10000-style metadata (image_id -> lesion_id): several images of one lesion must never
+    straddle train and test, which a row-level split would do."""
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+
+    src = tmp_path / "seg"
+    for i in range(30):
+        _image(src / "images" / f"img{i:02d}.png")
+    meta = tmp_path / "metadata.csv"
+    meta.write_text("image_id,lesion_id,dx\n" + "".join(
+        f"img{i:02d},HAM_{i // 3:04d},nv\n" for i in range(30)))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["data", "import", "segmentation", str(src), "--out",
+                                      str(out), "--group", "lesion_id", "--metadata", str(meta)])
+    assert result.exit_code == 0, result.output
+    df = read_manifest(str(out)).df
+    assert df["lesion_id"].nunique() == 10
+    assert (df.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert df["split"].nunique() > 1
+    # A row-level split of the same rows does put some lesion into two splits.
+    rows = import_dataset("segmentation", str(src), str(tmp_path / "rows"), metadata=str(meta))
+    by_row = read_manifest(rows[0]).df
+    assert (by_row.groupby("lesion_id")["split"].nunique() > 1).any()
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("filename,lesion\nimg00,L1\n")
+    with pytest.raises(DatasetImportError, match=r"bad.csv: no column to match samples"):
+        import_dataset("segmentation", str(src), str(tmp_path / "o2"), metadata=str(bad))
+    assert not (tmp_path / "o2").exists()
+
+
 def test_manifest_info_summarises_version_counts_and_missing_masks(tmp_path):
     src = _ph2_source(tmp_path / "PH2Dataset", ids=("IMD002", "IMD003", "IMD058", "IMD101"))
     (src / "PH2 Dataset images/IMD101/IMD101_lesion/IMD101_lesion.bmp").unlink()

@@ -545,13 +545,62 @@ def _check_output(manifest_uri: str, src: str) -> None:
                               "or delete it first")
 
 
+METADATA_KEYS = ("sample_id", "image_id", "image", "isic_id", "image_name")
+"""Columns a metadata CSV may key its rows by (HAM10000: image_id; ISIC 2019: image;
+ISIC 2020: image_name), matched against sample ids (file stems)."""
+METADATA_COLUMNS = ("patient_id", "lesion_id")
+
+
+def apply_metadata(rows: pd.DataFrame, metadata_uri: str) -> pd.DataFrame:
+    """``rows`` with patient_id / lesion_id taken from a metadata CSV (e.g.
+    HAM10000_metadata.csv), so splits can keep each patient or lesion in one split."""
+    try:
+        meta = pd.read_csv(io.BytesIO(storage.read_bytes(metadata_uri)), dtype=str)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
+        raise DatasetImportError(f"{metadata_uri}: not a readable CSV ({exc})") from None
+    key = next((k for k in METADATA_KEYS if k in meta.columns), None)
+    if key is None:
+        raise DatasetImportError(
+            f"{metadata_uri}: no column to match samples by; name one of {', '.join(METADATA_KEYS)}"
+            f" (columns: {', '.join(meta.columns)})")
+    columns = [c for c in METADATA_COLUMNS if c in meta.columns]
+    if not columns:
+        raise DatasetImportError(f"{metadata_uri}: none of the columns "
+                                 f"{', '.join(METADATA_COLUMNS)} (columns: "
+                                 f"{', '.join(meta.columns)})")
+    dupes = meta[key][meta[key].duplicated()].unique().tolist()
+    if dupes:
+        raise DatasetImportError(f"{metadata_uri}: {len(dupes)} {key} values appear more than "
+                                 f"once, e.g. {dupes[:3]}")
+    table = meta.set_index(key)[columns]
+    ids = rows["sample_id"].astype(str)
+    matched = ids.isin(table.index)
+    if not matched.any():
+        raise DatasetImportError(
+            f"{metadata_uri}: no {key} matches a sample id (e.g. sample {ids.iloc[0]!r}, "
+            f"{key} {table.index[0]!r}); the key must be the image file name without extension")
+    if not matched.all():
+        warnings.warn(f"{metadata_uri}: {int((~matched).sum())} of {len(rows)} samples have no "
+                      f"metadata row (e.g. {ids[~matched].iloc[0]!r}); their "
+                      f"{', '.join(columns)} stay as the importer found them", stacklevel=2)
+    out = rows.copy()
+    for column in columns:
+        values = ids.map(table[column])
+        keep = values.notna() & (values.astype(str).str.strip() != "")
+        out[column] = out[column].astype(object) if column in out else None
+        out.loc[keep, column] = values[keep]
+    return out
+
+
 def import_dataset(fmt: str, src: str, out: str, *, seed: int = 0,
                    fractions: Mapping[str, float] | None = None, group: str | None = None,
+                   metadata: str | None = None,
                    progress: bool = False, **options: object) -> tuple[str, str]:
     """Build rows with the named importer, fill missing splits, write the manifest to ``out``.
 
     ``out`` is a ``.parquet`` file or a folder (``manifest.parquet`` inside). Returns
-    ``(manifest_uri, version)``; an existing manifest is never overwritten.
+    ``(manifest_uri, version)``; an existing manifest is never overwritten. ``metadata`` is a
+    CSV giving patient_id / lesion_id per sample (see ``apply_metadata``).
     """
     importer = get_importer(fmt)
     _check_options(fmt, options)
@@ -562,6 +611,8 @@ def import_dataset(fmt: str, src: str, out: str, *, seed: int = 0,
     manifest_uri = manifest_uri_for(out)
     _check_output(manifest_uri, src)
     rows = importer(src, progress=progress, **options)
+    if metadata:
+        rows = apply_metadata(rows, metadata)
     rows = fill_missing_splits(rows, fractions, seed=seed, stratify="label", group=group)
     return manifest_uri, write_manifest(rows, manifest_uri)
 
