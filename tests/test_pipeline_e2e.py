@@ -156,3 +156,18 @@ def test_a_stage_failing_outside_its_own_run_still_fails_the_pipeline_run():
         raise ValueError("bad override")
     client = MlflowClient(tracking.tracking_uri())
     assert client.get_run(parent).info.status == "FAILED"
+
+
+@pytest.mark.integration
+def test_make_demo_job_runs_end_to_end_on_embedded_defaults(capsys):
+    """`make demo` runs `dermml demo`: pipeline, serve the champion, one HTTP prediction."""
+    from dermml.demo import run_demo
+
+    dice = run_demo(n=40, size=32, epochs=3, port=5155)
+    out = capsys.readouterr().out
+    assert 0.0 <= dice <= 1.0
+    assert "Dice vs ground truth" in out and f"{dice:.3f}" in out
+    assert "mlflow ui --backend-store-uri sqlite:" in out
+    version = MlflowClient(tracking.tracking_uri()).get_model_version_by_alias(
+        "dermml-segmentation", "champion")
+    assert str(version.version) == "1"
