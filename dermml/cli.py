@@ -219,11 +219,23 @@ def evaluate_cmd(
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v, e.g. "
                                                     "sampler=ddim (see the model's params)")]
         = None,
+    compare: Annotated[list[str] | None, typer.Option(
+        "--compare", help="Instead: evaluate once per serving-param set on the first split and "
+                          "print one table with seconds/image, e.g. --compare sampler=ddpm "
+                          "--compare sampler=ddim,steps=25 (repeat; k=v,k=v)")] = None,
 ):
     """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
-    from dermml.evaluation.run import evaluate
+    from dermml.evaluation.run import compare_settings, evaluate
     from dermml.orchestration.kfp_local import parse_params
 
+    if compare:
+        base = parse_params(param or [])
+        settings = [{**base, **parse_params([kv for kv in item.split(",") if kv])}
+                    for item in compare]
+        split = next(s for s in splits.split(",") if s)
+        table = compare_settings(model_uri, data, settings, split)
+        typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        return
     result = evaluate(model_uri, data, [s for s in splits.split(",") if s],
                       n_resamples=resamples, alpha=alpha, params=parse_params(param or []))
     typer.echo(result.table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))

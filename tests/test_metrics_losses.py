@@ -17,14 +17,14 @@ def square(size=8, lo=2, hi=6):
 def test_perfect_prediction_scores_one():
     s = segmentation_scores(square(), square())
     assert s == pytest.approx({"dice": 1, "iou": 1, "sensitivity": 1, "specificity": 1,
-                               "accuracy": 1})
+                               "precision": 1, "accuracy": 1})
 
 
 def test_disjoint_prediction_scores_zero_overlap():
     pred = np.zeros((8, 8), bool)
     pred[0, 0] = True
     s = segmentation_scores(pred, square())
-    assert s["dice"] == 0 and s["iou"] == 0 and s["sensitivity"] == 0
+    assert s["dice"] == 0 and s["iou"] == 0 and s["sensitivity"] == 0 and s["precision"] == 0
 
 
 def test_empty_prediction_of_empty_mask_is_perfect():
@@ -40,6 +40,7 @@ def test_half_overlap_matches_hand_computation():
     assert s["dice"] == pytest.approx(2 * 8 / 32)
     assert s["iou"] == pytest.approx(8 / 24)
     assert s["specificity"] == pytest.approx(40 / 48)
+    assert s["precision"] == pytest.approx(8 / 16)
 
 
 def test_shape_mismatch_is_an_error():

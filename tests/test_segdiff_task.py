@@ -70,20 +70,51 @@ def test_serving_params_choose_the_sampler_and_garbage_is_refused(trained, demo_
         model.predict(None, request_frame([image]), {"ensemble": 0})
 
 
-def test_ddpm_and_ddim_are_both_evaluated_on_the_same_test_set(trained, demo_data,
-                                                               monkeypatch):
-    from dermml.evaluation.run import evaluate
+def test_ddpm_and_ddim_are_compared_on_the_same_test_set_in_one_run(trained, demo_data,
+                                                                   monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+    from dermml.orchestration import tracking
 
     home, outcome = trained
     monkeypatch.setenv("DERMML_HOME", str(home))
-    ddpm = evaluate(outcome.model_uri, demo_data, ["test"], n_resamples=50,
-                    params={"sampler": "ddpm", "ensemble": 2})
-    ddim = evaluate(outcome.model_uri, demo_data, ["test"], n_resamples=50,
-                    params={"sampler": "ddim", "steps": 10, "ensemble": 2})
-    for result in (ddpm, ddim):
-        assert 0.0 < result.metrics["test"]["dice"] <= 1.0
-        assert np.isfinite(result.metrics["test"]["iou"])
-    assert ddpm.dataset_version == ddim.dataset_version
+    result = CliRunner().invoke(app, [
+        "evaluate", outcome.model_uri, "--data", demo_data, "--splits", "test",
+        "--param", "ensemble=2", "--compare", "sampler=ddpm", "--compare", "sampler=ddim,steps=10"])
+    assert result.exit_code == 0, result.output
+    assert "sampler=ddpm" in result.output and "sampler=ddim,steps=10" in result.output
+    client = MlflowClient(tracking.tracking_uri())
+    experiment = client.get_experiment_by_name("dermml/segdiff")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`dermml.stage` = 'compare'")
+    metrics = run.data.metrics
+    for label in ("ensemble_2_sampler_ddpm", "ensemble_2_sampler_ddim_steps_10"):
+        assert 0.0 < metrics[f"{label}_dice"] <= 1.0
+        assert 0.0 <= metrics[f"{label}_precision"] <= 1.0 and f"{label}_hd95" in metrics
+        assert metrics[f"{label}_seconds_per_image"] > 0
+    # 10 DDIM steps instead of 250 DDPM steps: clearly faster per image.
+    assert metrics["ensemble_2_sampler_ddim_steps_10_seconds_per_image"] < \
+        metrics["ensemble_2_sampler_ddpm_seconds_per_image"] / 3
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/compare.csv" in artifacts
+
+
+def test_sampler_params_the_model_cannot_run_are_a_bad_request(trained, demo_data, monkeypatch):
+    from dermml.evaluation.run import load_python_model
+    from dermml.serving.pyfunc import request_frame
+
+    home, outcome = trained
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    model = load_python_model(outcome.model_uri)
+    manifest = read_manifest(demo_data)
+    image = load_image(manifest.resolve(manifest.split("test").iloc[0]["image_uri"]))
+    T = model.cfg.diffusion.timesteps
+    for params, message in (({"sampler": "ddpm", "steps": 5}, "DDPM always runs all"),
+                            ({"sampler": "ddim", "steps": T + 1}, "more than the model")):
+        with pytest.raises(MlflowException, match=message) as err:
+            model.predict(None, request_frame([image]), params)
+        assert err.value.get_http_status_code() == 400
 
 
 def test_resume_restores_ema_weights_and_step_counter(demo_data, tmp_path):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-METRICS = ("dice", "iou", "sensitivity", "specificity", "accuracy")
+METRICS = ("dice", "iou", "sensitivity", "specificity", "precision", "accuracy")
 
 
 def confusion(pred: np.ndarray, target: np.ndarray) -> tuple[int, int, int, int]:
@@ -38,12 +38,14 @@ def scores_from_confusion(tp: int, fp: int, fn: int, tn: int) -> dict[str, float
         "iou": _ratio(tp, tp + fp + fn),
         "sensitivity": _ratio(tp, tp + fn),
         "specificity": _ratio(tn, tn + fp),
+        "precision": _ratio(tp, tp + fp),
         "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
     }
 
 
 def segmentation_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Dice, IoU, sensitivity, specificity and accuracy of one predicted mask."""
+    """Dice (F1), IoU (Jaccard), sensitivity (recall), specificity, precision and accuracy of
+    one predicted mask."""
     return scores_from_confusion(*confusion(pred, target))
 
 

@@ -68,12 +68,12 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
                 raise _bad_request(f"unknown params {unknown}; this model takes "
                                    f"{sorted(type(cfg.serving).model_fields)}")
             try:
-                serving = type(cfg.serving).model_validate(
-                    {**cfg.serving.model_dump(),
-                     **{k: v for k, v in params.items() if v is not None}})
+                serving = type(cfg.serving).model_validate(self.task.merge_serving(
+                    cfg, {k: v for k, v in params.items() if v is not None}))
+                cfg = cfg.model_copy(update={"serving": serving})
+                self.task.check_serving(cfg)
             except ValueError as exc:
                 raise _bad_request(f"invalid params: {exc}") from None
-            cfg = cfg.model_copy(update={"serving": serving})
         return self.task.predict(self.model, images, cfg)
 
 

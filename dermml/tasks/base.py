@@ -168,6 +168,15 @@ class Task(ABC):
         finally:
             model.train(was_training)
 
+    def merge_serving(self, cfg: TaskConfig, params: dict[str, Any]) -> dict[str, Any]:
+        """The serving settings of a request: the trained defaults, then the request's params."""
+        return {**cfg.serving.model_dump(), **params}
+
+    def check_serving(self, cfg: TaskConfig) -> None:
+        """Raise ValueError when ``cfg.serving`` (request params applied) cannot be served
+        with this model (answered as HTTP 400). Every setting is servable by default."""
+        return None
+
     def prepare(self, cfg: TaskConfig, manifest: Manifest) -> TaskConfig:
         """Fill data-dependent settings (class names, class weights) before training.
 

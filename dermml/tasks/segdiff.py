@@ -93,7 +93,7 @@ class SegDiffServing(ServingConfig):
     eta: float = 0.0
     """DDIM stochasticity (0: deterministic given the initial noise)."""
     seed: int = 0
-    """Seed of the initial noise (the same image gives the same mask)."""
+    """Seed of the noise (the same request gives the same masks)."""
 
     @model_validator(mode="after")
     def _positive(self) -> SegDiffServing:
@@ -157,6 +157,20 @@ class SegDiffTask(SegmentationTask):
 
     def build_model(self, cfg: SegDiffConfig) -> nn.Module:
         return SegDiffNet(cfg)
+
+    def merge_serving(self, cfg: SegDiffConfig, params: dict) -> dict:
+        merged = super().merge_serving(cfg, params)
+        if params.get("sampler") == "ddpm" and "steps" not in params:
+            merged["steps"] = 0  # a model served with DDIM-K defaults: DDPM runs all T steps
+        return merged
+
+    def check_serving(self, cfg: SegDiffConfig) -> None:
+        s, T = cfg.serving, cfg.diffusion.timesteps
+        if s.sampler == "ddpm" and s.steps not in (0, T):
+            raise ValueError(f"steps={s.steps} with sampler=ddpm: DDPM always runs all {T} "
+                             "steps; use sampler=ddim for fewer")
+        if s.steps > T:
+            raise ValueError(f"steps={s.steps} is more than the model's {T} diffusion steps")
 
     def check_input_size(self, model: nn.Module, cfg: SegDiffConfig) -> None:
         """The dual-path U-Net halves the size per level: sizes must divide by 2**(levels-1)
@@ -227,17 +241,25 @@ class SegDiffTask(SegmentationTask):
         return {"dice": dice_sum / max(1, n)}
 
     def probabilities(self, model, images, cfg: SegDiffConfig) -> list[np.ndarray]:
+        """Mean lesion probability per image at its own size. Images are sampled together,
+        ``data.batch_size`` at a time with their whole ensemble in one batch (the network runs
+        T x ensemble times per batch, not per image)."""
+        self.check_serving(cfg)
         s = cfg.serving
         device = next(model.parameters()).device
+        steps = (s.steps or None) if s.sampler == "ddim" else None
         out = []
-        for image in images:
-            x = image_to_tensor(resize_image(image, cfg.data.image_size))[None].to(device)
-            steps = (s.steps or None) if s.sampler == "ddim" else None
+        chunk = max(1, cfg.data.batch_size)
+        for start in range(0, len(images), chunk):
+            batch = images[start:start + chunk]
+            x = torch.stack([image_to_tensor(resize_image(image, cfg.data.image_size))
+                             for image in batch]).to(device)
             probability, _ = self.sample_masks(model, x, cfg, s.sampler, steps, s.ensemble,
                                                s.eta, s.seed)
-            probability = F.interpolate(probability, size=image.shape[:2], mode="bilinear",
-                                        align_corners=False)
-            out.append(probability[0, 0].cpu().numpy())
+            for image, p in zip(batch, probability, strict=True):
+                p = F.interpolate(p[None], size=image.shape[:2], mode="bilinear",
+                                  align_corners=False)
+                out.append(p[0, 0].cpu().numpy())
         return out
 
     def preview(self, model, dataset: SegmentationDataset, cfg: SegDiffConfig,
@@ -254,8 +276,10 @@ class SegDiffTask(SegmentationTask):
         x = image_to_tensor(pairs[0][0])[None].to(device)
         steps = max(8, cfg.validation_steps)
         _, trajectory = self.sample_masks(model, x, cfg, "ddim", steps, 1, 0.0, 0,
-                                          trajectory_every=max(1, steps // 7))
-        frames = [diffusion_to_mask(f[0, 0]).clamp(0, 1).numpy() for f in trajectory[-8:]]
+                                          trajectory_every=1)
+        # 8 frames evenly over the reverse process: x_T (pure noise) first, x_0 last.
+        picked = np.linspace(0, len(trajectory) - 1, 8).round().astype(int)
+        frames = [diffusion_to_mask(trajectory[i][0, 0]).clamp(0, 1).numpy() for i in picked]
         tiles += [np.repeat((resize_image((f * 255).astype(np.uint8)[..., None].repeat(3, -1),
                                           side)), 1, axis=-1) for f in frames]
         return image_grid(tiles, columns=max(4, len(frames)))

@@ -27,7 +27,7 @@ from dermml.visualization import image_grid, overlay_boundaries
 
 __all__ = ["AugmentConfig", "SegmentationConfig", "SegmentationTask"]
 
-PER_IMAGE = ("dice", "iou", "sensitivity", "specificity", "accuracy")
+PER_IMAGE = ("dice", "iou", "sensitivity", "specificity", "precision", "accuracy")
 
 
 class SegmentationConfig(TaskConfig):
