@@ -201,3 +201,44 @@ def test_another_stream_of_the_same_seed_draws_other_transforms_reproducibly():
     assert all(not np.array_equal(r, s) for r, s in zip(real_out, synthetic_out, strict=True))
     for s in synthetic_out:
         np.testing.assert_array_equal(s, again(image, mask)[0])
+
+
+REFERENCE_PIXEL = ["CLAHE", "Emboss", "GaussNoise", "HueSaturationValue", "MultiplicativeNoise",
+                   "RGBShift", "RandomBrightnessContrast", "RandomGamma", "RandomToneCurve",
+                   "Sharpen", "Spatter", "UnsharpMask"]
+REFERENCE_SPATIAL = ["Affine", "CoarseDropout", "ElasticTransform", "HorizontalFlip",
+                     "VerticalFlip", "OneOf", "GridDistortion", "PiecewiseAffine", "PixelDropout",
+                     "RandomRotate90", "Rotate"]
+
+
+def test_dermosegdiff_policy_is_the_reference_set_and_keeps_masks_binary():
+    """The ISIC2018/PH2/HAM10000 presets use the reference's augmentation: 12 pixel-level and
+    11 spatial transforms at p 0.05, the whole set on half the images."""
+    from dermml.data.augment import dermosegdiff_ops
+    from dermml.training.run import resolve_config
+
+    pixel, spatial = dermosegdiff_ops(0.05)
+    assert [type(t).__name__ for t in pixel] == REFERENCE_PIXEL
+    assert [type(t).__name__ for t in spatial] == REFERENCE_SPATIAL
+    assert all(t.p == 0.05 for t in pixel + spatial)
+    cfg = resolve_config("segdiff", "configs/segdiff/isic2018.yaml", [])
+    assert cfg.augment.policy == "dermosegdiff"
+    pipeline = build_augment(cfg.augment, seed=0).pipeline
+    assert pipeline.p == 0.5
+
+    # Every transform at once, many times: image and mask keep their shapes, masks stay 0/1.
+    everything = build_augment(AugmentConfig(policy="dermosegdiff", reference_p=1.0,
+                                             reference_apply=1.0), seed=1)
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 20:44] = True
+    changed = 0
+    for _ in range(5):
+        out, out_mask = everything(image, mask)
+        assert out.shape == image.shape and out.dtype == np.uint8
+        assert out_mask.dtype == bool and out_mask.shape == mask.shape
+        assert 0 < out_mask.sum() < mask.size
+        changed += int(not np.array_equal(out, image))
+    assert changed == 5
+    off = build_augment(AugmentConfig(policy="dermosegdiff", reference_apply=0.0), seed=1)
+    assert np.array_equal(off(image, mask)[0], image)

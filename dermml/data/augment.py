@@ -6,7 +6,8 @@ Geometry moves image and mask together; colour, blur, hair and dropout touch the
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import albumentations as A
 import cv2
@@ -21,6 +22,15 @@ from dermml.config import Section
 
 class AugmentConfig(Section):
     """Training augmentation (albumentations); probabilities are per image."""
+
+    policy: Literal["dermml", "dermosegdiff"] = "dermml"
+    """dermml: the options below. dermosegdiff: the DermoSegDiff reference set (12 pixel-level
+    and 11 spatial transforms, each with probability ``reference_p``, the whole set applied to
+    ``reference_apply`` of the images); the options below are then ignored."""
+    reference_p: float = Field(0.05, ge=0, le=1)
+    """dermosegdiff policy: probability of each transform (reference: 0.05)."""
+    reference_apply: float = Field(0.5, ge=0, le=1)
+    """dermosegdiff policy: fraction of images augmented at all (reference: 0.5)."""
 
     flips: bool = True
     """Random horizontal/vertical flips and 90-degree rotations (lesions have no orientation)."""
@@ -222,8 +232,61 @@ def decode_mask(mask: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return mask > 0 if np.dtype(dtype) == np.bool_ else mask.astype(dtype)
 
 
+def dermosegdiff_ops(p: float) -> tuple[list[A.BasicTransform], list[A.BasicTransform]]:
+    """(pixel-level, spatial) transforms of DermoSegDiff's configs (``augmentation.levels``),
+    in the reference order, translated to albumentations 2: GaussNoise ``var_limit`` (10, 200)
+    on 0..255 becomes ``std_range`` of sqrt(10)/255..sqrt(200)/255; ElasticTransform loses
+    ``alpha_affine`` (removed from albumentations); ``Flip`` (a random axis) is one of the
+    horizontal, vertical or both flips; Spatter keeps albumentations' defaults (the reference's
+    values are out of range in albumentations 2). Masks: nearest-neighbour, never dropped out.
+    """
+    nearest = cv2.INTER_NEAREST
+    pixel = [
+        A.CLAHE(clip_limit=4, tile_grid_size=(3, 3), p=p),
+        A.Emboss(p=p),
+        A.GaussNoise(std_range=(math.sqrt(10) / 255, math.sqrt(200) / 255), p=p),
+        A.HueSaturationValue(hue_shift_limit=7, sat_shift_limit=30, val_shift_limit=20, p=p),
+        A.MultiplicativeNoise(multiplier=(0.8, 1.25), elementwise=True, p=p),
+        A.RGBShift(p=p),
+        A.RandomBrightnessContrast(p=p),
+        A.RandomGamma(gamma_limit=(70, 130), p=p),
+        A.RandomToneCurve(scale=0.15, p=p),
+        A.Sharpen(p=p),
+        A.Spatter(p=p),
+        A.UnsharpMask(p=p),
+    ]
+    spatial = [
+        A.Affine(mask_interpolation=nearest, p=p),
+        A.CoarseDropout(num_holes_range=(1, 5), hole_height_range=(4, 16),
+                        hole_width_range=(4, 16), fill=(10, 20, 60), fill_mask=None, p=p),
+        A.ElasticTransform(alpha=0.5, sigma=1.3, border_mode=cv2.BORDER_REFLECT,
+                           mask_interpolation=nearest, p=p),
+        A.HorizontalFlip(p=p),
+        A.VerticalFlip(p=p),
+        A.OneOf([A.HorizontalFlip(p=1), A.VerticalFlip(p=1),
+                 A.Compose([A.HorizontalFlip(p=1), A.VerticalFlip(p=1)])], p=p),
+        A.GridDistortion(border_mode=cv2.BORDER_REFLECT_101, mask_interpolation=nearest, p=p),
+        _quiet(A.PiecewiseAffine, mask_interpolation=nearest, p=p),  # warns that it is slow
+        A.PixelDropout(p=p),
+        A.RandomRotate90(p=p),
+        A.Rotate(border_mode=cv2.BORDER_REFLECT_101, mask_interpolation=nearest, p=p),
+    ]
+    return pixel, spatial
+
+
+def _quiet(transform: type, **kwargs: Any) -> A.BasicTransform:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return transform(**kwargs)
+
+
 def build_augment(cfg: AugmentConfig, seed: int | None = None) -> Augmenter | None:
     """The training augmentation of ``cfg`` (same seed, same stream), or None when all is off."""
+    if cfg.policy == "dermosegdiff":
+        pixel, spatial = dermosegdiff_ops(cfg.reference_p)
+        pipeline = A.Compose([A.Compose(pixel, p=1.0), A.Compose(spatial, p=1.0)],
+                             p=cfg.reference_apply, seed=seed)
+        return Augmenter(pipeline, seed)
     ops = geometry_ops(cfg) + pixel_ops(cfg)
     if not ops:
         return None
