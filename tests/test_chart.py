@@ -502,6 +502,34 @@ def test_there_is_no_value_that_takes_a_credential(where):
         render(where)
 
 
+CREDENTIAL_PATTERNS = [
+    re.compile(r"AKIA[0-9A-Z]{12,}"),  # AWS access key id
+    re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:[^/\s@'\"]+@"),  # URI with a password
+    re.compile(r"(?im)(password|secret_?key|token)\s*[:=]\s*['\"]?[A-Za-z0-9/+=_-]{6,}['\"]?$"),
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+]
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_rendered_output_holds_no_credential(profile, monkeypatch):
+    """Grep every rendered file (NOTES.txt included) of each profile, with the secret names of a
+    test values file and credentials in the rendering shell, for anything credential-shaped."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-fake-value")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-fake")
+    values = {**profile_values(profile), **SECRET_VALUES}
+    text = "\n".join(chart().render(values=values, name=RELEASE, namespace=NAMESPACE).values())
+    assert "my-s3-secret" in text  # the test values were used
+    for fake in ("s3cr3t-fake-value", "hunter2-fake"):
+        assert fake not in text
+    for pattern in CREDENTIAL_PATTERNS:
+        match = pattern.search(text)
+        assert match is None, f"credential-like text in the rendered chart: {match.group(0)!r}"
+    # The patterns do find what they are for.
+    leaks = ["key: AKIAIOSFODNN7EXAMPLE", "uri: postgresql+psycopg2://mlflow:pw123456@db/mlflow",
+             "  password: hunter2abc", "-----BEGIN RSA PRIVATE KEY-----"]
+    assert all(p.search(leak) for p, leak in zip(CREDENTIAL_PATTERNS, leaks, strict=True))
+
+
 def test_mlflow_server_uses_postgres_and_proxied_s3_artifacts():
     objects = rendered("default")
     pod = one(objects, "Deployment", f"{RELEASE}-mlflow")["spec"]["template"]["spec"]

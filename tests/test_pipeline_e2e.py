@@ -2,6 +2,7 @@
 
 import base64
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -167,7 +168,8 @@ def test_make_demo_job_runs_end_to_end_on_embedded_defaults(capsys):
     out = capsys.readouterr().out
     assert 0.0 <= dice <= 1.0
     assert "Dice vs ground truth" in out and f"{dice:.3f}" in out
-    assert "mlflow ui --backend-store-uri sqlite:" in out
-    version = MlflowClient(tracking.tracking_uri()).get_model_version_by_alias(
+    # The UI command it prints points at the store that holds the champion it served.
+    store = re.search(r"mlflow ui --backend-store-uri (sqlite:\S+)", out).group(1)
+    version = MlflowClient(store, registry_uri=store).get_model_version_by_alias(
         "dermml-segmentation", "champion")
     assert str(version.version) == "1"

@@ -52,3 +52,36 @@ def test_demo_data_on_s3_trains_like_local(s3_endpoint):
         "train.epochs=1", "ray.enabled=false"])
     result = run_loop(task, cfg, build_parts(task, cfg), torch.device("cpu"))
     assert result.epochs_run == 1 and result.history[0]["train_loss"] > 0
+
+
+@pytest.mark.integration
+def test_import_train_evaluate_register_promote_all_from_s3(s3_endpoint, demo_data):
+    """Every stage on s3:// URIs: a dataset layout on S3 is imported (listed, not copied), the
+    manifest written to S3 trains, evaluates and passes the promotion gate."""
+    from pathlib import Path
+
+    from dermml.data.importers import import_dataset
+    from dermml.evaluation.run import evaluate
+    from dermml.registry.gate import promote, register
+    from dermml.training.run import resolve_config, train
+
+    local = read_manifest(demo_data)
+    for _, row in local.df.iterrows():
+        for column, folder in (("image_uri", "images"), ("mask_uri", "masks")):
+            name = Path(row[column]).name
+            storage.write_bytes(f"s3://dermml/layout/{folder}/{name}",
+                                storage.read_bytes(local.resolve(row[column])))
+    uri, version = import_dataset("segmentation", "s3://dermml/layout",
+                                  "s3://dermml/manifests/seg.parquet", seed=0)
+    manifest = read_manifest(uri)
+    assert uri.startswith("s3://") and len(manifest.df) == len(local.df)
+    assert all(u.startswith("s3://dermml/layout/") for u in map(manifest.resolve,
+                                                                  manifest.df["image_uri"]))
+    cfg = resolve_config("segmentation", None, [
+        f"data.manifest={uri}", "data.image_size=32", "model.depth=2", "model.base_channels=8",
+        "train.epochs=2", "ray.enabled=false"])
+    outcome = train("segmentation", cfg, progress=False)
+    result = evaluate(outcome.model_uri, uri, ["test"], n_resamples=20)
+    assert result.dataset_version == version and 0 <= result.metrics["test"]["dice"] <= 1
+    decision = promote("segmentation", register(outcome.model_uri, "segmentation"), uri)
+    assert decision.promoted  # the first model has no champion to beat
