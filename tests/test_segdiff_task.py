@@ -172,3 +172,23 @@ def test_cli_predict_by_task_name_uses_the_champion_and_the_sampler_flags(traine
     assert again.exit_code != 0 and "exists" in again.output
     bad = CliRunner().invoke(app, [*args[:4], str(tmp_path / "other"), "--sampler", "euler"])
     assert bad.exit_code != 0 and "euler" in bad.output
+
+
+def test_logged_model_keeps_only_the_ema_network_and_serves_from_it(trained, tmp_path,
+                                                                     monkeypatch):
+    import mlflow
+
+    from dermml.evaluation.run import load_python_model
+
+    home, outcome = trained
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    folder = mlflow.artifacts.download_artifacts(outcome.model_uri, dst_path=str(tmp_path))
+    (bundle,) = Path(folder).rglob("model.pt")
+    state = torch.load(bundle, map_location="cpu", weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("unet.") for k in state)
+    assert any(k.startswith("ema_unet.") for k in state) and "ema_step" in state
+    net = load_python_model(outcome.model_uri).model
+    for (name, ema), (_, live) in zip(net.ema_unet.state_dict().items(),
+                                      net.unet.state_dict().items(), strict=True):
+        assert torch.equal(ema, live), name
+        assert torch.equal(ema, state[f"ema_unet.{name}"]), name

@@ -45,7 +45,7 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
         self.task = get_task(bundle["task"])
         self.cfg = self.task.config_cls.model_validate(bundle["config"])
         self.model = self.task.build_model(self.cfg)
-        self.model.load_state_dict(bundle["state_dict"])
+        self.task.load_serving_state(self.model, bundle["state_dict"])
         self.model.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
@@ -113,7 +113,7 @@ def log_task_model(task_name: str, cfg: TaskConfig, state_dict: dict,
         bundle = Path(folder, "model.pt")
         buf = io.BytesIO()
         torch.save({"task": task_name, "config": cfg.model_dump(mode="json"),
-                    "state_dict": state_dict}, buf)
+                    "state_dict": get_task(task_name).serving_state(state_dict)}, buf)
         bundle.write_bytes(buf.getvalue())
         info = mlflow.pyfunc.log_model(
             name=name, python_model=str(Path(__file__).with_name("model_code.py")),

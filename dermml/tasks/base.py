@@ -168,6 +168,14 @@ class Task(ABC):
         finally:
             model.train(was_training)
 
+    def serving_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """The weights the logged model keeps (all of them unless a task needs fewer)."""
+        return state_dict
+
+    def load_serving_state(self, model: nn.Module, state_dict: dict[str, Any]) -> None:
+        """Load what ``serving_state`` kept into a freshly built model."""
+        model.load_state_dict(state_dict)
+
     def merge_serving(self, cfg: TaskConfig, params: dict[str, Any]) -> dict[str, Any]:
         """The serving settings of a request: the trained defaults, then the request's params."""
         return {**cfg.serving.model_dump(), **params}
