@@ -192,3 +192,28 @@ def test_logged_model_keeps_only_the_ema_network_and_serves_from_it(trained, tmp
                                       net.unet.state_dict().items(), strict=True):
         assert torch.equal(ema, live), name
         assert torch.equal(ema, state[f"ema_unet.{name}"]), name
+
+
+def test_boundary_map_comes_from_the_loader_and_gives_the_same_loss(demo_data):
+    """The hybrid-loss presets compute the boundary distance map in the DataLoader workers:
+    the training step gets it with the batch and its loss equals the in-step computation."""
+    from torch.utils.data import DataLoader
+
+    from dermml.losses.diffusion import boundary_proximity
+    from dermml.tasks.segdiff import WithBoundaryProximity
+
+    task = get_task("segdiff")
+    cfg = demo_cfg(demo_data, 1, "loss.kind=hybrid", "loss.gamma=0.25")
+    manifest = read_manifest(demo_data)
+    train_ds, val_ds = task.datasets(cfg, manifest)
+    assert isinstance(train_ds, WithBoundaryProximity) and len(val_ds[0]) == 2
+    images, masks, proximity = next(iter(DataLoader(train_ds, batch_size=4, num_workers=1)))
+    assert torch.allclose(proximity, boundary_proximity(masks), equal_nan=True)
+    assert torch.isfinite(proximity).any()
+    model = task.build_model(cfg)
+    step = task.loss_step(cfg)
+    torch.manual_seed(3)
+    from_loader = step(model, (images, masks, proximity))
+    torch.manual_seed(3)
+    in_step = step(model, (images, masks))
+    assert torch.allclose(from_loader, in_step)

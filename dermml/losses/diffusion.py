@@ -38,14 +38,17 @@ def boundary_proximity(mask01: torch.Tensor) -> torch.Tensor:
     if mask01.dim() != 4 or mask01.shape[1] != 1:
         raise ValueError(f"mask of shape {tuple(mask01.shape)}: expected (N, 1, H, W)")
     masks = (mask01.detach().float().cpu().numpy()[:, 0] > 0.5)
-    out = np.full(masks.shape, np.nan, dtype=np.float32)
-    for i, mask in enumerate(masks):
-        edge = lesion_boundary(mask)
-        if mask.sum() <= MIN_FOREGROUND_FRACTION * mask.size or not edge.any():
-            continue
-        dist = ndimage.distance_transform_edt(~edge)
-        out[i] = 1.0 - dist / max(dist.max(), 1.0)
+    out = np.stack([mask_proximity(mask) for mask in masks])
     return torch.from_numpy(out[:, None]).to(mask01.device)
+
+
+def mask_proximity(mask: np.ndarray) -> np.ndarray:
+    """``boundary_proximity`` of one boolean (H, W) mask, as float32 numpy (NaN: uniform)."""
+    edge = lesion_boundary(mask)
+    if mask.sum() <= MIN_FOREGROUND_FRACTION * mask.size or not edge.any():
+        return np.full(mask.shape, np.nan, dtype=np.float32)
+    dist = ndimage.distance_transform_edt(~edge)
+    return (1.0 - dist / max(dist.max(), 1.0)).astype(np.float32)
 
 
 def boundary_weight_map(mask01: torch.Tensor, t: torch.Tensor, timesteps: int, gamma: float,

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
+from torch.utils.data import Dataset
 
 from dermml.config import ConfigError, Section
 from dermml.data.augment import build_augment
 from dermml.data.datasets import SegmentationDataset, image_to_tensor, resize_image
 from dermml.data.manifest import Manifest
 from dermml.data.sampling import subset_indices
-from dermml.losses.diffusion import boundary_weight_map, diffusion_loss
+from dermml.losses.diffusion import boundary_weight_map, diffusion_loss, mask_proximity
 from dermml.models.dermosegdiff import DermoSegDiffConfig, DermoSegDiffUNet
 from dermml.models.diffusion import (
     EMA,
@@ -199,7 +200,10 @@ class SegDiffTask(SegmentationTask):
             keep = subset_indices(len(rows), 1 / DATA_SCALE[cfg.data_scale], cfg.train.seed)
             rows = rows.iloc[keep].reset_index(drop=True)
         augment = build_augment(cfg.augment, seed=cfg.train.seed) if train else None
-        return SegmentationDataset(manifest, rows, cfg.data.image_size, augment)
+        dataset = SegmentationDataset(manifest, rows, cfg.data.image_size, augment)
+        if train and cfg.loss.kind in ("boundary", "hybrid"):
+            return WithBoundaryProximity(dataset)
+        return dataset
 
     def loss_step(self, cfg: SegDiffConfig):
         diffusion = diffusion_of(cfg)
@@ -207,12 +211,13 @@ class SegDiffTask(SegmentationTask):
         needs_map = loss_cfg.kind in ("boundary", "hybrid")
 
         def step(model: nn.Module, batch) -> torch.Tensor:
-            images, masks = batch
+            images, masks, *extra = batch  # + boundary proximity from the loader workers
             x0 = mask_to_diffusion(masks)
             t = torch.randint(1, T, (x0.shape[0],), device=x0.device)  # reference: [1, T-1]
             noise = torch.randn_like(x0)
             eps = model(diffusion.q_sample(x0, t, noise).float(), t, images)
-            weight = boundary_weight_map(masks, t, T, loss_cfg.gamma) if needs_map else None
+            weight = boundary_weight_map(masks, t, T, loss_cfg.gamma,
+                                         extra[0] if extra else None) if needs_map else None
             return diffusion_loss(eps.float(), noise, loss_cfg.kind, weight,
                                   loss_cfg.boundary_weight)
 
@@ -295,6 +300,28 @@ class SegDiffTask(SegmentationTask):
         tiles += [np.repeat((resize_image((f * 255).astype(np.uint8)[..., None].repeat(3, -1),
                                           side)), 1, axis=-1) for f in frames]
         return image_grid(tiles, columns=max(4, len(frames)))
+
+
+class WithBoundaryProximity(Dataset):
+    """(image, mask, boundary proximity) of a segmentation dataset: the distance transform of
+    the boundary-aware loss runs in the DataLoader workers on the augmented mask, so the
+    training step needs no CPU round trip (``boundary_weight_map(..., proximity=...)``)."""
+
+    def __init__(self, dataset: SegmentationDataset):
+        self.dataset = dataset  # also how progressive resizing finds the leaf dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # load, files, augment, sample_ids, image_size, ...
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image, mask = self.dataset[index]
+        proximity = torch.from_numpy(mask_proximity(mask[0].numpy() > 0.5))[None]
+        return image, mask, proximity
 
 
 def _display(image, truth, pred, side):
