@@ -1,11 +1,13 @@
-"""Evaluation component: metrics on the test split, also shown as KFP Metrics."""
+"""Evaluation component: metrics on the test split, also shown as KFP Metrics. It runs the model
+over the whole split (diffusion sampling: T steps x ensemble per image), so it uses the GPU
+image and, in the shipped platform config, the GPU pool."""
 
 from kfp import dsl
 
-from components.image import CPU_IMAGE
+from components.image import GPU_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate_model(model_uri: str, manifest_uri: str, splits: str, parent_run_id: str,
                    metrics: dsl.Output[dsl.Metrics]) -> str:
     from dermml.evaluation.run import evaluate

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from components.image import CPU_IMAGE
+from components.image import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -21,7 +21,7 @@ def register_model(model_uri: str, task: str,
         version, f"models:/{model_name(task)}/{version}")
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # scores the model
 def promote_model(task: str, version: str, manifest_uri: str, split: str, min_delta: float,
                   parent_run_id: str) -> bool:
     from dermml.orchestration.tracking import failing_parent

@@ -42,6 +42,15 @@ def test_compiled_yaml_places_gpu_stages_on_the_gpu_pool(tmp_path):
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["MLFLOW_TRACKING_URI"].startswith("http://dermml-mlflow")
 
+    # Scoring stages run the model over the test split: GPU image on the GPU pool too.
+    for scoring in ("evaluate-model", "promote-model"):
+        exec_name = executor_of(pipeline, scoring)
+        scorer = pipeline["deploymentSpec"]["executors"][exec_name]["container"]
+        assert scorer["image"].startswith("ghcr.io/dermml/dermml-gpu"), scoring
+        assert scorer["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu", scoring
+        assert k8s_config(platform, exec_name)["nodeSelector"]["labels"] == {
+            "dermml.io/pool": "gpu"}, scoring
+
     validate_exec = executor_of(pipeline, "validate-data")
     validate = pipeline["deploymentSpec"]["executors"][validate_exec]["container"]
     assert "accelerator" not in validate.get("resources", {})

@@ -94,3 +94,18 @@ def test_an_unreachable_registry_is_an_error_not_a_missing_champion():
         _champion_version(Registry(down), "dermml-segmentation")
     with pytest.raises(ConnectionError):
         _champion_version(Registry(ConnectionError("refused")), "dermml-segmentation")
+
+
+def test_loaded_models_run_where_dermml_device_says(monkeypatch):
+    import torch
+
+    from dermml.serving.pyfunc import serving_device
+
+    monkeypatch.delenv("DERMML_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert serving_device().type == expected
+    monkeypatch.setenv("DERMML_DEVICE", "cpu")
+    assert serving_device() == torch.device("cpu")
+    monkeypatch.setenv("DERMML_DEVICE", "tpu-please")
+    with pytest.raises(ValueError, match="DERMML_DEVICE='tpu-please'"):
+        serving_device()

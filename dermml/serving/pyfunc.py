@@ -9,6 +9,7 @@ evaluation and serving run the very same code.
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
         self.cfg = self.task.config_cls.model_validate(bundle["config"])
         self.model = self.task.build_model(self.cfg)
         self.task.load_serving_state(self.model, bundle["state_dict"])
-        self.model.eval()
+        self.model.to(serving_device()).eval()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input:
@@ -102,6 +103,16 @@ def signature_for(task_name: str, cfg: TaskConfig) -> ModelSignature:
 def request_frame(images: list[np.ndarray]) -> pd.DataFrame:
     """The serving request for RGB uint8 images."""
     return pd.DataFrame({IMAGE_COLUMN: [to_base64(encode_png(img)) for img in images]})
+
+
+def serving_device() -> torch.device:
+    """Where a loaded model runs: ``$DERMML_DEVICE`` (e.g. ``cpu``, ``cuda:1``), else the GPU
+    when there is one (model servers and the evaluate/promote stages on the GPU pool)."""
+    name = os.environ.get("DERMML_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"DERMML_DEVICE={name!r} is not a torch device ({exc})") from None
 
 
 def log_task_model(task_name: str, cfg: TaskConfig, state_dict: dict,
