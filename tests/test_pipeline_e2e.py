@@ -147,6 +147,25 @@ def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
     assert "test_balanced_accuracy" in stages["evaluate"][0].data.metrics
 
 
+@pytest.mark.integration
+def test_pipeline_task_parameter_trains_evaluates_and_registers_segdiff(demo_data):
+    """The diffusion task through the same pipeline: its suite, the shared evaluation (HD95
+    included) with the model's default sampler, registry and gate."""
+    demo = str(Path(__file__).resolve().parents[1] / "configs" / "segdiff" / "demo.yaml")
+    outputs = run_local("training", {"task": "segdiff", "manifest_uri": demo_data,
+                                     "config": demo,
+                                     "overrides": ["train.epochs=2", "ray.enabled=false",
+                                                   "serving.steps=4", "serving.ensemble=1"]})
+    assert outputs["model_version"] == "1" and outputs["promoted"] is True
+    client = MlflowClient(tracking.tracking_uri())
+    champion = client.get_model_version_by_alias("dermml-segdiff", "champion")
+    assert champion.run_id == outputs["train_run_id"]
+    stages = runs_of(client, outputs["parent_run_id"])
+    assert {"validate", "train", "evaluate"} <= set(stages)
+    metrics = stages["evaluate"][0].data.metrics
+    assert {"test_dice", "test_iou", "test_precision", "test_hd95"} <= set(metrics)
+
+
 def test_a_stage_failing_outside_its_own_run_still_fails_the_pipeline_run():
     """A bad override, the registry: failures before a stage's MLflow run exists (or outside
     it) must not leave the pipeline's parent run RUNNING forever."""
