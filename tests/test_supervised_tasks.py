@@ -307,3 +307,31 @@ def test_attributes_evaluate_with_intervals_and_serve_the_evaluated_label_maps(d
         decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
         assert np.array_equal(decoded, pred["label_map"])
         assert set(json.loads(fractions)) == set(cfg.attributes)
+
+
+def test_weak_label_change_fraction_counts_labels_or_mask_pixels(tmp_path):
+    """Classification relabels leave masks as they were: 0 labels changed is 0, not 1."""
+    from dermml.config import ConfigError
+    from dermml.data.images import encode_png
+    from dermml.data.manifest import Manifest
+    from dermml.training.schemes import _fraction_changed, train_with_weak_labels
+
+    manifest = Manifest(df=pd.DataFrame(), uri=str(tmp_path / "m.parquet"), version="v",
+                        base_dir=str(tmp_path))
+    before = pd.DataFrame({"label": ["a", "b", "a", "b"], "mask_uri": [None] * 4})
+    assert _fraction_changed(before, before.copy(), manifest) == 0.0
+    after = before.assign(label=["a", "a", "a", "b"])
+    assert _fraction_changed(before, after, manifest) == 0.25
+    old = np.zeros((4, 4), bool)
+    new = old.copy()
+    new[0, :2] = True  # 2 of 16 pixels
+    (tmp_path / "old.png").write_bytes(encode_png(old))
+    (tmp_path / "new.png").write_bytes(encode_png(new))
+    masks_before = pd.DataFrame({"label": ["a", "a"], "mask_uri": ["old.png", None]})
+    masks_after = masks_before.assign(mask_uri=[str(tmp_path / "new.png"),
+                                                str(tmp_path / "new.png")])
+    assert _fraction_changed(masks_before, masks_after, manifest) == pytest.approx(
+        (2 / 16 + 1.0) / 2)
+    cfg = resolve_config("attributes", None, ["data.manifest=unused"])
+    with pytest.raises(ConfigError, match="cannot relabel"):
+        train_with_weak_labels("attributes", cfg, "wl_train", "sl_train")

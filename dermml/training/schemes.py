@@ -14,12 +14,12 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from dermml import storage
-from dermml.config import dermml_home
+from dermml.config import ConfigError, dermml_home
 from dermml.data.images import load_image
 from dermml.data.manifest import Manifest, read_manifest, write_manifest
 from dermml.orchestration import tracking
 from dermml.tasks import get_task
-from dermml.tasks.base import TaskConfig
+from dermml.tasks.base import Task, TaskConfig
 from dermml.training.run import TrainOutcome, train
 
 URI_COLUMNS = ("image_uri", "mask_uri", "anatomy_uri", "depth_uri")
@@ -55,6 +55,9 @@ def train_with_weak_labels(task_name: str, cfg: TaskConfig, wl_split: str, sl_sp
     """Strong labels first; then ``repeats`` times: relabel the weak set with the model, train
     on it (from the current weights), fine-tune on the strong set."""
     task = get_task(task_name)
+    if type(task).relabel is Task.relabel:
+        raise ConfigError(f"weak labels: task {task_name!r} cannot relabel its weak set (tasks "
+                          "that can: classification, segmentation, segdiff)")
     manifest = read_manifest(cfg.data.manifest)
     weak_rows = manifest.split(wl_split)
     # Classes and class weights come from the strong set and stay fixed for every round, so
@@ -108,19 +111,27 @@ def _relabel(task, model_uri: str, manifest: Manifest, weak_rows: pd.DataFrame,
 
 
 def _fraction_changed(before: pd.DataFrame, after: pd.DataFrame, manifest: Manifest) -> float:
-    if (before["label"].astype(str) != after["label"].astype(str)).any():
-        return float((before["label"].astype(str).to_numpy()
-                      != after["label"].astype(str).to_numpy()).mean())
+    """Relabelled masks: mean fraction of pixels changed (a new mask where there was none counts
+    1); relabelled classes (masks untouched): fraction of labels changed."""
     from dermml.data.images import load_mask
 
+    old_masks = [None if _missing(u) else manifest.resolve(u) for u in before["mask_uri"]]
+    new_masks = [None if _missing(u) else u for u in after["mask_uri"]]
+    if old_masks == new_masks:
+        return float((before["label"].astype(str).to_numpy()
+                      != after["label"].astype(str).to_numpy()).mean())
     changed = []
-    for old, new in zip(before["mask_uri"], after["mask_uri"], strict=True):
-        if old is None or (isinstance(old, float) and np.isnan(old)):
-            changed.append(1.0)
+    for old, new in zip(old_masks, new_masks, strict=True):
+        if old is None or new is None:
+            changed.append(float(old != new))
             continue
-        a, b = load_mask(manifest.resolve(old)), load_mask(new)
+        a, b = load_mask(old), load_mask(new)
         changed.append(float((a != b).mean()) if a.shape == b.shape else 1.0)
     return float(np.mean(changed))
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 # ----------------------------------------------------------------------------- cross-validation
