@@ -9,13 +9,13 @@ from components.image import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def evaluate_model(model_uri: str, manifest_uri: str, splits: str, parent_run_id: str,
-                   metrics: dsl.Output[dsl.Metrics]) -> str:
+                   n_resamples: int, metrics: dsl.Output[dsl.Metrics]) -> str:
     from dermml.evaluation.run import evaluate
     from dermml.orchestration.tracking import failing_parent
 
     with failing_parent(parent_run_id):
         result = evaluate(model_uri, manifest_uri, splits.split(","), parent_run_id,
-                          n_resamples=200)
+                          n_resamples=n_resamples)
     for name, value in result.flat_metrics().items():
         metrics.log_metric(name, value)
     return result.run_id

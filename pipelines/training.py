@@ -32,7 +32,8 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                       manifest_uri: str = "", demo_root: str = "", demo_n: int = 160,
                       demo_size: int = 64, seed: int = 0,
                       required_splits: str = "train,val,test", test_split: str = "test",
-                      min_delta: float = 0.0) -> TrainingOutputs:
+                      min_delta: float = 0.0, bootstrap_resamples: int = 200
+                      ) -> TrainingOutputs:
     parent = start_pipeline_run(task=task, pipeline="training")
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
                         demo_size=demo_size, seed=seed, parent_run_id=parent.output)
@@ -45,7 +46,7 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                                 parent_run_id=parent.output)
     evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],
                                manifest_uri=checked.outputs["Output"], splits=test_split,
-                               parent_run_id=parent.output)
+                               parent_run_id=parent.output, n_resamples=bootstrap_resamples)
     promoted = promote_model(task=task, version=registered.outputs["version"],
                              manifest_uri=checked.outputs["Output"], split=test_split,
                              min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
