@@ -118,3 +118,20 @@ def test_failed_rayjob_fails_the_run(demo_data, tmp_path, monkeypatch):
         "dermml/segmentation")
     runs = MlflowClient(tracking.tracking_uri()).search_runs([experiment.experiment_id])
     assert runs[0].info.status == "FAILED"
+
+
+def test_rayjob_pods_fall_under_the_charts_network_policies():
+    """Default deny + the Ray policy of the chart select the RayJob's pods: they may talk to
+    each other, MLflow, S3 and DNS, and nothing else."""
+    from test_chart import NAMESPACE, RELEASE, render
+
+    manifest = rayjob_manifest("segmentation", gpu_cfg(), "0123456789abcdef0123")
+    spec = manifest["spec"]
+    templates = [spec["submitterPodTemplate"], spec["rayClusterSpec"]["headGroupSpec"]["template"],
+                 *(g["template"] for g in spec["rayClusterSpec"]["workerGroupSpecs"])]
+    policies = {p["metadata"]["name"]: p for p in render() if p["kind"] == "NetworkPolicy"}
+    assert manifest["metadata"]["namespace"] == NAMESPACE
+    for name in (f"{RELEASE}-default-deny", f"{RELEASE}-allow-dns", f"{RELEASE}-ray"):
+        selector = policies[name]["spec"]["podSelector"]["matchLabels"]
+        for template in templates:
+            assert selector.items() <= template["metadata"]["labels"].items(), name

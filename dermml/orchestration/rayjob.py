@@ -62,8 +62,12 @@ def _container(name: str, k8s: RayKubernetesConfig, cpu: str, memory: str,
                              {"name": "dshm", "mountPath": "/dev/shm"}]}
 
 
-POD_LABELS = {"app.kubernetes.io/part-of": "dermml", "app.kubernetes.io/component": "ray"}
-"""The chart's NetworkPolicies let pods with these labels reach MLflow and S3."""
+def pod_labels(k8s: RayKubernetesConfig) -> dict[str, str]:
+    """Labels of every RayJob pod: the chart's Ray pod selector (release ``k8s.helm_release``),
+    so the chart's default-deny and Ray NetworkPolicies cover these pods too (Ray traffic among
+    them, MLflow, S3 and DNS, nothing else)."""
+    return {"app.kubernetes.io/name": "dermml", "app.kubernetes.io/instance": k8s.helm_release,
+            "app.kubernetes.io/part-of": "dermml", "app.kubernetes.io/component": "ray"}
 
 
 def _pod(container: dict, k8s: RayKubernetesConfig, gpu_pool: bool) -> dict[str, Any]:
@@ -78,7 +82,7 @@ def _pod(container: dict, k8s: RayKubernetesConfig, gpu_pool: bool) -> dict[str,
     if gpu_pool:
         spec["nodeSelector"] = dict(k8s.worker_node_selector)
         spec["tolerations"] = [dict(t) for t in k8s.worker_tolerations]
-    return {"metadata": {"labels": dict(POD_LABELS)}, "spec": spec}
+    return {"metadata": {"labels": pod_labels(k8s)}, "spec": spec}
 
 
 def check_config(cfg: TaskConfig) -> None:

@@ -53,6 +53,9 @@ class RayKubernetesConfig(Section):
     """Submit a RayJob (per-job RayCluster, or an existing one via cluster_selector)."""
     namespace: str = "dermml"
     """Namespace of the RayJob."""
+    helm_release: str = "dermml"
+    """Release of charts/dermml in that namespace: its NetworkPolicies select the RayJob's pods
+    by this release's labels."""
     cluster_selector: dict[str, str] = {}
     """Labels of an existing RayCluster to run on (e.g. ray.io/cluster: dermml-ray); empty
     creates a RayCluster for the job and deletes it afterwards."""
