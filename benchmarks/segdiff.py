@@ -27,6 +27,11 @@ SMALL = DermoSegDiffConfig(dim_x=32, dim_g=16, dim_x_mults=[1, 2, 3, 4],
                            dim_g_mults=[1, 2, 4, 8], resnet_block_groups=8)
 
 
+
+def _amp_dtype() -> torch.dtype:
+    """As the training loop's ``amp_dtype: auto``: bfloat16 where the GPU has it, else float16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -46,7 +51,7 @@ def train_speed(cfg: DermoSegDiffConfig, size: int, batch: int, steps: int,
     diffusion = GaussianDiffusion(beta_schedule("linear", 250))
     g = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     x0 = (torch.rand(batch, 1, size, size, device=device) > 0.5).float() * 2 - 1
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if ours and cuda else \
+    amp = torch.autocast("cuda", dtype=_amp_dtype()) if ours and cuda else \
         contextlib.nullcontext()
 
     def step():
@@ -79,7 +84,7 @@ def sampling_seconds(cfg: DermoSegDiffConfig, size: int, device: torch.device, s
     model = DermoSegDiffUNet(cfg).to(device).eval()
     diffusion = GaussianDiffusion(beta_schedule("linear", 250))
     g = torch.rand(ensemble, 3, size, size, device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if ours and device.type == "cuda" \
+    amp = torch.autocast("cuda", dtype=_amp_dtype()) if ours and device.type == "cuda" \
         else contextlib.nullcontext()
     with torch.no_grad(), amp:
         sync(device)

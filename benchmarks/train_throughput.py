@@ -44,6 +44,11 @@ TASKS = {
 }
 
 
+
+def _amp_dtype() -> torch.dtype:
+    """As the training loop's ``amp_dtype: auto``: bfloat16 where the GPU has it, else float16."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
 def measure(task: str, size: int, batch: int, steps: int, device: torch.device,
             configured: bool, compile_model: bool) -> float:
     """Images/second of full training steps (forward, loss, backward, optimizer step)."""
@@ -60,7 +65,7 @@ def measure(task: str, size: int, batch: int, steps: int, device: torch.device,
     if configured and cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     y = build_target(batch, size, device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if configured and cuda else \
+    amp = torch.autocast("cuda", dtype=_amp_dtype()) if configured and cuda else \
         contextlib.nullcontext()
 
     def step():

@@ -108,3 +108,32 @@ def test_epoch_aware_samplers_see_every_epoch():
     assert seen == [0, 1, 2]
     assert orders[0] != orders[1] != orders[2]
     assert loader.sampler.epoch == 2
+
+
+def test_amp_dtype_is_bfloat16_where_the_gpu_has_it_else_float16(monkeypatch):
+    from dermml.training.loop import LoopConfig, amp_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert amp_dtype(LoopConfig(), cpu) is None and amp_dtype(LoopConfig(amp=False), cuda) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype(LoopConfig(), cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # T4, V100
+    assert amp_dtype(LoopConfig(), cuda) == torch.float16
+    assert amp_dtype(LoopConfig(amp_dtype="bfloat16"), cuda) == torch.bfloat16
+
+
+def test_float16_training_scales_the_loss_learns_and_checkpoints_the_scaler(demo_data, tmp_path,
+                                                                             monkeypatch):
+    """The float16 path (GradScaler) run on the CPU: the loss goes down and the scaler state is
+    checkpointed with the rest, so a resumed run keeps its loss scale."""
+    from dermml.training import loop
+
+    monkeypatch.setattr(loop, "amp_dtype", lambda cfg, device: torch.float16)
+    task, cfg = tiny_cfg(demo_data, 3)
+    checkpoints = FolderCheckpointer(str(tmp_path / "ckpt"))
+    result = run_loop(task, cfg, build_parts(task, cfg), torch.device("cpu"),
+                      checkpointer=checkpoints)
+    losses = [h["train_loss"] for h in result.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    scaler_state = checkpoints.load()["scaler"]
+    assert scaler_state and scaler_state["scale"] > 0

@@ -45,7 +45,10 @@ class LoopConfig(Section):
     grad_accum_steps: int = 1
     """Optimizer step every N batches."""
     amp: bool = True
-    """bf16 autocast on CUDA (ignored on CPU)."""
+    """Mixed precision (autocast) on CUDA (ignored on CPU)."""
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"
+    """Autocast dtype: auto = bfloat16 where the GPU has it (Ampere and newer), else float16
+    with loss scaling (T4, V100: bfloat16 autocast fails there)."""
     channels_last: bool = True
     """channels_last memory format on CUDA (ignored on CPU, where it is slower)."""
     compile: bool | Literal["auto"] = "auto"
@@ -125,10 +128,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def amp_dtype(cfg: LoopConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``cfg`` on ``device``; None: full precision."""
+    if not cfg.amp or device.type != "cuda":
+        return None
+    if cfg.amp_dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, cfg.amp_dtype)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 StepFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -153,6 +165,9 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
     use_cl = cfg.channels_last and device.type == "cuda"
     model.to(device, memory_format=torch.channels_last if use_cl else torch.contiguous_format)
     optimizer = build_optimizer(model, cfg, device)
+    dtype = amp_dtype(cfg, device)
+    # float16 gradients underflow without loss scaling; bfloat16 has float32's range.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     # Compiled and eager modules share parameters: the optimizer, checkpoints, EMA and
     # validation keep using ``model``; only the training step runs through ``step_model``.
     step_model = model
@@ -181,6 +196,8 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         scheduler.load_state_dict(state["scheduler"])
         if plateau is not None and "plateau" in state:
             plateau.load_state_dict(state["plateau"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         result.history = state.get("history", [])
         result.best_metric = state.get("best_metric")
@@ -194,13 +211,13 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         started, first_step = time.perf_counter(), global_step
         train_loss, global_step = _train_epoch(
             model, train_loader, cfg, loss_step, optimizer, scheduler, device, hooks,
-            global_step, progress, epoch, after_step, step_model)
+            global_step, progress, epoch, after_step, step_model, dtype, scaler)
         metrics = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                    "epoch_seconds": time.perf_counter() - started,
                    "optimizer_steps": global_step - first_step}
         if evaluate is not None and val_loader is not None:
             model.eval()
-            with torch.no_grad(), autocast(device, cfg.amp):
+            with torch.no_grad(), autocast(device, dtype):
                 scores = evaluate(model, val_loader, device)
             metrics.update({f"val_{k}": v for k, v in scores.items()})
             model.train()
@@ -225,6 +242,7 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
                            "history": result.history, "best_metric": result.best_metric,
                            "best_model": best_model, "since_best": since_best,
                            "plateau": plateau.state_dict() if plateau else None,
+                           "scaler": scaler.state_dict() if scaler else None,
                            "is_best": improved}, metrics)
         if hooks.on_epoch_end:
             hooks.on_epoch_end(epoch, metrics)
@@ -280,7 +298,7 @@ def _steps_per_epoch(loader: Iterable, cfg: LoopConfig) -> int:
 
 def _train_epoch(model, loader, cfg, loss_step, optimizer, scheduler, device, hooks,
                  global_step, progress, epoch, after_step=None,
-                 step_model=None) -> tuple[float, int]:
+                 step_model=None, dtype=None, scaler=None) -> tuple[float, int]:
     step_model = model if step_model is None else step_model
     model.train()
     limit = _steps_per_epoch(loader, cfg)
@@ -291,11 +309,16 @@ def _train_epoch(model, loader, cfg, loss_step, optimizer, scheduler, device, ho
         if i >= limit:
             break
         batch = _to_device(batch, device, cfg.channels_last and device.type == "cuda")
-        with autocast(device, cfg.amp):
+        with autocast(device, dtype):
             loss = loss_step(step_model, batch)
-        (loss / cfg.grad_accum_steps).backward()
+        scaled = loss / cfg.grad_accum_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if (i + 1) % cfg.grad_accum_steps == 0 or i + 1 == limit:
-            optimizer.step()
+            if scaler is not None:  # skips the step when float16 gradients overflowed
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             if after_step is not None:
