@@ -60,6 +60,14 @@ def test_pipeline_trains_registers_promotes_and_serves(tracking_server, demo_dat
     assert any(k.startswith("system/") for k in train_run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
     assert {"config.yaml", "previews"} <= artifacts
+    # The logged model has a signature (image in, mask out, serving params) and an example.
+    import mlflow
+
+    info = mlflow.models.get_model_info(train_run.data.tags["dermml.model_uri"])
+    assert [c.name for c in info.signature.inputs.inputs] == ["image"]
+    assert "mask" in [c.name for c in info.signature.outputs.inputs]
+    assert "threshold" in [p.name for p in info.signature.params.params]
+    assert info.saved_input_example_info is not None
     evaluation = stages["evaluate"][0].data.metrics
     assert evaluation["test_dice"] > 0.6
 
