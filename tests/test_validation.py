@@ -458,3 +458,19 @@ def test_validation_under_an_info_root_logger_prints_no_great_expectations_chatt
     assert done.returncode == 0, done.stderr
     chatter = [line for line in done.stderr.splitlines() if "great_expectations" in line]
     assert not chatter and len(done.stderr.splitlines()) < 20, done.stderr[-2000:]
+
+
+def test_a_column_missing_from_the_manifest_file_fails_required_columns(demo_data, tmp_path):
+    """Reading fills the schema's columns a file lacks with nulls; the check looks at the file:
+    a hand-made detection manifest without ``boxes`` fails, naming the column."""
+    manifest = read_manifest(demo_data)
+    df = manifest.df[["sample_id", "image_uri", "mask_uri", "label", "split"]].copy()
+    for column in ("image_uri", "mask_uri"):
+        df[column] = [manifest.resolve(u) for u in df[column]]
+    path = tmp_path / "foreign.parquet"
+    df.to_parquet(path)  # written by another tool, not write_manifest
+    outcome = validate(str(path), "detection", track=False, warn_only=True, progress=False)
+    failed = [e["name"] for e in outcome.report.expectations if not e["success"]]
+    assert failed == ["required_columns.boxes"]
+    assert any("no column 'boxes'" in p.reason for p in outcome.report.problems)
+    assert validate(str(path), "segmentation", track=False, progress=False).report.passed

@@ -102,6 +102,9 @@ class Manifest:
     uri: str
     version: str
     base_dir: str = field(default="")
+    file_columns: tuple[str, ...] = ()
+    """Columns the manifest file itself has (``df`` also holds the schema's other columns,
+    empty); empty when the manifest was built in memory."""
 
     def resolve(self, uri: str | None) -> str | None:
         """Absolute URI for a (possibly relative) URI stored in this manifest."""
@@ -152,4 +155,4 @@ def read_manifest(uri: str) -> Manifest:
         for v in df["attribute_mask_uris"]
     ]
     return Manifest(df=df, uri=uri, version=hashlib.sha256(data).hexdigest(),
-                    base_dir=storage.parent(uri))
+                    base_dir=storage.parent(uri), file_columns=tuple(table.column_names))

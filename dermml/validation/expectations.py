@@ -20,7 +20,8 @@ from dermml.validation.table import classes_table
 
 FAILING_SHOWN = 20
 """Failing rows listed per expectation in the JSON summary (all of them are in ``problems``)."""
-INDEX_COLUMNS = {"samples": ["_row"], "classes": ["split", "label"], "drift": ["feature"]}
+INDEX_COLUMNS = {"samples": ["_row"], "classes": ["split", "label"], "drift": ["feature"],
+                 "file": []}
 DATA_DOCS_SITE = "dermml"
 
 
@@ -34,6 +35,9 @@ def run_suite(report: ValidationReport, samples: pd.DataFrame, suite: SuiteConfi
     """
     specs = suite.specs()
     tables = {"samples": samples}
+    if any(s.table == "file" for s in specs):  # the manifest file's own columns, one row
+        columns = samples.attrs.get("file_columns") or tuple(samples.columns)
+        tables["file"] = pd.DataFrame({c: [None] for c in columns})
     if any(s.table == "classes" for s in specs):
         tables["classes"] = classes_table(samples)
     if reference is not None and suite.drift.enabled:

@@ -8,6 +8,7 @@ with a drift reference, ``drift.png``. The dataset itself is only read.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -98,7 +99,11 @@ def _local_report_folder(report_dir: str | None, scratch: str) -> str:
         return scratch
     folder = report_dir.removeprefix("file://")
     os.makedirs(folder, exist_ok=True)
-    shutil.rmtree(os.path.join(folder, "data_docs"), ignore_errors=True)  # ours, from last time
+    # Ours, from a previous run into the same folder: a drift plot must not outlive its run.
+    shutil.rmtree(os.path.join(folder, "data_docs"), ignore_errors=True)
+    for name in ("drift.png", REPORT_FILE, FACTS_FILE, QUARANTINE_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
     return folder
 
 

@@ -89,6 +89,9 @@ class RequiredColumns(Rule):
 
     columns: list[str] = ["sample_id", "image_uri", "split"]
 
+    # Checked against the file's own columns: reading fills the schema's missing ones with nulls.
+    table: ClassVar[str] = "file"
+
     def specs(self, name):
         return [self._spec(f"{name}.{c}", name, "ExpectColumnToExist", {"column": c},
                            file_column=None,

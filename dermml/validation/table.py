@@ -26,6 +26,7 @@ def samples_table(manifest: Manifest, facts: pd.DataFrame, suite: SuiteConfig,
     """Manifest + facts + the columns of box and leakage rules; ``_row`` is the row position."""
     table = facts.astype(_NULLABLE)
     table.insert(0, "_row", np.arange(len(table)))
+    table.attrs["file_columns"] = tuple(manifest.file_columns or manifest.df.columns)
     for column in manifest.df.columns:
         if column not in table.columns:
             table[column] = manifest.df[column].to_numpy()
