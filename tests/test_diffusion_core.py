@@ -11,7 +11,6 @@ from torch import nn
 from dermml.losses.diffusion import boundary_proximity, boundary_weight_map, diffusion_loss
 from dermml.models.diffusion import (
     EMA,
-    DiffusionConfig,
     GaussianDiffusion,
     beta_schedule,
     diffusion_to_mask,
@@ -210,15 +209,15 @@ def test_ensemble_averages_members_and_thresholds_the_mean_like_the_reference():
         ensemble_masks([members[0], torch.zeros(1, 1, 2, 2)])
 
 
-def test_diffusion_config_defaults_are_the_reference_schedule():
-    cfg = DiffusionConfig()
-    d = GaussianDiffusion.from_config(cfg)
-    assert (cfg.timesteps, cfg.schedule, cfg.ensemble) == (250, "linear", 5)
+def test_segdiff_defaults_are_the_reference_schedule_and_sampler():
+    from dermml.tasks.segdiff import SegDiffConfig, diffusion_of
+
+    cfg = SegDiffConfig()
+    d = diffusion_of(cfg)
+    assert (cfg.diffusion.timesteps, cfg.diffusion.schedule, cfg.serving.ensemble) == (
+        250, "linear", 5)
+    assert cfg.serving.sampler == "ddpm"
     assert float(d.betas[0]) == pytest.approx(0.0004) and float(d.betas[-1]) == pytest.approx(0.08)
-    with pytest.raises(ValueError, match="DDPM samples all 250 steps"):
-        DiffusionConfig(sampling_steps=25)
-    with pytest.raises(ValueError, match=r"must be in \[1, timesteps=250\]"):
-        DiffusionConfig(sampler="ddim", sampling_steps=500)
 
 
 # ---------------------------------------------------------------------------------------- EMA

@@ -15,50 +15,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
 from torch import nn
 from tqdm import tqdm
-
-from dermml.config import Section
 
 Schedule = Literal["linear", "quadratic", "cosine", "sigmoid"]
 Sampler = Literal["ddpm", "ddim"]
 Timestep = int | torch.Tensor
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-class DiffusionConfig(Section):
-    """Noise schedule and sampling; defaults are the reference DermoSegDiff configs (ISIC 2018,
-    PH2 and HAM10000 share them)."""
-
-    timesteps: int = 250
-    """Number of diffusion steps T."""
-    schedule: Schedule = "linear"
-    """Beta schedule: linear, quadratic, cosine or sigmoid."""
-    beta_start: float = 0.0004
-    """First beta (for cosine: the lower clip of the betas)."""
-    beta_end: float = 0.08
-    """Last beta (for cosine: the upper clip of the betas)."""
-    sampler: Sampler = "ddpm"
-    """Reverse process at inference: ancestral DDPM over all T steps (reference) or DDIM."""
-    sampling_steps: int | None = None
-    """DDIM steps K <= T (None: T); DDPM always runs T steps."""
-    eta: float = 0.0
-    """DDIM stochasticity: 0 deterministic, 1 DDPM's posterior variance."""
-    clip_x0: bool = False
-    """Clip each step's x_0 prediction to [-1, 1] (the reference does not)."""
-    ensemble: int = 5
-    """Masks sampled per image and averaged at test time (reference: 5)."""
-
-    @model_validator(mode="after")
-    def _steps_fit_the_sampler(self) -> DiffusionConfig:
-        steps = self.sampling_steps
-        if steps is not None and not 1 <= steps <= self.timesteps:
-            raise ValueError(f"sampling_steps {steps} must be in [1, timesteps={self.timesteps}]")
-        if self.sampler == "ddpm" and steps not in (None, self.timesteps):
-            raise ValueError(f"DDPM samples all {self.timesteps} steps; set sampler: ddim to "
-                             f"sample {steps}")
-        return self
 
 
 # ---------------------------------------------------------------------------------- schedules
@@ -142,10 +105,6 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / one_minus
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() \
             / one_minus
-
-    @classmethod
-    def from_config(cls, cfg: DiffusionConfig) -> GaussianDiffusion:
-        return cls(beta_schedule(cfg.schedule, cfg.timesteps, cfg.beta_start, cfg.beta_end))
 
     # -- reading buffers at t
 
