@@ -219,7 +219,7 @@ def sample(model_fn: ModelFn, shape: Sequence[int], diffusion: GaussianDiffusion
            sampler: Sampler = "ddpm", steps: int | None = None, eta: float = 0.0,
            generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
            trajectory_every: int | None = None, clip_x0: bool = False,
-           device: torch.device | str | None = None, progress: bool = False
+           device: torch.device | str | None = None, progress: bool | None = False
            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Run the reverse process from x_T ~ N(0, I) (or the given ``x_T``) to x_0.
 
@@ -250,7 +250,8 @@ def sample(model_fn: ModelFn, shape: Sequence[int], diffusion: GaussianDiffusion
     x = x_T
     trajectory = [x.detach().cpu()] if trajectory_every else []
     for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"{sampler} sampling", leave=False,
-                                         disable=not progress), start=1):
+                                         disable=None if progress is None else not progress),
+                            start=1):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = model_fn(x, t_batch)
         if sampler == "ddpm":

@@ -229,8 +229,9 @@ class SegDiffTask(SegmentationTask):
     @torch.no_grad()
     def sample_masks(self, model: SegDiffNet, images: torch.Tensor, cfg: SegDiffConfig,
                      sampler: str, steps: int | None, ensemble: int, eta: float, seed: int,
-                     trajectory_every: int | None = None):
-        """Mean lesion probability (N, 1, H, W) over ``ensemble`` samples, and a trajectory."""
+                     trajectory_every: int | None = None, progress: bool | None = False):
+        """Mean lesion probability (N, 1, H, W) over ``ensemble`` samples, and a trajectory.
+        ``progress=None`` shows a bar on a terminal only (not in servers or logs)."""
         net = model.ema_unet.eval()
         diffusion = diffusion_of(cfg)
         n = images.shape[0]
@@ -241,7 +242,7 @@ class SegDiffTask(SegmentationTask):
         x0, trajectory = sample(lambda x, t: net(x, t, g), (n * ensemble, 1, *images.shape[2:]),
                                 diffusion, sampler, steps, eta, generator=generator,
                                 trajectory_every=trajectory_every, device=images.device,
-                                clip_x0=sampler == "ddim")
+                                clip_x0=sampler == "ddim", progress=progress)
         probability, _ = ensemble_masks(list(x0.split(n)))
         return probability, trajectory
 
@@ -272,7 +273,7 @@ class SegDiffTask(SegmentationTask):
             x = torch.stack([image_to_tensor(resize_image(image, cfg.data.image_size))
                              for image in batch]).to(device)
             probability, _ = self.sample_masks(model, x, cfg, s.sampler, steps, s.ensemble,
-                                               s.eta, s.seed)
+                                               s.eta, s.seed, progress=None)
             for image, p in zip(batch, probability, strict=True):
                 p = F.interpolate(p[None], size=image.shape[:2], mode="bilinear",
                                   align_corners=False)
