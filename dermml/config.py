@@ -6,6 +6,7 @@ error that names the key and lists the valid ones instead of a silently ignored 
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,9 +81,18 @@ def _set_nested(data: dict, path: list[str], value: Any, model_cls: type[BaseMod
         fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {}
         if part not in fields:
             dotted = ".".join(path)
-            raise ConfigError(
-                f"unknown config key {dotted!r}; valid keys: {', '.join(_valid_keys(model_cls))}"
-            )
+            valid = _valid_keys(model_cls)
+            close = difflib.get_close_matches(dotted, valid, n=2, cutoff=0.75)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+            section = ".".join(path[:i])
+            inside = [k for k in valid if section and k.startswith(f"{section}.")]
+            if inside:  # the keys of the section the typo is in
+                listed = f"valid keys in {section}: {', '.join(inside)}"
+            elif section:
+                listed = f"{section} is a setting, not a section"
+            else:
+                listed = f"valid top-level keys: {', '.join(model_cls.model_fields)}"
+            raise ConfigError(f"unknown config key {dotted!r}; {hint}{listed}")
         if i == len(path) - 1:
             node[part] = value
             return

@@ -104,7 +104,11 @@ def test_bad_set_key_is_rejected_before_any_work(demo_data):
     result = runner.invoke(app, ["train", "segmentation", "--set", f"data.manifest={demo_data}",
                                  "--set", "train.epoks=3"])
     assert result.exit_code == 2
-    assert "train.epoks" in result.output and "train.epochs" in result.output
+    assert "train.epoks" in result.output and "did you mean 'train.epochs'" in result.output
+    assert "data.manifest" not in result.output  # only the keys of the section in question
+    top = runner.invoke(app, ["train", "segmentation", "--set", "modl.arch=unet"])
+    assert top.exit_code == 2 and "did you mean 'model.arch'" in top.output
+    assert "valid top-level keys: " in top.output
 
 
 def test_empty_split_is_named(demo_data, dermml_home):
