@@ -474,3 +474,12 @@ def test_a_column_missing_from_the_manifest_file_fails_required_columns(demo_dat
     assert failed == ["required_columns.boxes"]
     assert any("no column 'boxes'" in p.reason for p in outcome.report.problems)
     assert validate(str(path), "segmentation", track=False, progress=False).report.passed
+
+
+def test_validation_shows_a_progress_bar_per_sample(demo_data, capsys):
+    validate(demo_data, "segmentation", track=False, warn_only=True, progress=True)
+    err = capsys.readouterr().err
+    n = len(read_manifest(demo_data).df)
+    assert "validating" in err and f"{n}/{n}" in err
+    validate(demo_data, "segmentation", track=False, warn_only=True, progress=False)
+    assert "validating" not in capsys.readouterr().err
