@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -55,8 +56,12 @@ def cli_errors(fn):
         try:
             return fn(*args, **kwargs)
         except _user_errors() as exc:
+            if os.environ.get("DERMML_DEBUG"):
+                raise
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             typer.secho(f"error: {message}", fg="red", err=True)
+            if type(exc) in (ValueError, KeyError):  # not one of ours: could be a bug
+                typer.secho("(DERMML_DEBUG=1 shows the traceback)", err=True)
             raise typer.Exit(2) from None
         except Exception as exc:
             if not _is_mlflow_input_error(exc):

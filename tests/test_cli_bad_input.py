@@ -175,3 +175,12 @@ def test_ray_worker_input_errors_are_reraised_as_they_were_raised():
     wrapped.__cause__ = cause
     assert _input_error(WorkerGroupError("failed", {0: RuntimeError("oom"), 1: wrapped})) is cause
     assert _input_error(WorkerGroupError("failed", {0: RuntimeError("oom")})) is None
+
+
+def test_dermml_debug_shows_the_traceback_of_a_one_line_error(demo_data, monkeypatch):
+    args = ["train", "segmentation", "--set", f"data.manifest={demo_data}",
+            "--set", "data.val_split=holdout", "--set", "ray.enabled=false"]
+    assert runner.invoke(app, args).exit_code == 2
+    monkeypatch.setenv("DERMML_DEBUG", "1")
+    result = runner.invoke(app, args)
+    assert result.exit_code != 2 and "holdout" in str(result.exception)
