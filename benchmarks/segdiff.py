@@ -22,6 +22,7 @@ import torch
 from dermml.losses.diffusion import diffusion_loss
 from dermml.models.dermosegdiff import DermoSegDiffConfig, DermoSegDiffUNet
 from dermml.models.diffusion import GaussianDiffusion, beta_schedule, ensemble_masks, sample
+from dermml.training.loop import LoopConfig, amp_dtype
 
 SMALL = DermoSegDiffConfig(dim_x=32, dim_g=16, dim_x_mults=[1, 2, 3, 4],
                            dim_g_mults=[1, 2, 4, 8], resnet_block_groups=8)
@@ -29,8 +30,8 @@ SMALL = DermoSegDiffConfig(dim_x=32, dim_g=16, dim_x_mults=[1, 2, 3, 4],
 
 
 def _amp_dtype() -> torch.dtype:
-    """As the training loop's ``amp_dtype: auto``: bfloat16 where the GPU has it, else float16."""
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """The training loop's autocast dtype on this GPU (bfloat16, or float16 without it)."""
+    return amp_dtype(LoopConfig(), torch.device("cuda"))
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":

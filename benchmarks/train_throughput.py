@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dermml.models.classifier import ClassifierConfig, build_classifier
 from dermml.models.segmentation import SegModelConfig, build_segmenter
+from dermml.training.loop import LoopConfig, amp_dtype
 
 TASKS = {
     # name: (model builder, target builder, loss)
@@ -46,8 +47,8 @@ TASKS = {
 
 
 def _amp_dtype() -> torch.dtype:
-    """As the training loop's ``amp_dtype: auto``: bfloat16 where the GPU has it, else float16."""
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """The training loop's autocast dtype on this GPU (bfloat16, or float16 without it)."""
+    return amp_dtype(LoopConfig(), torch.device("cuda"))
 
 def measure(task: str, size: int, batch: int, steps: int, device: torch.device,
             configured: bool, compile_model: bool) -> float:

@@ -159,3 +159,15 @@ def test_segmentation_dataset_accepts_the_shared_augment(manifest, train_rows):
     assert image.shape == (3, SIZE, SIZE)
     assert mask.shape == (1, SIZE, SIZE) and mask.dtype == torch.float32
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_dataset_files_follow_subsets_and_concatenations(demo_data):
+    from torch.utils.data import ConcatDataset, Subset
+
+    from dermml.data.datasets import SegmentationDataset, dataset_files
+
+    manifest = read_manifest(demo_data)
+    rows = manifest.split("train").iloc[:4]
+    ds = SegmentationDataset(manifest, rows, image_size=16)
+    nested = ConcatDataset([Subset(ds, [1, 3]), Subset(ConcatDataset([ds]), [0])])
+    assert dataset_files(nested) == [*ds.files(1), *ds.files(3), *ds.files(0)]

@@ -3,7 +3,8 @@ integer label maps, labels as class indices."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -40,19 +41,18 @@ def check_same_size(mask: np.ndarray, mask_uri: str, image: np.ndarray, image_ur
             "on the clean manifest (--write-clean)")
 
 
-def dataset_files(dataset: Dataset) -> list[str]:
-    """Every file a dataset (or a ``Subset`` / ``ConcatDataset`` of datasets) reads."""
+def dataset_files(dataset: Dataset, indices: Iterable[int] | None = None) -> list[str]:
+    """Every file samples ``indices`` (default: all) of a dataset read, through any nesting of
+    ``Subset`` / ``ConcatDataset`` around datasets with a ``files(index)`` method."""
+    indices = range(len(dataset)) if indices is None else indices
     if isinstance(dataset, Subset):
-        return [f for i in dataset.indices for f in _files(dataset.dataset, i)]
+        return dataset_files(dataset.dataset, [dataset.indices[i] for i in indices])
     if isinstance(dataset, ConcatDataset):
-        return [f for part in dataset.datasets for f in dataset_files(part)]
-    return [f for i in range(len(dataset)) for f in _files(dataset, i)]
-
-
-def _files(dataset: Dataset, index: int) -> list[str]:
-    if isinstance(dataset, Subset | ConcatDataset):
-        raise TypeError("nested subsets: use dataset_files")
-    return dataset.files(index)
+        starts = [0, *dataset.cumulative_sizes]
+        return [f for i in indices
+                for part in [bisect.bisect_right(dataset.cumulative_sizes, i)]
+                for f in dataset_files(dataset.datasets[part], [i - starts[part]])]
+    return [f for i in indices for f in dataset.files(i)]
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:

@@ -117,15 +117,9 @@ def stage_run(task: str, stage: str, parent_run_id: str | None = None,
     # Runs are started explicitly with parent_run_id, never nested in a caller's active run.
     while mlflow.active_run() is not None:
         mlflow.end_run()
-    with mlflow.start_run(**kwargs) as run:
-        try:
-            yield run
-        except BaseException:
-            if parent_run_id:  # the pipeline's parent run failed with its stage
-                from mlflow.tracking import MlflowClient
-
-                MlflowClient(tracking_uri()).set_terminated(parent_run_id, "FAILED")
-            raise
+    # The pipeline's parent run fails with its stage.
+    with mlflow.start_run(**kwargs) as run, failing_parent(parent_run_id):
+        yield run
 
 
 @contextlib.contextmanager
