@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from dermml.data.manifest import read_manifest, write_manifest
+from dermml.data.phash import perceptual_hash
 from dermml.validation import checks
-from dermml.validation.checks import facts_frame, perceptual_hash, sample_facts
+from dermml.validation.checks import facts_frame, sample_facts
 
 
 def write_noise_dataset(root: Path, n: int, size: int, seed: int = 0) -> str:

@@ -27,16 +27,11 @@ from PIL import Image, UnidentifiedImageError
 
 from dermml import storage
 from dermml.data.manifest import Manifest
+from dermml.data.phash import hash_thumbnail, hashes_and_contrast
 
 if TYPE_CHECKING:
     from dermml.validation.suite import SuiteConfig
 
-PHASH_SIZE = 16
-"""Side of the perceptual hash (256 bits): 64-bit hashes collide on look-alike lesion photos."""
-_PHASH_IMAGE = PHASH_SIZE * 4
-# Type-II DCT rows (unnormalised, as scipy.fftpack.dct): the low frequencies of a 64x64 image.
-_DCT = (2 * np.cos(np.pi * np.arange(PHASH_SIZE)[:, None] * (2 * np.arange(_PHASH_IMAGE)[None] + 1)
-                   / (2 * _PHASH_IMAGE))).astype(np.float32)
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
@@ -66,7 +61,7 @@ class SampleFacts:
     exif_orientation: int | None = None
     sha256: str | None = None
     phash: str | None = None
-    """256-bit DCT perceptual hash (hex), see ``perceptual_hash``."""
+    """256-bit DCT perceptual hash (hex), see ``dermml.data.phash.perceptual_hash``."""
     mean_r: float | None = None
     mean_g: float | None = None
     mean_b: float | None = None
@@ -116,45 +111,6 @@ def _reason(exc: BaseException) -> str:
     return f"not a decodable image ({type(exc).__name__}: {text})"
 
 
-def perceptual_hash(img: Image.Image) -> str:
-    """256-bit DCT perceptual hash as hex; equal to ``imagehash.phash(img, hash_size=16)`` for
-    images up to 64 px (larger ones are box-reduced before the Lanczos filter, which is faster)."""
-    gray, _ = _thumbnail(img)
-    return _hashes_and_contrast(np.frombuffer(gray, np.uint8)[None])[0][0]
-
-
-def _thumbnail(img: Image.Image) -> tuple[bytes, tuple[float, float, float]]:
-    """The 64x64 grey thumbnail the hash is computed on (bytes), and the mean colour."""
-    source = img if img.mode in ("RGB", "L") else img.convert("RGB")
-    if max(source.size) > _PHASH_IMAGE:
-        # An integer box reduction first, then Lanczos for the rest: several times faster than
-        # Lanczos alone on large images, and the hash stays as robust to resizing.
-        thumb = source.resize((_PHASH_IMAGE, _PHASH_IMAGE), Image.Resampling.LANCZOS,
-                              reducing_gap=1.0)
-        gray = thumb.convert("L")
-    else:  # imagehash's order: grey first, then resize
-        thumb, gray = source, source.convert("L")
-        if gray.size != (_PHASH_IMAGE, _PHASH_IMAGE):
-            gray = gray.resize((_PHASH_IMAGE, _PHASH_IMAGE), Image.Resampling.LANCZOS)
-    rgb = thumb if thumb.mode == "RGB" else thumb.convert("RGB")
-    colour = rgb.resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
-    return gray.tobytes(), (float(colour[0]), float(colour[1]), float(colour[2]))
-
-
-def _hashes_and_contrast(grays: np.ndarray) -> tuple[list[str], np.ndarray]:
-    """Hashes (hex) and grey-level standard deviations of (N, 4096) uint8 thumbnails, all at
-    once: per-image numpy calls would cost more than the arithmetic."""
-    pixels = grays.astype(np.float32)  # exact for uint8 sums up to 2**24; halves the memory
-    low = (_DCT @ pixels.reshape(-1, _PHASH_IMAGE, _PHASH_IMAGE) @ _DCT.T).reshape(len(grays), -1)
-    middle = np.sort(low, axis=1)
-    half = low.shape[1] // 2
-    bits = np.packbits(low > ((middle[:, half - 1] + middle[:, half]) / 2)[:, None], axis=1)
-    mean = pixels.mean(axis=1, dtype=np.float64)
-    squares = np.einsum("ij,ij->i", pixels, pixels, dtype=np.float64) / pixels.shape[1]
-    contrast = np.sqrt(np.maximum(squares - mean * mean, 0.0))
-    return [row.tobytes().hex() for row in bits], contrast
-
-
 def _pixels(img: Image.Image) -> np.ndarray:
     """uint8 (H, W[, C]) array of a decoded 8-bit image."""
     bands = len(img.getbands())
@@ -184,7 +140,7 @@ def _image_facts(facts: SampleFacts) -> tuple[Image.Image | None, bytes | None]:
     facts.mode = img.mode
     facts.channels = len(img.getbands())
     try:
-        gray, (facts.mean_r, facts.mean_g, facts.mean_b) = _thumbnail(img)
+        gray, (facts.mean_r, facts.mean_g, facts.mean_b) = hash_thumbnail(img)
     except (ValueError, OSError):  # modes Pillow cannot convert (e.g. 32-bit float): no hash
         gray = None
     return img, gray
@@ -275,7 +231,7 @@ def batch_facts(rows: list[dict]) -> list[SampleFacts]:
         out.append(facts)
     if thumbs:
         grays = np.frombuffer(b"".join(thumbs.values()), np.uint8).reshape(len(thumbs), -1)
-        hashes, contrast = _hashes_and_contrast(grays)
+        hashes, contrast = hashes_and_contrast(grays)
         for k, i in enumerate(thumbs):
             out[i].phash, out[i].gray_std = hashes[k], float(contrast[k])
     return out

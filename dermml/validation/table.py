@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from dermml.data.manifest import Manifest
+from dermml.data.phash import hash_bits
 from dermml.validation.suite import SuiteConfig
 
 _NULLABLE = {"image_ok": "boolean", "mask_ok": "boolean", "mask_binary": "boolean",
@@ -121,13 +122,6 @@ def _add_exact_duplicates(table: pd.DataFrame) -> None:
     partner[rows] = sub.groupby(["split", "sha"], dropna=False)["row"].transform("min")
     duplicate = valid & (partner >= 0) & (partner != np.arange(len(table)))
     _partner_columns(table, "exact_dup", duplicate, partner)
-
-
-def hash_bits(hexes: pd.Series) -> np.ndarray:
-    """Perceptual hashes (hex) as rows of +1/-1, so that a dot product counts equal bits."""
-    raw = b"".join(bytes.fromhex(h) for h in hexes)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8)).reshape(len(hexes), -1)
-    return bits.astype(np.float32) * 2 - 1
 
 
 def _add_near_leaks(table: pd.DataFrame, rank: np.ndarray, max_hamming: int) -> None:
