@@ -97,13 +97,15 @@ def data_import(
     src: Annotated[str, typer.Argument(help="Dataset folder (local or s3://)")],
     out: Annotated[str, typer.Option(help="Manifest to write (.parquet)")],
     seed: Annotated[int, typer.Option(help="Seed of assigned splits")] = 0,
-    group: Annotated[str | None, typer.Option(help="Split by group column: patient_id or "
-                                                   "lesion_id")] = None,
+    group: Annotated[str, typer.Option(
+        help="What stays in one split: auto (patient_id, lesion_id where known, and "
+             "near-duplicate images), near-duplicates, a column (patient_id, lesion_id; "
+             "near-duplicates too), or none (row by row)")] = "auto",
     annotations: Annotated[str | None, typer.Option(help="COCO JSON file (coco)")] = None,
     metadata: Annotated[str | None, typer.Option(
         help="CSV with patient_id and/or lesion_id per image (keyed by sample_id, image_id, "
              "image, isic_id or image_name = file name without extension), e.g. "
-             "HAM10000_metadata.csv; use with --group")] = None,
+             "HAM10000_metadata.csv")] = None,
 ):
     """Turn a public dataset layout into a manifest (images referenced, not copied)."""
     from dermml.data.importers import import_dataset, manifest_info

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -30,7 +32,11 @@ def _image(path: Path, size: tuple[int, int] = (16, 16), value: int = 128) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = "L" if "mask" in path.name or "segmentation" in path.name or "lesion" in path.name \
         else "RGB"
-    Image.new(mode, size, value if mode == "L" else (value, 60, 40)).save(path)
+    if mode == "L":
+        Image.new(mode, size, value).save(path)
+    else:  # every photo different, as real ones are: identical images are near-duplicates
+        rng = np.random.default_rng(zlib.crc32(str(path).encode()))
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     return path
 
 
@@ -357,7 +363,8 @@ def test_metadata_csv_gives_lesion_ids_that_keep_each_lesion_in_one_split(tmp_pa
     assert (df.groupby("lesion_id")["split"].nunique() == 1).all()
     assert df["split"].nunique() > 1
     # A row-level split of the same rows does put some lesion into two splits.
-    rows = import_dataset("segmentation", str(src), str(tmp_path / "rows"), metadata=str(meta))
+    rows = import_dataset("segmentation", str(src), str(tmp_path / "rows"), metadata=str(meta),
+                          group="none")
     by_row = read_manifest(rows[0]).df
     assert (by_row.groupby("lesion_id")["split"].nunique() > 1).any()
 
@@ -376,3 +383,45 @@ def test_manifest_info_summarises_version_counts_and_missing_masks(tmp_path):
     info = manifest_info(uri)
     assert version in info and "samples:  4" in info and "no mask:  1 of 4" in info
     assert "melanoma" in info and "total" in info and "ph2 (4)" in info
+
+
+def test_default_import_keeps_near_duplicate_photographs_in_one_split(tmp_path):
+    """ISIC holds several photographs of one lesion; a random row split put such pairs in two
+    splits and the import then failed its own leakage check. Resized/recompressed copies must
+    land in their original's split (auto grouping), and validation must then find no leak."""
+    from dermml.data.demo import generate_demo
+    from dermml.validation.run import validate
+
+    demo = read_manifest(generate_demo(str(tmp_path / "demo"), n=24, size=64, seed=0))
+    src = tmp_path / "seg"
+    (src / "images").mkdir(parents=True)
+    for i, uri in enumerate(demo.df["image_uri"]):
+        photo = Image.open(demo.resolve(uri)).convert("RGB")
+        photo.save(src / "images" / f"img{i:02d}.png")
+        if i % 3 == 0:  # two resized, recompressed copies of every third photograph
+            for k, side in enumerate((80, 56)):
+                photo.resize((side, side), Image.Resampling.BICUBIC).save(
+                    src / "images" / f"img{i:02d}_copy{k}.jpg", quality=85)
+    uri, _ = import_dataset("segmentation", str(src), str(tmp_path / "auto"), seed=3)
+    df = read_manifest(uri).df.set_index("sample_id")
+    for i in range(0, 24, 3):
+        assert df.loc[f"img{i:02d}_copy0", "split"] == df.loc[f"img{i:02d}", "split"]
+        assert df.loc[f"img{i:02d}_copy1", "split"] == df.loc[f"img{i:02d}", "split"]
+    assert df["split"].nunique() == 3
+    report = validate(uri, "segmentation", track=False, progress=False, processes=1,
+                      overrides=["mask_present.enabled=false", "mask_decodable.enabled=false",
+                                 "lesion_fraction.enabled=false"], warn_only=True).report
+    assert not [p for p in report.problems if p.check == "no_near_duplicates_across_splits"]
+
+    # Row by row (--group none), some copy is separated from its original: the check exists.
+    uri, _ = import_dataset("segmentation", str(src), str(tmp_path / "rows"), seed=3,
+                            group="none")
+    rows = read_manifest(uri).df.set_index("sample_id")
+    assert any(rows.loc[f"img{i:02d}_copy{k}", "split"] != rows.loc[f"img{i:02d}", "split"]
+               for i in range(0, 24, 3) for k in (0, 1))
+
+
+def test_unknown_group_is_refused_before_reading_the_source(tmp_path):
+    with pytest.raises(ValueError, match="group must be 'auto'"):
+        import_dataset("segmentation", str(tmp_path / "nowhere"), str(tmp_path / "o"),
+                       group="patient")

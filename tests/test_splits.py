@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -116,3 +117,17 @@ def test_bad_fractions_are_rejected(fractions, message):
         assign_splits(_rows({"nevus": 10}), fractions)
     with pytest.raises(ValueError, match=message):
         check_fractions(fractions)
+
+
+def test_linked_units_join_rows_through_shared_ids_and_near_duplicate_links():
+    from dermml.data.splits import linked_units
+
+    df = pd.DataFrame({"sample_id": list("abcdef"),
+                       "patient_id": ["p1", "p1", None, None, "p2", ""],
+                       "lesion_id": [None, "l1", "l1", None, None, None]})
+    # a-b share a patient, b-c a lesion, c-d are near-duplicates (link 7); e and f stand alone.
+    units = linked_units(df, ["patient_id", "lesion_id"], np.array([0, 1, 7, 7, 4, 5]))
+    assert units.iloc[0] == units.iloc[1] == units.iloc[2] == units.iloc[3]
+    assert len({units.iloc[0], units.iloc[4], units.iloc[5]}) == 3
+    alone = linked_units(df, [])
+    assert alone.nunique() == len(df)

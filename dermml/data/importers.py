@@ -31,7 +31,8 @@ from dermml.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from dermml.data.splits import check_fractions, fill_missing_splits, is_missing
+from dermml.data.phash import NEAR_DUPLICATE_HAMMING, image_hash, near_duplicate_groups
+from dermml.data.splits import check_fractions, fill_missing_splits, is_missing, linked_units
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_NAME_SUFFIXES = ("", "_mask", "_segmentation", "_lesion")
@@ -592,28 +593,84 @@ def apply_metadata(rows: pd.DataFrame, metadata_uri: str) -> pd.DataFrame:
     return out
 
 
+GROUP_AUTO = "auto"
+GROUP_NEAR_DUPLICATES = "near-duplicates"
+GROUP_NONE = "none"
+GROUP_COLUMNS = ("patient_id", "lesion_id")
+"""Columns the default grouping (``auto``) keeps together, where the importer or metadata fill
+them; near-duplicate images are kept together too."""
+
+
+def _image_hashes(uris: list[str], progress: bool) -> list[str | None]:
+    def one(uri: str) -> str | None:
+        try:
+            return image_hash(storage.read_bytes(uri))
+        except storage.StorageError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=_READ_WORKERS) as pool:
+        return list(tqdm(pool.map(one, uris), total=len(uris), disable=not progress,
+                         desc="near-duplicates: hashing images", unit="img"))
+
+
+def split_units(rows: pd.DataFrame, group: str, max_hamming: int = NEAR_DUPLICATE_HAMMING,
+                progress: bool = False) -> pd.Series | None:
+    """The unit each row is split with (None: row by row).
+
+    ``auto``: rows sharing a patient_id or lesion_id, and perceptually near-identical images
+    (several photographs of one lesion), stay together; ``near-duplicates``: only the latter;
+    a column name: that column and near-duplicates; ``none``: every row alone.
+    """
+    if group == GROUP_NONE:
+        return None
+    columns = (list(GROUP_COLUMNS) if group == GROUP_AUTO
+               else [] if group == GROUP_NEAR_DUPLICATES else [group])
+    if group in COLUMNS and is_missing(rows[group]).all():
+        warnings.warn(f"group column {group!r} is empty for every row; only near-duplicate "
+                      "images are kept together (pass --metadata to fill it)", stacklevel=3)
+    links = near_duplicate_groups(_image_hashes(rows["image_uri"].tolist(), progress),
+                                  max_hamming)
+    return linked_units(rows, columns, links)
+
+
+def _check_group(group: str) -> None:
+    if group not in (GROUP_AUTO, GROUP_NEAR_DUPLICATES, GROUP_NONE) and group not in COLUMNS:
+        raise ValueError(f"group must be {GROUP_AUTO!r} (patient_id, lesion_id and "
+                         f"near-duplicates), {GROUP_NEAR_DUPLICATES!r}, {GROUP_NONE!r} or a "
+                         f"manifest column such as 'patient_id', got {group!r}")
+
+
 def import_dataset(fmt: str, src: str, out: str, *, seed: int = 0,
-                   fractions: Mapping[str, float] | None = None, group: str | None = None,
-                   metadata: str | None = None,
-                   progress: bool = False, **options: object) -> tuple[str, str]:
+                   fractions: Mapping[str, float] | None = None, group: str = GROUP_AUTO,
+                   metadata: str | None = None, near_duplicate_distance: int =
+                   NEAR_DUPLICATE_HAMMING, progress: bool = False,
+                   **options: object) -> tuple[str, str]:
     """Build rows with the named importer, fill missing splits, write the manifest to ``out``.
 
     ``out`` is a ``.parquet`` file or a folder (``manifest.parquet`` inside). Returns
     ``(manifest_uri, version)``; an existing manifest is never overwritten. ``metadata`` is a
-    CSV giving patient_id / lesion_id per sample (see ``apply_metadata``).
+    CSV giving patient_id / lesion_id per sample (see ``apply_metadata``). ``group`` says what
+    stays in one split (``split_units``); by default patients, lesions and near-duplicate
+    images (Hamming distance of perceptual hashes <= ``near_duplicate_distance``, the
+    threshold validation's leakage check uses), so a fresh import passes its own leakage check.
     """
     importer = get_importer(fmt)
     _check_options(fmt, options)
     fractions = check_fractions(fractions)  # fail before a long listing, not after
-    if group is not None and group not in COLUMNS:
-        raise ValueError(f"group must be a manifest column such as 'patient_id' or 'lesion_id', "
-                         f"got {group!r}")
+    _check_group(group)
     manifest_uri = manifest_uri_for(out)
     _check_output(manifest_uri, src)
     rows = importer(src, progress=progress, **options)
     if metadata:
         rows = apply_metadata(rows, metadata)
-    rows = fill_missing_splits(rows, fractions, seed=seed, stratify="label", group=group)
+    units = None
+    if is_missing(rows["split"]).any():
+        units = split_units(rows, group, near_duplicate_distance, progress)
+    if units is None:
+        rows = fill_missing_splits(rows, fractions, seed=seed, stratify="label")
+    else:
+        rows = fill_missing_splits(rows.assign(_unit=units), fractions, seed=seed,
+                                   stratify="label", group="_unit").drop(columns="_unit")
     return manifest_uri, write_manifest(rows, manifest_uri)
 
 

@@ -77,6 +77,10 @@ def image_hash(data: bytes) -> str | None:
         return None
 
 
+NEAR_DUPLICATE_HAMMING = 20
+"""Largest Hamming distance (of 256 bits) between two hashes that counts as the same image:
+resized and recompressed copies of one photograph stay far below it, different lesions far above."""
+
 _BLOCK = 2048  # rows compared at once: a 2048 x N float32 block stays small
 
 

@@ -142,6 +142,35 @@ def _inherited_splits(df: pd.DataFrame, missing: pd.Series, group: str) -> pd.Se
     return pending[group].astype(str).map(group_split).dropna()
 
 
+def linked_units(df: pd.DataFrame, columns: Sequence[str] = (),
+                 links: np.ndarray | None = None) -> pd.Series:
+    """One unit key per row: rows sharing a value of any of ``columns`` (e.g. patient_id,
+    lesion_id), or the same ``links`` number (e.g. near-duplicate groups), are one unit, also
+    through chains (A shares a patient with B, B is a near-copy of C: A, B, C are one unit)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(df)
+    # Rows are nodes 0..n-1; each (column, value) and each link number is one more node.
+    edges_from, edges_to = [], []
+    offset = n
+    keys = [df[c] for c in columns if c in df.columns]
+    if links is not None:
+        keys.append(pd.Series(np.asarray(links), index=df.index))
+    for values in keys:
+        known = ~is_missing(values)
+        codes, _ = pd.factorize(values[known].astype(str))
+        edges_from.append(np.flatnonzero(known.to_numpy()))
+        edges_to.append(codes + offset)
+        offset += int(codes.max()) + 1 if codes.size else 0
+    if not edges_from:
+        return pd.Series([f"unit{i}" for i in range(n)], index=df.index, name="unit")
+    rows, others = np.concatenate(edges_from), np.concatenate(edges_to)
+    graph = coo_matrix((np.ones(rows.size), (rows, others)), shape=(offset, offset))
+    _, labels = connected_components(graph, directed=False)
+    return pd.Series([f"unit{label}" for label in labels[:n]], index=df.index, name="unit")
+
+
 def fill_missing_splits(df: pd.DataFrame,
                         fractions: Mapping[str, float] | None = DEFAULT_FRACTIONS,
                         seed: int = 0, stratify: str | None = "label",

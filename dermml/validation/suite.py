@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from dermml.config import ConfigError, Section, configs_dirs, load_config, read_yaml_mapping
+from dermml.data.phash import NEAR_DUPLICATE_HAMMING
 
 
 def suites_dirs() -> list[Path]:
@@ -403,7 +404,7 @@ class NoExactDuplicatesWithinSplit(Rule):
 class NoNearDuplicatesAcrossSplits(Rule):
     """No image is a resized/recompressed copy of one in an earlier split (perceptual hash)."""
 
-    max_hamming: int = Field(20, ge=0, le=256)
+    max_hamming: int = Field(NEAR_DUPLICATE_HAMMING, ge=0, le=256)
     """Largest Hamming distance (of 256 bits) between hashes that counts as the same image."""
 
     def specs(self, name):
