@@ -5,7 +5,9 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = [ROOT / "components" / "Dockerfile", ROOT / "components" / "Dockerfile.gpu"]
@@ -100,3 +102,25 @@ def test_component_images_match_the_make_images_tags():
     assert f"-t {CPU_IMAGE} " in out.replace("\\\n", " ").replace("\t", "") + " "
     assert CPU_IMAGE.endswith(f":{version}") and GPU_IMAGE.endswith(f":{version}")
     assert "Dockerfile.gpu" in out and GPU_IMAGE in out
+
+
+def test_masks_are_binarised_one_way_and_non_masks_are_told_apart(tmp_path):
+    from dermml.data.images import binarize_mask, load_mask, mask_encoding
+
+    lesion = np.zeros((20, 30), bool)
+    lesion[5:15, 10:20] = True
+    zero_one = lesion.astype(np.uint8)  # a mask coded 0/1 (common in research code)
+    Image.fromarray(zero_one).save(tmp_path / "m01.png")
+    assert (load_mask(str(tmp_path / "m01.png")) == lesion).all()
+    rgb = np.stack([lesion.astype(np.uint8) * 255] * 3, axis=-1)  # PH2's RGB black/white mask
+    assert mask_encoding(rgb) == ("binary", "")
+    assert mask_encoding(zero_one) == ("binary_0_1", "")
+    soft = lesion.astype(np.uint8) * 255
+    soft[5, 10:20] = 128  # an anti-aliased edge row
+    assert mask_encoding(soft)[0] == "soft" and (binarize_mask(soft) == lesion).all()
+    photo = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    kind, why = mask_encoding(photo)
+    assert kind == "not_a_mask" and "colour image" in why
+    grey_photo = np.random.default_rng(0).integers(40, 200, (20, 30), dtype=np.uint8)
+    kind, why = mask_encoding(grey_photo)
+    assert kind == "not_a_mask" and "mid-grey" in why

@@ -84,7 +84,7 @@ def plant_bad_inputs(root: Path) -> dict[str, str]:
     df = rows_of(root)
     by_split = {s: df[df["split"] == s]["sample_id"].tolist() for s in ("train", "val", "test")}
     train, test = by_split["train"], by_split["test"]
-    roles = dict(zip(["empty", "truncated_jpeg", "not_image", "rgb_mask", "soft_mask",
+    roles = dict(zip(["empty", "truncated_jpeg", "not_image", "photo_mask", "soft_mask",
                       "mask_off_by_one", "missing_mask_file", "no_mask", "unknown_label",
                       "empty_mask"], train[:10], strict=True))
     roles.update(patient_leak=test[0], leak_source=train[10], near_source=train[11])
@@ -101,8 +101,13 @@ def plant_bad_inputs(root: Path) -> dict[str, str]:
     image(roles["truncated_jpeg"]).with_suffix(".jpg").write_bytes(full[: len(full) // 2])
     df.at[row[roles["truncated_jpeg"]], "image_uri"] = f"images/{roles['truncated_jpeg']}.jpg"
     image(roles["not_image"]).write_bytes(b"GIF89a? no: just some text with an image name")
-    binary = np.asarray(Image.open(mask(roles["rgb_mask"])))
-    Image.fromarray(np.stack([binary] * 3, axis=-1)).save(mask(roles["rgb_mask"]))
+    # The photograph saved as its own mask: no mask at all.
+    Image.open(image(roles["photo_mask"])).convert("RGB").save(mask(roles["photo_mask"]))
+    # An RGB mask holding exactly black and white (as PH2's IMD mask): a good mask.
+    roles["rgb_binary_mask"] = train[13]
+    binary = np.asarray(Image.open(mask(roles["rgb_binary_mask"])))
+    Image.fromarray(np.stack([binary] * 3, axis=-1)).save(mask(roles["rgb_binary_mask"]))
+    # Soft (blurred) edges: still a mask, binarised like the rest, reported once as a warning.
     soft = Image.open(mask(roles["soft_mask"])).filter(ImageFilter.GaussianBlur(2))
     soft.save(mask(roles["soft_mask"]))
     off = Image.open(mask(roles["mask_off_by_one"]))
@@ -147,8 +152,11 @@ def test_each_planted_bad_input_is_reported_with_its_sample_and_reason(dataset, 
     assert has(found, roles["empty"], "image_decodable", "empty (0 bytes)")
     assert has(found, roles["truncated_jpeg"], "image_decodable", ".jpg", "truncated")
     assert has(found, roles["not_image"], "image_decodable", "not a decodable image")
-    assert has(found, roles["rgb_mask"], "mask_binary", "values other than 0 and 255", "RGB")
-    assert has(found, roles["soft_mask"], "mask_binary", "values other than 0 and 255")
+    assert has(found, roles["photo_mask"], "mask_binary", "not a lesion mask", "colour image")
+    assert roles["rgb_binary_mask"] not in found and roles["soft_mask"] not in found
+    encodings = [w for w in report.warnings if w.check == "mask_binary.encoding"]
+    assert len(encodings) == 1 and encodings[0].sample_id == ""
+    assert "1 masks are not stored as 0/255 (1 with grey levels" in encodings[0].reason
     assert has(found, roles["mask_off_by_one"], "mask_size_matches_image", "mask is 63x64",
                "is 64x64")
     assert has(found, roles["missing_mask_file"], "mask_decodable", "masks/", "not found")
@@ -163,7 +171,8 @@ def test_each_planted_bad_input_is_reported_with_its_sample_and_reason(dataset, 
                roles["patient_home"], "'test'")
     # The originals of the leaks stay; nothing else is quarantined.
     planted = {v for k, v in roles.items() if k not in ("leak_source", "near_source",
-                                                        "patient_home")}
+                                                        "patient_home", "soft_mask",
+                                                        "rgb_binary_mask")}
     assert set(report.quarantine) == planted
     assert tree_digest(dataset) == before  # the dataset is only read
 
@@ -173,15 +182,14 @@ def test_each_planted_bad_input_is_reported_with_its_sample_and_reason(dataset, 
     assert summary["passed"] is False and set(summary["quarantine"]) == planted
     mask_binary = next(e for e in summary["expectations"] if e["name"] == "mask_binary")
     assert mask_binary["success"] is False and mask_binary["severity"] == "error"
-    assert {f["sample_id"] for f in mask_binary["failing"]} == {roles["rgb_mask"],
-                                                                 roles["soft_mask"]}
-    assert mask_binary["expectation_type"] == "ExpectColumnValuesToBeInSet"
+    assert {f["sample_id"] for f in mask_binary["failing"]} == {roles["photo_mask"]}
+    assert mask_binary["expectation_type"] == "ExpectColumnValuesToNotBeInSet"
     index = (folder / "data_docs" / "index.html").read_text()
     assert "segmentation.samples" in index
     quarantine = pd.read_csv(folder / "quarantine.csv")
     assert set(quarantine["sample_id"]) == planted
-    soft = quarantine.set_index("sample_id").loc[roles["soft_mask"]]
-    assert "mask_binary" in soft["checks"] and soft["mask_uri"].endswith(".png")
+    photo = quarantine.set_index("sample_id").loc[roles["photo_mask"]]
+    assert "mask_binary" in photo["checks"] and photo["mask_uri"].endswith(".png")
     facts = pd.read_csv(folder / "facts.csv")
     assert {"phash", "sha256", "lesion_fraction", "mask_components", "exif_orientation",
             "channels", "file_size", "mask_touches_border", "near_leak"} <= set(facts.columns)
@@ -200,7 +208,8 @@ def test_cli_exits_non_zero_names_files_and_write_clean_yields_a_passing_manifes
     assert result.exit_code == 0, result.output
     assert "FAILED" in result.output  # warn-only still says what is wrong
     kept = set(read_manifest(str(clean)).df["sample_id"])
-    assert roles["soft_mask"] not in kept and roles["leak_source"] in kept
+    assert roles["photo_mask"] not in kept and roles["leak_source"] in kept
+    assert roles["soft_mask"] in kept  # soft edges: binarised, kept
     assert runner.invoke(app, ["validate", str(clean), "--no-track"]).exit_code == 0
     assert tree_digest(dataset) == before
 
@@ -218,7 +227,7 @@ def test_a_failed_validation_marks_its_mlflow_run_and_logs_every_report_file(dat
     run = client.search_runs([experiment.experiment_id])[0]
     assert run.info.status == "FAILED"
     assert run.data.tags["dermml.validation"] == "failed"
-    assert run.data.metrics["n_quarantined"] == 13
+    assert run.data.metrics["n_quarantined"] == 12  # soft edges are no longer quarantined
     files = {a.path for a in client.list_artifacts(run.info.run_id, "validation")}
     assert {"validation/report.json", "validation/facts.csv", "validation/quarantine.csv",
             "validation/data_docs"} <= files
@@ -254,7 +263,7 @@ def test_threshold_override_changes_the_outcome(demo64):
                  overrides=["lesion_fraction.min=0.5"])
     problems = failed.value.report.problems
     assert problems and all(p.check == "lesion_fraction" for p in problems)
-    assert "outside [50.000%, 95.000%]" in problems[0].reason
+    assert "outside [50.000%, 99.990%]" in problems[0].reason
 
 
 def test_unknown_override_key_names_the_rules_parameters(demo64):
@@ -275,8 +284,10 @@ def test_a_custom_suite_file_is_used_and_can_turn_rules_off(dataset, tmp_path):
         validate(str(dataset), str(suite), track=False, progress=False)
     report = failed.value.report
     assert {p.check for p in report.problems} == {"image_decodable"}
-    assert {p.sample_id for p in report.warnings} == {roles["rgb_mask"], roles["soft_mask"]}
-    assert [e["name"] for e in report.expectations] == ["image_decodable", "mask_binary"]
+    # The photo mask is a (per-sample) warning now; soft edges are one dataset-level line.
+    assert {p.sample_id for p in report.warnings} == {roles["photo_mask"], ""}
+    assert [e["name"] for e in report.expectations] == ["image_decodable", "mask_binary",
+                                                        "mask_binary.encoding"]
 
 
 def test_required_split_and_class_counts_fail_without_quarantining_samples(dataset):

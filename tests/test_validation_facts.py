@@ -141,3 +141,19 @@ def test_kfp_component_outputs_report_and_clean_manifest(demo_data, tmp_path):
     assert report.metadata["n_problems"] == 0 and clean.metadata["n_samples"] == 90
     clean_df = read_manifest(clean.path).df
     assert len(clean_df) == 90 and all(Path(u).is_absolute() for u in clean_df["image_uri"])
+
+
+def test_mask_facts_count_regions_not_specks_and_accept_rgb_black_and_white(tmp_path):
+    image = Image.new("RGB", (100, 100), (180, 120, 90))
+    image.save(tmp_path / "img.png")
+    lesion = np.zeros((100, 100), np.uint8)
+    lesion[20:60, 20:60] = 255  # the lesion
+    lesion[80:90, 80:90] = 255  # a second real region (1% of the image)
+    for y, x in ((5, 5), (5, 95), (95, 5), (70, 10)):
+        lesion[y, x] = 255  # annotation specks: single pixels
+    Image.fromarray(np.stack([lesion] * 3, axis=-1)).save(tmp_path / "mask.png")
+    facts = sample_facts({"sample_id": "s", "image_uri": str(tmp_path / "img.png"),
+                          "mask_uri": str(tmp_path / "mask.png")})
+    assert facts.mask_encoding == "binary" and facts.mask_binary and facts.mask_mode == "RGB"
+    assert facts.mask_components == 2
+    assert facts.lesion_fraction == pytest.approx((1600 + 100 + 4) / 10000)

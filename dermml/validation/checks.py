@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from dermml import storage
+from dermml.data.images import binarize_mask, mask_encoding
 from dermml.data.manifest import Manifest
 from dermml.data.phash import hash_thumbnail, hashes_and_contrast
 
@@ -37,7 +38,10 @@ _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}
-_BINARY_MASK_MODES = ("L", "1", "P")
+MIN_REGION_FRACTION = 0.001
+"""Smallest lesion region counted by mask_components: 0.1% of the image. Official ISIC 2018
+masks hold up to 90 specks below it (331 of 2,594 masks have more than 3 regions) but at most
+2 regions above it."""
 _BATCH = 64  # rows per task sent to a worker: amortises inter-process overhead
 
 
@@ -73,8 +77,14 @@ class SampleFacts:
     mask_width: int | None = None
     mask_height: int | None = None
     mask_binary: bool | None = None
+    """Stored as 0/255 exactly (grey or RGB)."""
+    mask_encoding: str | None = None
+    """binary, binary_0_1, soft or not_a_mask (``dermml.data.images.mask_encoding``)."""
+    mask_problem: str = ""
+    """Why a not_a_mask mask is none."""
     lesion_fraction: float | None = None
     mask_components: int | None = None
+    """Lesion regions of at least MIN_REGION_FRACTION of the image (specks are not counted)."""
     mask_touches_border: bool | None = None
     attribute_masks_bad: int | None = None
     attribute_masks_problem: str = ""
@@ -146,40 +156,44 @@ def _image_facts(facts: SampleFacts) -> tuple[Image.Image | None, bytes | None]:
     return img, gray
 
 
-def _mask_facts(facts: SampleFacts) -> None:
+def _mask_pixels(mask: Image.Image) -> np.ndarray:
+    """uint8 pixels of a decoded mask: grey for one-band masks, RGB for the rest."""
+    if mask.mode not in ("L", "RGB"):
+        mask = mask.convert("L" if len(mask.getbands()) == 1 or mask.mode == "LA" else "RGB")
+    return _pixels(mask)
+
+
+def _mask_facts(facts: SampleFacts, min_region: float = MIN_REGION_FRACTION) -> None:
     try:
         mask = _decode(storage.read_bytes(facts.mask_uri or ""))[0]
+        pixels = _mask_pixels(mask)
     except Exception as exc:
         facts.mask_ok, facts.mask_error = False, _reason(exc)
         return
     facts.mask_mode = mask.mode
     facts.mask_width, facts.mask_height = mask.size
-    try:
-        gray = mask if mask.mode == "L" else mask.convert("L")
-    except (ValueError, OSError) as exc:
-        facts.mask_ok, facts.mask_error = False, f"mask mode {mask.mode} is not supported ({exc})"
-        return
     facts.mask_ok = True
-    hist = gray.histogram()
-    total = gray.size[0] * gray.size[1]
-    n_lesion = sum(hist[128:])
-    facts.mask_binary = mask.mode in _BINARY_MASK_MODES and hist[0] + hist[255] == total
-    facts.lesion_fraction = n_lesion / total if total else 0.0
+    facts.mask_encoding, facts.mask_problem = mask_encoding(pixels)
+    facts.mask_binary = facts.mask_encoding == "binary"
+    gray = pixels if pixels.ndim == 2 else _pixels(mask.convert("L"))
+    lesion = binarize_mask(gray).view(np.uint8)
+    n_lesion = int(lesion.sum())
+    facts.lesion_fraction = n_lesion / lesion.size if lesion.size else 0.0
     if not n_lesion:
         facts.mask_components, facts.mask_touches_border = 0, False
         return
-    lesion = (_pixels(gray) > 127).view(np.uint8)
-    facts.mask_components = _count_components(lesion)
+    facts.mask_components = _count_components(lesion, int(min_region * lesion.size))
     facts.mask_touches_border = bool(lesion[[0, -1]].any() or lesion[:, [0, -1]].any())
 
 
-def _count_components(lesion: np.ndarray) -> int:
-    """8-connected lesion regions, counted by OpenCV on this thread only: its worker threads
-    would not survive a later fork of this process (a DataLoader, a pool)."""
+def _count_components(lesion: np.ndarray, min_area: int = 0) -> int:
+    """8-connected lesion regions of at least ``min_area`` pixels, counted by OpenCV on this
+    thread only: its worker threads would not survive a later fork (a DataLoader, a pool)."""
     threads = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:
-        return int(cv2.connectedComponents(lesion, connectivity=8)[0]) - 1
+        stats = cv2.connectedComponentsWithStats(lesion, connectivity=8)[2]
+        return int((stats[1:, cv2.CC_STAT_AREA] >= max(min_area, 1)).sum())
     finally:
         cv2.setNumThreads(threads)
 
@@ -201,9 +215,9 @@ def companion_problems(uris: dict[str, str | None], size: tuple[int, int] | None
             out.append(f"{name} {uri} is {img.size[0]}x{img.size[1]} but the image is "
                        f"{size[0]}x{size[1]}")
         elif binary:
-            hist = (img if img.mode == "L" else img.convert("L")).histogram()
-            if img.mode not in _BINARY_MASK_MODES or hist[0] + hist[255] != sum(hist):
-                out.append(f"{name} {uri}: values other than 0 and 255")
+            kind, why = mask_encoding(_mask_pixels(img))
+            if kind == "not_a_mask":
+                out.append(f"{name} {uri}: {why}")
     return out
 
 
