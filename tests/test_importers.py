@@ -208,6 +208,41 @@ def test_ph2_clinical_diagnosis_column_is_found_by_its_header():
     assert parse_ph2_labels(text) == {"IMD010": "melanoma"}
 
 
+PH2_TABLE = [["Name", "Clinical Diagnosis", "Asymmetry"], ["IMD002", "1", "0"],
+             ["IMD003", "0", "0"], ["IMD058", "2", "2"]]
+PH2_LABELS = {"IMD002": "atypical_nevus", "IMD003": "common_nevus", "IMD058": "melanoma"}
+
+
+@pytest.mark.parametrize("sep", ["\t", ",", ";"])
+def test_ph2_labels_parse_from_delimited_copies_of_the_table(tmp_path, sep):
+    """Several public copies carry PH2_dataset.txt tab-separated (with CRLF and a BOM): their
+    labels used to vanish silently."""
+    text = "\ufeff" + "\r\n".join(sep.join(row) for row in PH2_TABLE) + "\r\n"
+    assert parse_ph2_labels(text) == PH2_LABELS
+    src = _ph2_source(tmp_path / "PH2Dataset", txt=text)
+    assert _by_id(import_ph2(str(src)))["label"].to_dict() == PH2_LABELS
+
+
+def test_ph2_labels_read_from_the_excel_workbook(tmp_path):
+    """PH2_dataset.xlsx: a legend block above, a 'Clinical Diagnosis' banner row, then a header
+    with one column per diagnosis marked X."""
+    src = _ph2_source(tmp_path / "PH2Dataset", txt=None)
+    rows = [[None] * 6, [None, None, None, None, None, "Legends"],
+            [None, None, "Clinical Diagnosis", None, None, None],
+            ["Image Name", "Histological Diagnosis", "Common Nevus", "Atypical Nevus",
+             "Melanoma", "Asymmetry\n(0/1/2)"],
+            ["IMD002", None, None, "X", None, "0"], ["IMD003", None, "X", None, None, "0"],
+            ["IMD058", "Melanoma", None, None, "X", "2"]]
+    pd.DataFrame(rows).to_excel(src / "PH2_dataset.xlsx", header=False, index=False)
+    assert _by_id(import_ph2(str(src)))["label"].to_dict() == PH2_LABELS
+
+
+def test_ph2_label_file_without_diagnoses_is_an_error_not_silence(tmp_path):
+    src = _ph2_source(tmp_path / "PH2Dataset", txt="Name\tAsymmetry\nIMD002\t0\nIMD003\t1\n")
+    with pytest.raises(DatasetImportError, match=r"PH2_dataset.txt holds no clinical diagnosis"):
+        import_ph2(str(src))
+
+
 def test_ph2_import_from_dataset_root_and_from_images_folder(tmp_path):
     root = _ph2_source(tmp_path / "PH2Dataset")
     for src in (root, root / "PH2 Dataset images"):
@@ -222,7 +257,7 @@ def test_ph2_import_from_dataset_root_and_from_images_folder(tmp_path):
 
 def test_ph2_without_label_file_warns_and_leaves_labels_empty(tmp_path):
     src = _ph2_source(tmp_path / "PH2Dataset", txt=None)
-    with pytest.warns(UserWarning, match="PH2_dataset.txt not found"):
+    with pytest.warns(UserWarning, match="no label table .*PH2_dataset.txt.* found"):
         df = import_ph2(str(src))
     assert df["label"].isna().all() and len(df) == 3
 
