@@ -84,7 +84,7 @@ def data_demo(
 ):
     """Procedural dermoscopy-like images with lesion/attribute masks and diagnosis labels."""
     from dermml.data.demo import generate_demo
-    from dermml.data.importers import manifest_info
+    from dermml.data.manifest import manifest_info
 
     uri = generate_demo(out, n=n, size=size, seed=seed, progress=True)
     typer.echo(manifest_info(uri))
@@ -108,7 +108,8 @@ def data_import(
              "HAM10000_metadata.csv")] = None,
 ):
     """Turn a public dataset layout into a manifest (images referenced, not copied)."""
-    from dermml.data.importers import import_dataset, manifest_info
+    from dermml.data.importers import import_dataset
+    from dermml.data.manifest import manifest_info
 
     options = {"annotations": annotations} if annotations else {}
     uri, _ = import_dataset(fmt, src, out, seed=seed, group=group, metadata=metadata,
@@ -120,7 +121,7 @@ def data_import(
 @cli_errors
 def data_info(manifest: Annotated[str, typer.Argument(help="Manifest URI or dataset folder")]):
     """Counts per split and label, and the dataset version."""
-    from dermml.data.importers import manifest_info
+    from dermml.data.manifest import manifest_info
 
     typer.echo(manifest_info(manifest))
 

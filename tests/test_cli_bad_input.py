@@ -49,7 +49,9 @@ def bad_layout(tmp_path) -> Path:
     write_png(src / "images" / "soft.png", img())
     soft = mask.copy()
     soft[4, 4:12] = 128
-    write_png(src / "masks" / "soft.png", soft)
+    write_png(src / "masks" / "soft.png", soft)  # a mask with one grey edge row: binarised
+    write_png(src / "images" / "photo.png", img())
+    write_png(src / "masks" / "photo.png", img())  # a photograph where the mask should be
     return src
 
 
@@ -66,7 +68,8 @@ def test_validate_names_each_bad_file_and_reason(bad_layout, tmp_path):
     assert "nomask" in out and "no mask_uri" in out
     assert "broken.png" in out and "not a decodable image" in out
     assert "offsize.png" in out and "15x16" in out and "16x16" in out
-    assert "soft.png" in out and "values other than 0 and 255" in out
+    assert "photo.png" in out and "not a lesion mask" in out
+    assert "1 masks are not stored as 0/255 (1 with grey levels" in out  # soft.png, once
     assert "good1" not in out
     assert tree_digest(bad_layout) == before  # user data never modified
 
@@ -80,7 +83,7 @@ def test_write_clean_drops_quarantined_rows(bad_layout, tmp_path):
     from dermml.data.manifest import read_manifest
 
     ids = set(read_manifest(clean).df["sample_id"])
-    assert ids == {f"good{i}" for i in range(1, 7)}
+    assert ids == {f"good{i}" for i in range(1, 7)} | {"soft"}
 
 
 def test_unknown_import_format_lists_known_formats(tmp_path):

@@ -22,10 +22,9 @@ from dermml.data.importers import (
     import_isic2018,
     import_ph2,
     import_segmentation,
-    manifest_info,
     parse_ph2_labels,
 )
-from dermml.data.manifest import read_manifest
+from dermml.data.manifest import manifest_info, read_manifest
 
 
 def _image(path: Path, size: tuple[int, int] = (16, 16), value: int = 128) -> Path:

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermml import storage
+from dermml.data.splits import is_missing
 
 MANIFEST_FILENAME = "manifest.parquet"
 
@@ -156,3 +157,23 @@ def read_manifest(uri: str) -> Manifest:
     ]
     return Manifest(df=df, uri=uri, version=hashlib.sha256(data).hexdigest(),
                     base_dir=storage.parent(uri), file_columns=tuple(table.column_names))
+def manifest_info(uri: str) -> str:
+    """A printable summary of a manifest for ``dermml data info``."""
+    manifest = read_manifest(uri)
+    df = manifest.df
+    total = len(df)
+    sources = df["source"].fillna("-").value_counts()
+    lines = [
+        f"manifest: {manifest.uri}",
+        f"version:  {manifest.version}",
+        f"samples:  {total}",
+        f"sources:  {', '.join(f'{name} ({n})' for name, n in sources.items()) or '-'}",
+        f"no mask:  {int(is_missing(df['mask_uri']).sum())} of {total}",
+        f"no size:  {int(df['width'].isna().sum())} of {total} (image header not readable)",
+    ]
+    with_boxes = int(df["boxes"].map(lambda b: b is not None and len(b) > 0).sum())
+    if with_boxes:
+        lines.append(f"boxes:    {with_boxes} images with boxes")
+    lines += ["", "samples per split x label:",
+              manifest.counts().to_string() if total else "(no samples)"]
+    return "\n".join(lines)

@@ -20,8 +20,8 @@ from dermml.validation.table import classes_table
 
 FAILING_SHOWN = 20
 """Failing rows listed per expectation in the JSON summary (all of them are in ``problems``)."""
-INDEX_COLUMNS = {"samples": ["sample_id", "_row"], "classes": ["split", "label"], "drift": ["feature"],
-                 "file": []}
+INDEX_COLUMNS = {"samples": ["sample_id", "_row"], "classes": ["split", "label"],
+                 "drift": ["feature"], "file": []}
 DATA_DOCS_SITE = "dermml"
 
 
