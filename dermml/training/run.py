@@ -138,7 +138,7 @@ def _log_model_and_preview(task_name: str, cfg: TaskConfig, result: FitResult, m
     from dermml.serving.pyfunc import log_task_model
 
     task = get_task(task_name)
-    model = task.build_model(cfg)
+    model = task.build_to_load(cfg)
     if result.best_model is None:
         raise RuntimeError("training produced no model state")
     model.load_state_dict(result.best_model)
