@@ -182,8 +182,9 @@ def train_cmd(
     sl_train: Annotated[str | None, typer.Option(help="Strong-label split")] = None,
     repeats: Annotated[int, typer.Option(help="Weak-label relabel/train/fine-tune rounds")] = 1,
     pretrained: Annotated[str | None, typer.Option(
-        help="Local weights file (.pth/.pt/.safetensors) for the backbone or encoder; the same "
-             "as --set model.pretrained=PATH. Weights are never downloaded.")] = None,
+        help="Backbone/encoder weights: imagenet (published weights through the Hugging Face "
+             "hub cache, HF_HOME; HF_HUB_OFFLINE=1 reads the cache only) or a local "
+             ".pth/.pt/.safetensors file; the same as --set model.pretrained=...")] = None,
 ):
     """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
     from dermml.orchestration.tracking import ui_command

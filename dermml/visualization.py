@@ -1,8 +1,9 @@
-"""Pictures for humans: mask boundaries drawn over images, and image grids (numpy only)."""
+"""Pictures for humans: mask boundaries drawn over images, and image grids."""
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 GROUND_TRUTH_RGB = (0, 255, 0)
@@ -26,16 +27,57 @@ def overlay_boundaries(image: np.ndarray, ground_truth: np.ndarray | None,
     return out
 
 
-def image_grid(tiles: list[np.ndarray], columns: int = 4, pad: int = 2) -> np.ndarray:
-    """Tiles (same size, RGB uint8) laid out in a grid with a white gap."""
+def image_grid(tiles: list[np.ndarray], columns: int = 4, pad: int = 2,
+               max_cell: int = 512) -> np.ndarray:
+    """Tiles laid out in a grid with a white gap, as one RGB uint8 image.
+
+    Tiles may differ in size and be RGB, RGBA, grayscale (H, W) / (H, W, 1), uint8 or bool.
+    Every cell is the largest tile's height by the largest width (scaled down so that neither
+    exceeds ``max_cell``); a tile of another size is scaled to fit its cell, keeping its aspect
+    ratio, and centred on white. Tiles that all have the cell's size are copied unchanged.
+    """
     if not tiles:
         raise ValueError("no tiles to lay out")
-    h, w = tiles[0].shape[:2]
-    rows = (len(tiles) + columns - 1) // columns
-    cols = min(columns, len(tiles))
+    rgb = [_as_rgb(tile, i) for i, tile in enumerate(tiles)]
+    h = max(t.shape[0] for t in rgb)
+    w = max(t.shape[1] for t in rgb)
+    shrink = min(1.0, max_cell / max(h, w))
+    h, w = max(1, round(h * shrink)), max(1, round(w * shrink))
+    rows = (len(rgb) + columns - 1) // columns
+    cols = min(columns, len(rgb))
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, tile in enumerate(tiles):
+    for i, tile in enumerate(rgb):
+        tile = _fit(tile, h, w)
         r, c = divmod(i, columns)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        grid[y : y + h, x : x + w] = tile if tile.ndim == 3 else tile[..., None]
+        y = pad + r * (h + pad) + (h - tile.shape[0]) // 2
+        x = pad + c * (w + pad) + (w - tile.shape[1]) // 2
+        grid[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
     return grid
+
+
+def _as_rgb(tile: np.ndarray, index: int) -> np.ndarray:
+    """``tile`` as RGB uint8 (H, W, 3)."""
+    tile = np.asarray(tile)
+    if tile.dtype == bool:
+        tile = tile.astype(np.uint8) * 255
+    if tile.dtype != np.uint8:
+        raise ValueError(f"image_grid: tile {index} has dtype {tile.dtype}; give uint8 images "
+                         "(0-255) or bool masks")
+    if tile.ndim == 2:
+        tile = tile[..., None]
+    if tile.ndim != 3 or tile.shape[2] not in (1, 3, 4) or 0 in tile.shape[:2]:
+        raise ValueError(f"image_grid: tile {index} has shape {tile.shape}; give (H, W) "
+                         "grayscale or (H, W, 1|3|4) images")
+    if tile.shape[2] == 1:
+        return np.repeat(tile, 3, axis=2)
+    return tile[..., :3]
+
+
+def _fit(tile: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``tile`` scaled to fit an ``h`` x ``w`` cell, keeping its aspect ratio."""
+    th, tw = tile.shape[:2]
+    if (th, tw) == (h, w):
+        return tile
+    scale = min(h / th, w / tw)
+    size = (min(w, max(1, round(tw * scale))), min(h, max(1, round(th * scale))))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize(size, Image.BILINEAR))

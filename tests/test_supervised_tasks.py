@@ -238,7 +238,7 @@ def test_mixup_applies_the_configured_loss_to_both_partners(demo_data):
     assert not torch.allclose(loss, without_smoothing, atol=1e-4)
 
 
-def test_pretrained_weights_come_from_a_local_file_only(demo_data, tmp_path):
+def test_pretrained_weights_from_a_local_file(demo_data, tmp_path):
     from typer.testing import CliRunner
 
     from dermml.cli import app
@@ -267,7 +267,7 @@ def test_pretrained_weights_come_from_a_local_file_only(demo_data, tmp_path):
                                       f"data.manifest={demo_data}", "--set",
                                       "model.backbone=resnet10t", "--pretrained", str(missing)])
     assert result.exit_code == 2 and str(missing) in result.output
-    assert "never downloaded" in result.output
+    assert "file not found" in result.output and "model.pretrained=imagenet" in result.output
 
 
 def test_attributes_evaluate_with_intervals_and_serve_the_evaluated_label_maps(demo_data,

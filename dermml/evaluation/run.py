@@ -81,9 +81,12 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
                 lambda idx, ps=per_sample: task.aggregate(ps.iloc[idx]), len(per_sample),
                 n_resamples, alpha, seed) if n_resamples else {}
             _log_split(split, result, per_sample)
-            for name, figure in task.figures(per_sample, images, predictions, rows,
-                                             manifest).items():
-                _log_figure(figure, f"evaluation/{split}_{name}")
+            # Figures are for humans: one that cannot be drawn never sinks the evaluation.
+            with tracking.figure_guard(f"evaluation/{split} figures"):
+                figures = task.figures(per_sample, images, predictions, rows, manifest)
+                for name, figure in figures.items():
+                    with tracking.figure_guard(f"evaluation/{split}_{name}"):
+                        _log_figure(figure, f"evaluation/{split}_{name}")
         table = result.table()
         tracking.log_table_csv(table, "evaluation/metrics.csv")
         mlflow.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/metrics.md")
@@ -139,8 +142,10 @@ def _log_split(split: str, result: EvaluationResult, per_sample: pd.DataFrame) -
 def _log_figure(figure, artifact_file: str) -> None:
     if isinstance(figure, np.ndarray):
         tracking.log_image(figure, artifact_file)
-    else:
-        import matplotlib.pyplot as plt
+        return
+    import matplotlib.pyplot as plt
 
+    try:
         tracking.log_figure(figure, artifact_file)
+    finally:
         plt.close(figure)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dermml.config import Section
-from dermml.models.pretrained import load_pretrained
+from dermml.models.pretrained import PretrainedWeightsError, load_backbone_weights
 from dermml.models.unet import UNet
 
 
@@ -32,7 +32,9 @@ class SegModelConfig(Section):
     decoder_channels: list[int] = [256, 128, 64, 32, 16]
     """unet decoder widths, deepest first."""
     pretrained: str = ""
-    """Local weights file for the encoder (never downloaded); empty trains from scratch."""
+    """Encoder weights. imagenet: the encoder's ImageNet weights via the Hugging Face hub cache
+    (HF_HOME; offline with HF_HUB_OFFLINE=1): smp's for smp encoders, timm's for tu-<name>;
+    or a local .pth/.safetensors file; empty trains from scratch."""
 
 
 class ASPP(nn.Module):
@@ -83,6 +85,11 @@ class SmpUNet(nn.Module):
 def build_segmenter(cfg: SegModelConfig, classes: int) -> nn.Module:
     """The configured network with ``classes`` output channels (1 = binary lesion mask)."""
     if cfg.arch == "small_unet":
+        if cfg.pretrained:
+            raise PretrainedWeightsError(
+                f"model.pretrained={cfg.pretrained!r}: arch small_unet has no pretrained "
+                "encoder; use model.arch=unet or deeplabv3 (with model.encoder) or leave "
+                "model.pretrained empty")
         return UNet(3, classes, cfg.base_channels, cfg.depth)
     if cfg.arch == "unet":
         model = SmpUNet(cfg, classes)
@@ -92,9 +99,8 @@ def build_segmenter(cfg: SegModelConfig, classes: int) -> nn.Module:
 
         model = smp.DeepLabV3(cfg.encoder, encoder_weights=None, classes=classes)
         encoder = model.encoder
-    if cfg.pretrained:
-        # timm-universal encoders keep the timm model under .model
-        load_pretrained(getattr(encoder, "model", encoder), cfg.pretrained)
+    # timm-universal encoders keep the timm model under .model
+    load_backbone_weights(getattr(encoder, "model", encoder), cfg.pretrained, cfg.encoder, "smp")
     return model
 
 

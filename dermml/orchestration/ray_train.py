@@ -151,7 +151,9 @@ def ensure_ray(address: str = "") -> None:
 def _forwarded_env() -> dict[str, str]:
     keys = ("DERMML_HOME", "MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-            "DERMML_FAULT_KILL_AT_EPOCH", "DERMML_FAULT_MARKER_DIR")
+            "DERMML_FAULT_KILL_AT_EPOCH", "DERMML_FAULT_MARKER_DIR",
+            # model.pretrained=imagenet: workers read the cache the driver filled
+            "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT")
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 

@@ -10,6 +10,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -183,6 +184,28 @@ def log_figure(fig: Any, artifact_file: str) -> None:
     import mlflow
 
     mlflow.log_figure(fig, artifact_file)
+
+
+@contextlib.contextmanager
+def figure_guard(artifact: str) -> Iterator[None]:
+    """Drawing or logging a figure for humans (``artifact``) never fails its run: an error is
+    a warning (with its traceback under DERMML_DEBUG=1) and a ``dermml.figure_error.*`` tag on
+    the active run, and the run goes on to log its metrics and tables."""
+    try:
+        yield
+    except Exception as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        message = f"{type(exc).__name__}: {first_line}"
+        log.warning("could not draw or log %s (%s); the run continues without it", artifact,
+                    message, exc_info=bool(os.environ.get("DERMML_DEBUG")))
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            key = "dermml.figure_error." + re.sub(r"[^\w./-]+", "_", artifact)
+            try:
+                mlflow.set_tag(key, message[:5000])
+            except Exception as tag_exc:  # the figure's own error is what matters
+                log.warning("could not tag the figure error on the run: %s", tag_exc)
 
 
 def log_table_csv(df, artifact_file: str, run_id: str | None = None) -> None:

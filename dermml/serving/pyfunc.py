@@ -45,7 +45,7 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
                             weights_only=True)
         self.task = get_task(bundle["task"])
         self.cfg = self.task.config_cls.model_validate(bundle["config"])
-        self.model = self.task.build_model(self.cfg)
+        self.model = self.task.build_to_load(self.cfg)
         self.task.load_serving_state(self.model, bundle["state_dict"])
         self.model.to(serving_device()).eval()
 

@@ -148,6 +148,15 @@ class Task(ABC):
     @abstractmethod
     def build_model(self, cfg: TaskConfig) -> nn.Module: ...
 
+    def build_to_load(self, cfg: TaskConfig) -> nn.Module:
+        """The network, to load trained weights into: built without its pretrained weights, so
+        a logged model serves without the training machine's weights file or the hub cache."""
+        model_cfg = getattr(cfg, "model", None)
+        if getattr(model_cfg, "pretrained", ""):
+            cfg = cfg.model_copy(update={"model": model_cfg.model_copy(
+                update={"pretrained": ""})})
+        return self.build_model(cfg)
+
     def check_input_size(self, model: nn.Module, cfg: TaskConfig) -> None:
         """Fail before training when the smallest training size is too small for the network.
 

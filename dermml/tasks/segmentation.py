@@ -14,7 +14,6 @@ from dermml.data.datasets import (
     SegmentationDataset,
     image_to_tensor,
     resize_image,
-    resize_mask,
 )
 from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import Manifest
@@ -44,10 +43,23 @@ def postprocess_settings(cfg: SegmentationConfig) -> PostprocessConfig:
     return cfg.postprocess.model_copy(update={"threshold": cfg.serving.threshold})
 
 
-def resized_for_display(image: np.ndarray, *masks: np.ndarray, side: int = 128):
-    """Small inputs are unreadable at native size: show them at ``side`` px."""
-    side = max(side, image.shape[0])
-    return (resize_image(image, side), *[resize_mask(m, side) for m in masks])
+def resized_for_display(image: np.ndarray, *masks: np.ndarray, side: int = 128,
+                        max_side: int = 512):
+    """An image and its masks at a readable size for contour overlays, aspect ratio kept:
+    small inputs scaled up to a shorter side of ``side`` px, large ones (original-size ISIC)
+    down to a longer side of ``max_side`` px, so 1-px contours stay visible in a grid."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = side / min(h, w) if min(h, w) < side else 1.0
+    if max(h, w) * scale > max_side:
+        scale = max_side / max(h, w)
+    if scale == 1.0:
+        return (image, *masks)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    shown = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+    return (shown, *[np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize(
+        size, Image.NEAREST)) > 127 for m in masks])
 
 
 class SegmentationTask(Task):

@@ -138,13 +138,13 @@ def _log_model_and_preview(task_name: str, cfg: TaskConfig, result: FitResult, m
     from dermml.serving.pyfunc import log_task_model
 
     task = get_task(task_name)
-    model = task.build_model(cfg)
+    model = task.build_to_load(cfg)
     if result.best_model is None:
         raise RuntimeError("training produced no model state")
     model.load_state_dict(result.best_model)
     model.eval()
     _, val_ds = task.datasets(cfg, manifest)
-    grid = task.preview(model, val_ds, cfg)
-    tracking.log_image(grid, "previews/val_predictions.png")
+    with tracking.figure_guard("previews/val_predictions.png"):  # never sinks the training run
+        tracking.log_image(task.preview(model, val_ds, cfg), "previews/val_predictions.png")
     example = val_ds.load(0)[0]
     return log_task_model(task_name, cfg, result.best_model, example)

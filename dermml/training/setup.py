@@ -45,7 +45,8 @@ def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None)
         train_loader = DataLoader(train_ds, drop_last=len(train_ds) > cfg.data.batch_size,
                                   generator=generator, **loader_kw, **options)
     val_loader = DataLoader(val_ds, shuffle=False, **loader_kw)
-    model = task.build_model(cfg)
+    # Weights of init_from replace the pretrained ones: no need to fetch those.
+    model = task.build_to_load(cfg) if cfg.init_from else task.build_model(cfg)
     task.check_input_size(model, cfg)
     if cfg.init_from:
         model.load_state_dict(initial_weights(cfg.init_from))
