@@ -236,6 +236,7 @@ def evaluate_cmd(
     """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
     from dermml.evaluation.run import compare_settings, evaluate
     from dermml.orchestration.kfp_local import parse_params
+    from dermml.registry.gate import record_evaluation
 
     if compare:
         base = parse_params(param or [])
@@ -247,6 +248,7 @@ def evaluate_cmd(
         return
     result = evaluate(model_uri, data, [s for s in splits.split(",") if s],
                       n_resamples=resamples, alpha=alpha, params=parse_params(param or []))
+    record_evaluation(result)  # on a registered version: what the promotion gate compares
     typer.echo(result.table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     typer.echo(f"MLflow run: {result.run_id}  dataset version: {result.dataset_version}")
 
