@@ -385,13 +385,14 @@ def pipeline_run(
 ):
     """Run a pipeline; `--local` executes every component here, against the same MLflow."""
     from dermml.orchestration.kfp_local import PipelineFailed, parse_params, run_local
+    from pipelines import get_pipeline
 
     if not local:
         typer.secho("`pipeline run` executes locally (--local); to run on a cluster use "
                     "`dermml pipeline submit NAME --host URL`", fg="red", err=True)
         raise typer.Exit(2)
     try:
-        outputs = run_local(name, parse_params(param or []))
+        outputs = run_local(get_pipeline(name), parse_params(param or []))
     except PipelineFailed as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -409,8 +410,9 @@ def pipeline_compile(
 ):
     """Write the KFP IR YAML of a pipeline, with Kubernetes placement from the platform config."""
     from dermml.orchestration.kfp_local import compile_pipeline
+    from pipelines import get_pipeline
 
-    compile_pipeline(name, str(out), platform)
+    compile_pipeline(get_pipeline(name), str(out), platform)
     typer.echo(f"wrote {out}")
 
 
@@ -442,9 +444,11 @@ def pipeline_submit(
     """Upload the pipeline to a KFP instance and start a run."""
     from dermml.orchestration.kfp_client import submit
     from dermml.orchestration.kfp_local import parse_params
+    from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
-    typer.echo(json.dumps(submit(name, target, parse_params(param or [])), indent=2))
+    typer.echo(json.dumps(submit(get_pipeline(name), target, parse_params(param or [])),
+                          indent=2))
 
 
 @pipeline_app.command("schedule")
@@ -461,9 +465,10 @@ def pipeline_schedule(
     """Create a recurring run (cron) of the pipeline on a KFP instance."""
     from dermml.orchestration.kfp_client import schedule
     from dermml.orchestration.kfp_local import parse_params
+    from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
-    result = schedule(name, target, parse_params(param or []), cron,
+    result = schedule(get_pipeline(name), target, parse_params(param or []), cron,
                       max_concurrency=max_concurrency)
     typer.echo(json.dumps(result, indent=2))
 
@@ -479,8 +484,9 @@ def demo_cmd(
 ):
     """The whole job end to end on embedded defaults, then one real HTTP prediction."""
     from dermml.demo import run_demo
+    from pipelines import get_pipeline
 
-    run_demo(n=n, size=size, epochs=epochs, port=port)
+    run_demo(get_pipeline("training"), n=n, size=size, epochs=epochs, port=port)
 
 
 def main() -> None:

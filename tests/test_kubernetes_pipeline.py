@@ -9,6 +9,9 @@ from fake_kfp import FakeKFP
 from dermml.orchestration.k8s import load_platform
 from dermml.orchestration.kfp_client import Target, schedule, submit
 from dermml.orchestration.kfp_local import compile_pipeline
+from pipelines import get_pipeline
+
+TRAINING = get_pipeline("training")
 
 
 def k8s_config(spec: dict, executor: str) -> dict:
@@ -26,7 +29,7 @@ def load_docs(path) -> tuple[dict, dict]:
 
 
 def test_compiled_yaml_places_gpu_stages_on_the_gpu_pool(tmp_path):
-    pipeline, platform = load_docs(compile_pipeline("training", str(tmp_path / "t.yaml")))
+    pipeline, platform = load_docs(compile_pipeline(TRAINING, str(tmp_path / "t.yaml")))
     train_exec = executor_of(pipeline, "train-model")
     container = pipeline["deploymentSpec"]["executors"][train_exec]["container"]
     assert container["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -63,7 +66,7 @@ def test_no_credentials_in_compiled_pipeline(tmp_path, monkeypatch):
     """Credentials in the compiling shell never reach the YAML; pods get them from Secrets."""
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-fake-value")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-fake")
-    path = compile_pipeline("training", str(tmp_path / "t.yaml"))
+    path = compile_pipeline(TRAINING, str(tmp_path / "t.yaml"))
     text = Path(path).read_text()
     assert "s3cr3t-fake-value" not in text and "hunter2-fake" not in text
     pipeline, _ = load_docs(path)
@@ -78,7 +81,7 @@ def test_platform_config_from_file_changes_placement(tmp_path):
     custom.write_text("pools:\n  cpu: {node_selector: {pool: small}}\n"
                       "  a100: {node_selector: {pool: a100}, accelerator_type: nvidia.com/gpu,"
                       " accelerator_limit: 2}\nstages: {train: a100}\ndata_pvc: dermml-data\n")
-    pipeline, platform = load_docs(compile_pipeline("training", str(tmp_path / "t.yaml"),
+    pipeline, platform = load_docs(compile_pipeline(TRAINING, str(tmp_path / "t.yaml"),
                                                     str(custom)))
     train_exec = executor_of(pipeline, "train-model")
     resources = pipeline["deploymentSpec"]["executors"][train_exec]["container"]["resources"]
@@ -90,7 +93,7 @@ def test_unknown_pool_is_a_clear_error(tmp_path):
     custom = tmp_path / "platform.yaml"
     custom.write_text("stages: {train: tpu}\n")
     with pytest.raises(KeyError, match="tpu"):
-        compile_pipeline("training", str(tmp_path / "t.yaml"), str(custom))
+        compile_pipeline(TRAINING, str(tmp_path / "t.yaml"), str(custom))
 
 
 def test_shipped_platform_config_loads():
@@ -104,8 +107,8 @@ def test_submit_uploads_and_runs_with_namespace_sa_and_s3_root():
         target = Target(host=kfp_api.url, experiment="derm-exp", namespace="dermml",
                         service_account="dermml-pipeline-runner",
                         pipeline_root="s3://dermml-pipelines/root")
-        out = submit("training", target, {"demo_n": 500, "overrides": ["train.epochs=50"]})
-        again = submit("training", target, {"demo_n": 500})
+        out = submit(TRAINING, target, {"demo_n": 500, "overrides": ["train.epochs=50"]})
+        again = submit(TRAINING, target, {"demo_n": 500})
 
     assert len(kfp_api.pipelines) == 1  # second submit adds a version, not a pipeline
     assert len(kfp_api.versions) == 2
@@ -125,7 +128,7 @@ def test_submit_uploads_and_runs_with_namespace_sa_and_s3_root():
 def test_schedule_creates_a_cron_recurring_run():
     with FakeKFP() as kfp_api:
         target = Target(host=kfp_api.url)
-        out = schedule("training", target, {"demo_n": 100}, cron="0 2 * * 1")
+        out = schedule(TRAINING, target, {"demo_n": 100}, cron="0 2 * * 1")
     job = kfp_api.recurring_runs[0]
     assert out["cron"] == "0 0 2 * * 1"
     assert job["trigger"]["cron_schedule"]["cron"] == "0 0 2 * * 1"
@@ -136,17 +139,17 @@ def test_schedule_creates_a_cron_recurring_run():
 def test_bad_cron_and_unknown_params_are_rejected_before_any_call():
     target = Target(host="http://127.0.0.1:9")  # nothing listens: no call may be made
     with pytest.raises(ValueError, match="cron"):
-        schedule("training", target, {}, cron="every monday")
+        schedule(TRAINING, target, {}, cron="every monday")
     from dermml.config import ConfigError
 
     with pytest.raises(ConfigError, match="epochz"):
-        submit("training", target, {"epochz": 3})
+        submit(TRAINING, target, {"epochz": 3})
 
 
 def test_local_platform_runs_every_stage_on_the_cpu_node_without_gpus(tmp_path):
     """kind has no GPU: a step asking for one would stay Pending forever."""
     root = Path(__file__).resolve().parents[1]
-    path = compile_pipeline("training", str(tmp_path / "t.yaml"),
+    path = compile_pipeline(TRAINING, str(tmp_path / "t.yaml"),
                             str(root / "configs" / "platform" / "local.yaml"))
     pipeline, platform = load_docs(path)
     executors = pipeline["deploymentSpec"]["executors"]

@@ -1,4 +1,8 @@
-"""KFP adapter: run pipelines with ``kfp.local`` (SubprocessRunner) and compile them to YAML."""
+"""KFP adapter: run pipelines with ``kfp.local`` (SubprocessRunner) and compile them to YAML.
+
+The adapter takes a pipeline as a ``PipelineDef`` handed over by its caller (the CLI looks it up
+in ``pipelines.PIPELINES``); nothing in ``dermml`` imports ``pipelines/``, the layer above it.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +22,17 @@ from dermml.config import ConfigError, dermml_home
 from dermml.orchestration.k8s import PlatformConfig, load_platform, using_platform
 
 
-def get_pipeline(name: str):
-    """Build pipeline ``name`` under the platform config in force."""
-    from pipelines import PIPELINES
+@dataclass(frozen=True)
+class PipelineDef:
+    """A pipeline as the adapters take it: defined in ``pipelines/``, handed over by the CLI."""
 
-    if name not in PIPELINES:
-        raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(PIPELINES)}")
-    return PIPELINES[name]()
+    name: str
+    """Short name, e.g. ``training``; uploaded to KFP as ``dermml-<name>``."""
+    function: Callable[..., Any]
+    """The pipeline function: its parameters and their defaults are the pipeline's."""
+    build: Callable[[], Any]
+    """Returns the pipeline graph, built now under the platform config in force (KFP runs a
+    pipeline body when it is decorated, and ``place`` reads the platform then)."""
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -36,16 +46,13 @@ def parse_params(items: list[str]) -> dict[str, Any]:
     return params
 
 
-def _check_params(name: str, params: dict[str, Any]) -> None:
-    from pipelines import SIGNATURES
-
-    if name not in SIGNATURES:
-        raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(SIGNATURES)}")
-    signature = inspect.signature(SIGNATURES[name])
+def check_params(pipeline: PipelineDef, params: dict[str, Any]) -> None:
+    """Refuse parameters the pipeline does not have, naming the ones it has."""
+    signature = inspect.signature(pipeline.function)
     unknown = sorted(set(params) - set(signature.parameters))
     if unknown:
-        raise ConfigError(f"pipeline {name!r} has no parameter(s) {unknown}; parameters: "
-                          f"{', '.join(signature.parameters)}")
+        raise ConfigError(f"pipeline {pipeline.name!r} has no parameter(s) {unknown}; "
+                          f"parameters: {', '.join(signature.parameters)}")
 
 
 def local_environment() -> None:
@@ -69,11 +76,11 @@ def _failure_message(name: str, kfp_message: str) -> str:
             "above, and the pipeline's MLflow run is marked FAILED")
 
 
-def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Execute pipeline ``name`` locally; every component runs as a subprocess here."""
+def run_local(pipeline: PipelineDef, params: dict[str, Any]) -> dict[str, Any]:
+    """Execute ``pipeline`` locally; every component runs as a subprocess here."""
     import kfp.local
 
-    _check_params(name, params)
+    check_params(pipeline, params)
     local_environment()
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(dermml_home() / "kfp"), raise_on_error=True)
@@ -84,18 +91,18 @@ def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
         # ... and that CPU/memory requests are ignored locally: they are for the cluster.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
-            task = get_pipeline(name)(**params)  # built inside the local platform
+            task = pipeline.build()(**params)  # built inside the local platform
         except RuntimeError as exc:
-            raise PipelineFailed(_failure_message(name, str(exc))) from None
+            raise PipelineFailed(_failure_message(pipeline.name, str(exc))) from None
     outputs = getattr(task, "outputs", None) or {}
     return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
 
 
-def compile_pipeline(name: str, out: str, platform: str | None = None) -> str:
+def compile_pipeline(pipeline: PipelineDef, out: str, platform: str | None = None) -> str:
     """Write the IR YAML with the platform config's placement (default: the shipped one)."""
     from kfp import compiler
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with using_platform(load_platform(platform)):
-        compiler.Compiler().compile(get_pipeline(name), out)
+        compiler.Compiler().compile(pipeline.build(), out)
     return out
