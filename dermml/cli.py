@@ -185,6 +185,10 @@ def train_cmd(
         help="Backbone/encoder weights: imagenet (published weights through the Hugging Face "
              "hub cache, HF_HOME; HF_HUB_OFFLINE=1 reads the cache only) or a local "
              ".pth/.pt/.safetensors file; the same as --set model.pretrained=...")] = None,
+    platform: Annotated[str | None, typer.Option(
+        help="Platform config (configs/platform/*.yaml): the workers must fit its pools, and "
+             "with ray_job.enabled the training runs as a KubeRay RayJob; without it, "
+             "training runs here")] = None,
 ):
     """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
     from dermml.orchestration.tracking import ui_command
@@ -192,6 +196,9 @@ def train_cmd(
 
     if pretrained:
         set_ = [*(set_ or []), f"model.pretrained={pretrained}"]
+    if platform and (folds or wl_train or sl_train):
+        raise ValueError("--platform places a single training run; cross-validation and weak "
+                         "labels train here (drop --platform, or --folds/--wl-train/--sl-train)")
     cfg = resolve_config(task, config, set_, resume_run_id=resume)
     if folds:
         from dermml.training.schemes import cross_validate
@@ -209,7 +216,13 @@ def train_cmd(
         typer.echo(json.dumps({"run_id": wl.run_id, "model_uri": wl.model_uri,
                                "rounds": wl.rounds}, indent=2))
     else:
-        outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume)
+        placed = None
+        if platform:
+            from dermml.orchestration.platform import load_platform
+
+            placed = load_platform(platform)
+        outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume,
+                        platform=placed)
         typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
                                "metrics": outcome.metrics}, indent=2))
     typer.echo(f"MLflow UI: {ui_command()}")
@@ -404,15 +417,20 @@ def pipeline_run(
 def pipeline_compile(
     name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
     out: Annotated[Path, typer.Option(help="Output YAML file")],
-    platform: Annotated[str | None, typer.Option(help="Platform config (pools, secrets, env); "
-                                                      "default configs/platform/default.yaml")]
+    platform: Annotated[str | None, typer.Option(help="Platform config (images, pools, "
+                                                      "secrets, env, RayJob); default "
+                                                      "configs/platform/default.yaml")]
+        = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Pipeline parameter k=v, compiled in as its default (e.g. task=segdiff "
+                        "config=configs/segdiff/ph2.yaml); training must fit the platform")]
         = None,
 ):
     """Write the KFP IR YAML of a pipeline, with Kubernetes placement from the platform config."""
-    from dermml.orchestration.kfp_local import compile_pipeline
+    from dermml.orchestration.kfp_local import compile_pipeline, parse_params
     from pipelines import get_pipeline
 
-    compile_pipeline(get_pipeline(name), str(out), platform)
+    compile_pipeline(get_pipeline(name), str(out), platform, parse_params(param or []))
     typer.echo(f"wrote {out}")
 
 
@@ -429,7 +447,8 @@ ExperimentOpt = Annotated[str, typer.Option(help="KFP experiment")]
 NamespaceOpt = Annotated[str, typer.Option(help="Kubernetes namespace of the run")]
 SaOpt = Annotated[str, typer.Option(help="Service account the pipeline pods run as")]
 RootOpt = Annotated[str | None, typer.Option(help="Pipeline root, e.g. s3://bucket/kfp")]
-PlatformOpt = Annotated[str | None, typer.Option(help="Platform config (pools, secrets, env)")]
+PlatformOpt = Annotated[str | None, typer.Option(help="Platform config (images, pools, secrets, "
+                                                       "env, RayJob)")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Pipeline parameter k=v")]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -21,10 +21,30 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""
 
 
+class Moved(NamedTuple):
+    """A key that left its config section: where it lives now, and the new names of its keys."""
+
+    to: str
+    """Where the key lives now (a config file and why), as the error tells the user."""
+    keys: dict[str, str] = {}
+    """Old sub-key -> its key there."""
+
+    def message(self, key: str, subs: list[str]) -> str:
+        """The error for old key ``key`` (dotted), given with sub-keys ``subs`` (or whole)."""
+        given = ", ".join(f"{key}.{sub}" for sub in subs) if subs else key
+        pairs = [(sub, self.keys[sub]) for sub in subs if sub in self.keys] if subs else \
+            list(self.keys.items())
+        there = "; there: " + ", ".join(f"{key}.{old} -> {new}" for old, new in pairs) \
+            if pairs else ""
+        return f"{given}: moved to {self.to}{there}"
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on set."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    moved: ClassVar[dict[str, Moved]] = {}
+    """Keys this section no longer has -> where they went: giving one is an error saying so."""
 
 
 def dermml_home() -> Path:
@@ -79,6 +99,9 @@ def _set_nested(data: dict, path: list[str], value: Any, model_cls: type[BaseMod
     node = data
     for i, part in enumerate(path):
         fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {}
+        moved = getattr(cls, "moved", {}).get(part) if fields else None
+        if part not in fields and moved is not None:
+            raise ConfigError(f"--set {moved.message('.'.join(path[: i + 1]), path[i + 1:i + 2])}")
         if part not in fields:
             dotted = ".".join(path)
             valid = _valid_keys(model_cls)
@@ -108,6 +131,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict | list):
+            # A validator's own message about a whole section: it says what is wrong.
+            lines.append(f"  {loc or '(top level)'}: {err['ctx']['error']}")
         else:
             lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
@@ -130,10 +156,10 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
 def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
                 overrides: list[str] | None = None, base: dict | None = None) -> T:
     """Build ``model_cls`` from defaults, then ``base``, then a YAML file, then ``--set`` items."""
-    data: dict = dict(base or {})
+    data: dict = _moved_keys(model_cls, dict(base or {}), drop=True)
     source = "defaults"
     if path:
-        data = _deep_merge(data, read_yaml_mapping(path))
+        data = _deep_merge(data, _moved_keys(model_cls, read_yaml_mapping(path), source=path))
         source = str(path)
     for item in overrides or []:
         keys, value = parse_override(item)
@@ -142,6 +168,27 @@ def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
         return model_cls.model_validate(_keep_section_defaults(model_cls, data))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _moved_keys(model: type[BaseModel], data: dict, drop: bool = False, source: Any = "",
+                prefix: str = "") -> dict:
+    """``data`` checked for keys that moved out of their section (``Section.moved``): an error
+    naming the new home, or with ``drop`` (a resumed run's stored config) left out."""
+    out = dict(data)
+    for key, value in data.items():
+        moved = getattr(model, "moved", {}).get(key)
+        if moved is not None and key not in model.model_fields:
+            if not drop:
+                subs = list(value) if isinstance(value, dict) else []
+                raise ConfigError(f"{source}: {moved.message(prefix + key, subs)}")
+            del out[key]
+            continue
+        field = model.model_fields.get(key)
+        section = field.annotation if field is not None else None
+        if isinstance(value, dict) and isinstance(section, type) and issubclass(section,
+                                                                                BaseModel):
+            out[key] = _moved_keys(section, value, drop, source, f"{prefix}{key}.")
+    return out
 
 
 def _keep_section_defaults(model: type[BaseModel], given: dict,

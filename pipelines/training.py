@@ -19,6 +19,7 @@ from components import (
     validate_data,
 )
 from dermml.orchestration.k8s import place
+from dermml.orchestration.platform import platform_json
 
 
 class TrainingOutputs(NamedTuple):
@@ -41,7 +42,7 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                             required_splits=required_splits, parent_run_id=parent.output)
     trained = train_model(task=task, config=config, overrides=overrides,
                           manifest_uri=checked.outputs["Output"],
-                          parent_run_id=parent.output)
+                          parent_run_id=parent.output, platform=platform_json())
     registered = register_model(model_uri=trained.outputs["model_uri"], task=task,
                                 parent_run_id=parent.output)
     evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],

@@ -120,6 +120,26 @@ def test_the_dermml_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+PLACEMENT = ("kubernetes", "kfp", "dermml.orchestration.k8s", "dermml.orchestration.rayjob",
+             "dermml.orchestration.platform", "dermml.orchestration.kfp_local",
+             "dermml.orchestration.kfp_client")
+
+
+def test_tasks_say_what_to_train_and_know_nothing_of_where_it_runs():
+    """Images, pools, tolerations, secrets and RayJobs are the platform config's: no module of
+    dermml/tasks imports Kubernetes, KFP, the RayJob builder or the platform config."""
+    offenders = sorted(
+        f"{module} imports {name}"
+        for module, path in _module_names().items() if module.startswith("dermml.tasks")
+        for name in imported_names(path, module)
+        if any(name == p or name.startswith(f"{p}.") for p in PLACEMENT))
+    assert not offenders, offenders
+    from dermml.tasks.base import RayConfig
+
+    assert not {"kubernetes", "namespace", "image", "node_selector", "tolerations", "secrets",
+                "service_account"} & set(RayConfig.model_fields)
+
+
 def test_dermml_never_imports_the_layers_above_it():
     """``pipelines/`` and ``components/`` build on dermml; only the CLI (the entry point that
     hands a pipeline to the KFP adapter) looks pipelines up."""

@@ -1,8 +1,9 @@
 """Submit and schedule pipelines on a Kubeflow Pipelines instance through ``kfp.Client``.
 
-Each submission compiles the pipeline with the platform config, uploads it as a new version of
-the pipeline (creating the pipeline on first use), and starts a run or a recurring run in the
-named experiment, namespace and service account, with the pipeline root on S3.
+Each submission checks that the run's training fits the platform config, compiles the pipeline
+with it, uploads it as a new version of the pipeline (creating the pipeline on first use), and
+starts a run or a recurring run in the named experiment, namespace and service account, with the
+pipeline root on S3.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dermml.orchestration.kfp_local import PipelineDef, check_params, compile_pipeline
+from dermml.orchestration.kfp_local import (
+    PipelineDef,
+    check_params,
+    check_training_fit,
+    compile_pipeline,
+)
+from dermml.orchestration.platform import load_platform
 
 
 @dataclass
@@ -60,6 +67,7 @@ def submit(pipeline: PipelineDef, target: Target, params: dict[str, Any],
            run_name: str | None = None) -> dict[str, str]:
     """Upload ``pipeline`` and start one run; returns ids and the run's UI URL."""
     check_params(pipeline, params)
+    check_training_fit(pipeline, params, load_platform(target.platform))
     client = _client(target)
     experiment = client.create_experiment(target.experiment, namespace=target.namespace)
     pipeline_id, version_id = _upload(client, pipeline, target)
@@ -78,6 +86,7 @@ def schedule(pipeline: PipelineDef, target: Target, params: dict[str, Any], cron
              job_name: str | None = None, max_concurrency: int = 1) -> dict[str, str]:
     """Create a recurring run of ``pipeline`` on a cron schedule (KFP's 6-field cron)."""
     check_params(pipeline, params)
+    check_training_fit(pipeline, params, load_platform(target.platform))
     fields = cron.split()
     if len(fields) == 5:  # accept standard cron; KFP wants seconds first
         cron = f"0 {cron}"
