@@ -259,3 +259,26 @@ def test_bootstrap_metrics_skips_resamples_missing_a_metric():
 
     low, high = bootstrap_metrics(scores, len(labels), seed=0)["share0"]
     assert low >= 1 / 8 and high > low
+
+
+def test_attributes_training_validation_and_evaluation_agree_on_jaccard_and_on_absent_classes():
+    """Three copies once disagreed on a class that occurs nowhere (0.0 vs NaN): one definition
+    now serves the metric function, the task's validation and its evaluation aggregate."""
+    import torch
+
+    from dermml.metrics.attributes import mean_jaccard
+    from dermml.tasks.attributes import AttributesTask
+
+    target = np.zeros((1, 8, 8), np.int64)
+    target[0, :4, :4] = 1  # class 1 present, classes 2 and 3 absent everywhere
+    logits = torch.full((1, 4, 8, 8), -5.0)
+    logits[:, 0] = 0.0
+    logits[0, 1, :4, :6] = 5.0  # class 1 predicted over 24 px, 16 of them right
+    task = AttributesTask()
+    scores = task.validate(lambda x: logits, [(torch.zeros(1, 3, 8, 8), torch.from_numpy(target))],
+                           "cpu")
+    reference = per_class_jaccard([logits[0].argmax(0).numpy()], [target[0]], n_classes=4)
+    assert reference[1] == pytest.approx(16 / 24) and np.isnan(reference[2])
+    assert scores == {"jaccard_1": pytest.approx(16 / 24), "mean_jaccard": pytest.approx(16 / 24)}
+    assert mean_jaccard(reference) == pytest.approx(16 / 24)
+    assert np.isnan(mean_jaccard({1: float("nan")}))
