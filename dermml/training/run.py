@@ -60,9 +60,11 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
                             system_metrics=True) as run:
         run_id = run.info.run_id
         if resume_run_id is None:
-            tracking.log_config(cfg)
+            # ray.kubernetes.* apply to a RayJob only (config.yaml keeps them all).
+            tracking.log_config(cfg, skip_prefixes=() if cfg.ray.kubernetes.enabled
+                                else ("ray.kubernetes.",))
             counts = manifest.df["split"].value_counts().to_dict()
-            tracking.log_dataset(manifest.uri, manifest.version, counts)
+            tracking.log_dataset(manifest.uri, manifest.version, counts, context="training")
             mlflow.log_param("seed", cfg.train.seed)
         if cfg.ray.kubernetes.enabled:
             return _train_as_rayjob(task_name, cfg, run_id)
