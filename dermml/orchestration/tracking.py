@@ -221,6 +221,36 @@ def log_figure(fig: Any, artifact_file: str) -> None:
     mlflow.log_figure(fig, artifact_file)
 
 
+class RunLog:
+    """Writes into one run by id, with no active run needed (Ray workers, training hooks)."""
+
+    def __init__(self, run_id: str, uri: str = ""):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(uri or tracking_uri())
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One request for all of ``metrics`` at ``step``."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                    for k, v in metrics.items()])
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of metric ``key``; a step logged twice (an epoch trained again after
+        a restart) keeps its latest value."""
+        by_step: dict[int, float] = {}
+        for m in sorted(self.client.get_metric_history(self.run_id, key),
+                        key=lambda m: m.timestamp):
+            by_step[m.step] = m.value
+        return sorted(by_step.items())
+
+    def figure(self, fig: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
+
+
 def log_table_csv(df, artifact_file: str, run_id: str | None = None) -> None:
     """A table as CSV, into the active run or the run ``run_id``."""
     import mlflow
