@@ -28,7 +28,7 @@ from dermml.models.postprocess import (
     PostprocessConfig,
     postprocess_multiclass,
 )
-from dermml.models.segmentation import SegModelConfig, build_segmenter
+from dermml.models.segmentation import SegModelConfig, build_segmenter, input_multiple
 from dermml.tasks.base import DataConfig, Task, TaskConfig, register_task
 from dermml.visualization import image_grid
 
@@ -74,6 +74,9 @@ class AttributesTask(Task):
         augment = build_augment(cfg.augment, seed=cfg.train.seed) if train else None
         return AttributeDataset(manifest, rows, cfg.data.image_size, tuple(cfg.attributes),
                                 augment)
+
+    def min_image_size(self, cfg: AttributesConfig) -> int:
+        return input_multiple(cfg.model)
 
     def loss_step(self, cfg: AttributesConfig):
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights \

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -115,8 +116,8 @@ class RayConfig(Section):
 class ServingConfig(Section):
     """Post-processing applied identically in evaluation and serving."""
 
-    threshold: float = 0.5
-    """Probability above which a pixel (or class score) counts as positive."""
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability above which a pixel (or class score) counts as positive, in [0, 1]."""
 
 
 class TaskConfig(Section):
@@ -179,6 +180,14 @@ class Task(ABC):
                 "encoders need at least 75 px; the reference works use 128 or 256)") from None
         finally:
             model.train(was_training)
+
+    def min_image_size(self, cfg: TaskConfig) -> int:
+        """Smallest image side (px) the model predicts on, in serving and evaluation alike: the
+        network's downsampling factor. A smaller image holds less than one pixel per cell of
+        the deepest feature map, so what the model sees after resizing is interpolation, not
+        skin (a 1x1 image came back as "all lesion"). Default 32: the factor of the timm
+        classification backbones (ResNet, EfficientNet, Inception-v3)."""
+        return 32
 
     def serving_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The weights the logged model keeps (all of them unless a task needs fewer)."""

@@ -185,6 +185,9 @@ class SegDiffTask(SegmentationTask):
         if s.steps > T:
             raise ValueError(f"steps={s.steps} is more than the model's {T} diffusion steps")
 
+    def min_image_size(self, cfg: SegDiffConfig) -> int:
+        return cfg.model.downsampling_factor
+
     def check_input_size(self, model: nn.Module, cfg: SegDiffConfig) -> None:
         """The dual-path U-Net halves the size per level: sizes must divide by 2**(levels-1)
         (checked without a forward pass, which costs seconds for the reference presets)."""

@@ -20,7 +20,7 @@ from dermml.data.manifest import Manifest
 from dermml.losses.registry import LossTerm, build_loss
 from dermml.metrics.segmentation import confusion, hd95, scores_from_confusion
 from dermml.models.postprocess import PostprocessConfig, postprocess_binary
-from dermml.models.segmentation import SegModelConfig, build_segmenter
+from dermml.models.segmentation import SegModelConfig, build_segmenter, input_multiple
 from dermml.tasks.base import Task, TaskConfig, register_task
 from dermml.visualization import image_grid, overlay_boundaries
 
@@ -74,6 +74,9 @@ class SegmentationTask(Task):
     def dataset(self, cfg: SegmentationConfig, manifest: Manifest, rows, train: bool):
         augment = build_augment(cfg.augment, seed=cfg.train.seed) if train else None
         return SegmentationDataset(manifest, rows, cfg.data.image_size, augment)
+
+    def min_image_size(self, cfg: SegmentationConfig) -> int:
+        return input_multiple(cfg.model)
 
     def loss_step(self, cfg: SegmentationConfig):
         loss_fn = build_loss(cfg.loss)
