@@ -124,3 +124,30 @@ def test_tiny_model_overfits_one_demo_image_and_samples_its_lesion_mask():
     assert probability.shape == mask.shape
     dice = 2 * (predicted * mask).sum() / (predicted.sum() + mask.sum())
     assert dice > 0.9, f"Dice {dice:.3f} of the 5-sample DDIM ensemble"
+
+
+# --------------------------------------------------------------- weight standardisation (item 5)
+
+def test_weight_standardisation_is_the_same_in_fp32_and_under_bf16_autocast():
+    from dermml.models.dermosegdiff import WeightStandardizedConv2d
+
+    torch.manual_seed(0)
+    conv = WeightStandardizedConv2d(4, 6, 3, padding=1)
+    with torch.no_grad():  # small kernels: eps 1e-3 instead of 1e-5 would shrink them ~3x
+        conv.weight.mul_(1e-2 / conv.weight.std())
+    x = torch.randn(2, 4, 8, 8)
+    fp32_weight, fp32_out = conv.standardized_weight(), conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_weight, bf16_out = conv.standardized_weight(), conv(x.bfloat16())
+    torch.testing.assert_close(bf16_weight, fp32_weight, rtol=0, atol=0)
+    w = conv.weight.detach().double()
+    closed_form = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (
+        w.var(dim=(1, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(fp32_weight.detach().double(), closed_form)  # eps 1e-5
+    torch.testing.assert_close(bf16_out.float(), fp32_out, rtol=0.02, atol=0.05)
+    half = WeightStandardizedConv2d(4, 6, 3).to(torch.bfloat16)  # bf16 weights: fp32 maths
+    with torch.no_grad():
+        half.weight.copy_(conv.weight)
+    torch.testing.assert_close(half.standardized_weight().float(), fp32_weight, rtol=1e-2,
+                               atol=1e-2)
+

@@ -130,17 +130,30 @@ def time_mlp(dim: int) -> nn.Module:
                          nn.Linear(dim * 4, dim * 4))
 
 
+WS_EPS = 1e-5
+"""Variance epsilon of the weight standardisation, whatever the precision."""
+
+
 class WeightStandardizedConv2d(nn.Conv2d):
     """Conv whose kernels are standardised to zero mean, unit variance per output channel
-    (Qiao et al. 2019); pairs well with GroupNorm."""
+    (Qiao et al. 2019); pairs well with GroupNorm.
+
+    The standardisation runs in float32 with eps ``WS_EPS`` under every precision, so a model
+    computes the same kernels in fp32 and under bf16/fp16 autocast. (The reference picks eps
+    from the input dtype, 1e-5 for float32 and 1e-3 otherwise; it trains in float32, where the
+    two agree.)
+    """
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The kernels the convolution uses, in the weight's dtype."""
+        weight = self.weight.float()
+        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+        var = weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        return ((weight - mean) * (var + WS_EPS).rsqrt()).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-        mean = self.weight.mean(dim=(1, 2, 3), keepdim=True)
-        var = self.weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
-        weight = (self.weight - mean) * (var + eps).rsqrt()
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
 
 
 class ConvBlock(nn.Module):
