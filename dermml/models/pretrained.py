@@ -8,7 +8,9 @@ for another number of classes) are skipped; a file matching too little of the mo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,7 +21,18 @@ class PretrainedWeightsError(ValueError):
     """The weights file is missing or does not fit the model."""
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def _numpy_scalar_globals() -> list:
+    """What unpickling a numpy float scalar needs (training scripts save losses such as
+    ``np.mean(losses)`` beside the weights), under numpy 1's and numpy 2's module names.
+    Numbers only: none of these can run code."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
+
+
+def read_checkpoint(path: str) -> Any:
+    """The object saved in a weights file (a state dict, or a dict holding one), loaded as
+    tensors, numbers, strings and containers only."""
     file = Path(path)
     if not file.is_file():
         raise PretrainedWeightsError(f"pretrained weights {path}: file not found (weights are "
@@ -29,12 +42,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
         return load_file(str(file))
     try:  # weights_only: a weights file must not be able to run code when it is loaded
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PretrainedWeightsError(
             f"pretrained weights {path}: cannot be loaded as tensors only ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0]}); re-save it with torch.save(model.state_dict(), PATH) "
             "or as .safetensors") from None
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    state = read_checkpoint(path)
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
