@@ -123,7 +123,9 @@ class SegDiffConfig(SegmentationConfig):
     serving: SegDiffServing = SegDiffServing()
     postprocess: PostprocessConfig = PostprocessConfig()
     train: LoopConfig = LoopConfig(optimizer="adam", lr=1e-4, betas=(0.7, 0.99), weight_decay=0.0,
-                                   scheduler="plateau", plateau_factor=0.5, plateau_patience=5)
+                                   scheduler="constant")
+    """The reference's optimiser and learning rate, constant: it builds ReduceLROnPlateau but
+    never steps it."""
 
 
 class SegDiffNet(nn.Module):
