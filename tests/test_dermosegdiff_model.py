@@ -281,6 +281,19 @@ def test_reference_network_alone_and_our_own_layouts_load_too(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key], value)
 
+    from dermml.tasks import get_task
+
+    with torch.no_grad():
+        model.ema_unet.final_conv.bias.add_(1.0)  # EMA and online networks differ
+    bundle = {"task": "segdiff", "config": cfg.model_dump(mode="json"),
+              "state_dict": get_task("segdiff").serving_state(model.state_dict())}
+    torch.save(bundle, tmp_path / "model.pt")  # a logged model's bundle: EMA network only
+    served = SegDiffNet(cfg)
+    load_segdiff_weights(served, str(tmp_path / "model.pt"))
+    for key, value in model.ema_unet.state_dict().items():
+        assert torch.equal(served.unet.state_dict()[key], value)
+        assert torch.equal(served.ema_unet.state_dict()[key], value)
+
 
 def test_a_checkpoint_that_does_not_fit_names_the_file_and_the_keys(tmp_path):
     from dermml.models.pretrained import PretrainedWeightsError
