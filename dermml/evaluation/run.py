@@ -17,6 +17,7 @@ import pandas as pd
 
 from dermml.data.images import load_image
 from dermml.data.manifest import read_manifest
+from dermml.data.splits import with_split_policy
 from dermml.metrics.bootstrap import bootstrap_metrics
 from dermml.orchestration import tracking
 
@@ -62,10 +63,13 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
     from dermml.registry.gate import record_evaluation
 
     splits = splits or ["test"]
-    manifest = read_manifest(manifest_uri)
-    split_rows = {s: manifest.split(s) for s in splits}  # fail on an empty split before loading
+    manifest = read_manifest(manifest_uri)  # an unreadable manifest fails before loading
     model = load_python_model(model_uri)
     task = model.task
+    # The splits of the model's data.split_policy (DermoSegDiff's fixed ones, or the manifest's).
+    manifest = with_split_policy(manifest, model.cfg.data.split_policy,
+                                 model.cfg.data.reference_order)
+    split_rows = {s: manifest.split(s) for s in splits}
     with tracking.stage_run(task.name, "evaluate", parent_run_id) as run:
         tracking.log_dataset(manifest.uri, manifest.version)
         mlflow.set_tag("dermml.model_uri", model_uri)
@@ -103,9 +107,11 @@ def compare_settings(model_uri: str, manifest_uri: str, settings: list[dict],
     if not settings:
         raise ValueError("give at least one setting to compare, e.g. sampler=ddim,steps=25")
     manifest = read_manifest(manifest_uri)
-    rows = manifest.split(split)
     model = load_python_model(model_uri)
     task = model.task
+    manifest = with_split_policy(manifest, model.cfg.data.split_policy,
+                                 model.cfg.data.reference_order)
+    rows = manifest.split(split)
     images = [load_image(manifest.resolve(u)) for u in rows["image_uri"]]
     records = []
     with tracking.stage_run(task.name, "compare", parent_run_id):

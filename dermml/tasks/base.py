@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 
 from dermml.config import ConfigError, Section
 from dermml.data.augment import AugmentConfig
-from dermml.data.manifest import Manifest
+from dermml.data.manifest import Manifest, read_manifest
 from dermml.data.sampling import MixConfig, ProgressiveResizeConfig
+from dermml.data.splits import with_split_policy
 from dermml.training.loop import LoopConfig
 
 
@@ -35,6 +36,13 @@ class DataConfig(Section):
     """Split(s) for per-epoch validation and the best checkpoint."""
     test_split: str = "test"
     """Split(s) for evaluation and the promotion gate."""
+    split_policy: Literal["manifest", "reference"] = "manifest"
+    """Where the splits come from: the manifest's ``split`` column, or DermoSegDiff's fixed index
+    splits (reference: ISIC2018 1815/259/520, PH2 80/20/100, HAM10000 7200/1800/1015 images in
+    file-name order; see docs/segdiff.md). Training and evaluation of the model both use it."""
+    reference_order: str = ""
+    """split_policy reference: a text file listing the image file names in the order the
+    reference's ``glob`` listed them, one per line; empty = sorted by file name."""
     image_size: int = 64
     """Square input size in pixels (the reference works use 128 or 256)."""
     batch_size: int = 16
@@ -136,6 +144,13 @@ class TaskConfig(Section):
     serving: ServingConfig = ServingConfig()
 
 
+def read_task_manifest(cfg: TaskConfig, uri: str | None = None) -> Manifest:
+    """The manifest at ``uri`` (default ``cfg.data.manifest``) with the splits of
+    ``cfg.data.split_policy``: what training and evaluation split."""
+    return with_split_policy(read_manifest(uri or cfg.data.manifest), cfg.data.split_policy,
+                             cfg.data.reference_order)
+
+
 class Task(ABC):
     """One trainable, servable task. Subclasses set the class attributes and implement methods."""
 
@@ -225,7 +240,6 @@ class Task(ABC):
         val = self.dataset(cfg, manifest, manifest.split(*cfg.data.val_split.split(",")),
                            False)
         if cfg.mix.synthetic_manifest:
-            from dermml.data.manifest import read_manifest
             from dermml.data.sampling import mixed_dataset
 
             synthetic_manifest = read_manifest(cfg.mix.synthetic_manifest)

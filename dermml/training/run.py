@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import mlflow
 
 from dermml.config import dermml_home, load_config
-from dermml.data.manifest import ManifestError, read_manifest
+from dermml.data.manifest import ManifestError
 from dermml.orchestration import tracking
 from dermml.orchestration.training_hooks import log_loss_curve, training_hooks
 from dermml.tasks import get_task
-from dermml.tasks.base import TaskConfig
+from dermml.tasks.base import TaskConfig, read_task_manifest
 from dermml.training.checkpoint import FolderCheckpointer
 from dermml.training.loop import FitResult
 from dermml.training.setup import build_parts, default_device, run_loop
@@ -44,7 +44,7 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
     task = get_task(task_name)
     if not cfg.data.manifest:
         raise ValueError("no training data: set data.manifest (e.g. --set data.manifest=DIR)")
-    manifest = read_manifest(cfg.data.manifest)
+    manifest = read_task_manifest(cfg)
     for split in (cfg.data.train_split, cfg.data.val_split):
         manifest.split(*split.split(","))  # fails early, naming the empty split
     if cfg.ray.kubernetes.enabled:

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dermml.data.manifest import read_manifest
-from dermml.tasks.base import Task, TaskConfig
+from dermml.tasks.base import Task, TaskConfig, read_task_manifest
 from dermml.training.loop import Checkpointer, FitResult, Hooks, fit
 
 
@@ -27,7 +26,7 @@ class TrainingParts:
 
 
 def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None) -> TrainingParts:
-    manifest = read_manifest(cfg.data.manifest)
+    manifest = read_task_manifest(cfg)
     train_ds, val_ds = task.datasets(cfg, manifest)
     torch.manual_seed(cfg.train.seed)
     pin = device is not None and device.type == "cuda"

@@ -27,10 +27,11 @@ from dermml.data.importers.ph2 import import_ph2
 from dermml.data.manifest import (
     COLUMNS,
     MANIFEST_FILENAME,
+    is_missing,
     write_manifest,
 )
 from dermml.data.phash import NEAR_DUPLICATE_HAMMING, image_hash, near_duplicate_groups
-from dermml.data.splits import check_fractions, fill_missing_splits, is_missing, linked_units
+from dermml.data.splits import check_fractions, fill_missing_splits, linked_units
 
 # --- registry and the import stage -------------------------------------------------------------
 
