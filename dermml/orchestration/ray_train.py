@@ -145,13 +145,9 @@ def _forwarded_env() -> dict[str, str]:
 
 def _input_error(exc: BaseException) -> BaseException | None:
     """The first worker failure caused by input (an unreadable image, a bad mask), if any."""
-    from dermml.config import ConfigError
-    from dermml.data.images import ImageReadError
-    from dermml.data.manifest import ManifestError
-    from dermml.models.pretrained import PretrainedWeightsError
+    from dermml.errors import input_errors
 
-    user_errors = (ImageReadError, ManifestError, ConfigError, storage.StorageError,
-                   PretrainedWeightsError)
+    user_errors = input_errors()
     for failure in getattr(exc, "worker_failures", {}).values():
         seen = set()
         while failure is not None and id(failure) not in seen:
