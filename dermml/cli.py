@@ -261,8 +261,8 @@ def predict_cmd(
 
     from dermml import storage
     from dermml.data.images import load_image
-    from dermml.evaluation.run import load_python_model
     from dermml.orchestration.kfp_local import parse_params
+    from dermml.orchestration.tracking import load_python_model
     from dermml.registry.gate import champion_uri
     from dermml.serving.pyfunc import request_frame
     from dermml.tasks import task_names

@@ -95,7 +95,7 @@ def test_servable_requests_are_answered(served, demo_data):
 
 
 def test_evaluation_goes_through_the_same_checks(served, demo_data, monkeypatch):
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
 
     _, home, outcome = served
     monkeypatch.setenv("DERMML_HOME", str(home))

@@ -49,12 +49,6 @@ class EvaluationResult:
         return pd.DataFrame(rows)
 
 
-def load_python_model(model_uri: str):
-    """The ``DermmlModel`` behind a ``runs:/`` or ``models:/`` URI."""
-    tracking.configure()
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-
-
 def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
              parent_run_id: str | None = None, n_resamples: int = 1000,
              alpha: float = 0.05, seed: int = 0,
@@ -64,7 +58,7 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
 
     splits = splits or ["test"]
     manifest = read_manifest(manifest_uri)  # an unreadable manifest fails before loading
-    model = load_python_model(model_uri)
+    model = tracking.load_python_model(model_uri)
     task = model.task
     # The splits of the model's data.split_policy (DermoSegDiff's fixed ones, or the manifest's).
     manifest = with_split_policy(manifest, model.cfg.data.split_policy,
@@ -107,7 +101,7 @@ def compare_settings(model_uri: str, manifest_uri: str, settings: list[dict],
     if not settings:
         raise ValueError("give at least one setting to compare, e.g. sampler=ddim,steps=25")
     manifest = read_manifest(manifest_uri)
-    model = load_python_model(model_uri)
+    model = tracking.load_python_model(model_uri)
     task = model.task
     manifest = with_split_policy(manifest, model.cfg.data.split_policy,
                                  model.cfg.data.reference_order)

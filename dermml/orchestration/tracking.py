@@ -274,6 +274,15 @@ class RunLog:
         self.client.log_figure(self.run_id, fig, artifact_file)
 
 
+def load_python_model(model_uri: str):
+    """The ``DermmlModel`` behind a ``runs:/`` or ``models:/`` URI (the one way a stage loads a
+    logged model: evaluation, fine-tuning, weak-label relabelling, ``dermml predict``)."""
+    import mlflow
+
+    configure()
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+
+
 def log_table_csv(df, artifact_file: str, run_id: str | None = None) -> None:
     """A table as CSV, into the active run or the run ``run_id``."""
     import mlflow

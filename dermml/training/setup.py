@@ -54,12 +54,9 @@ def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None)
 
 def initial_weights(model_uri: str) -> dict:
     """State dict of a logged DermML model, to fine-tune from."""
-    import mlflow
-
     from dermml.orchestration import tracking
 
-    tracking.configure()
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model.state_dict()
+    return tracking.load_python_model(model_uri).model.state_dict()
 
 
 def run_loop(task: Task, cfg: TaskConfig, parts: TrainingParts, device: torch.device,
