@@ -27,20 +27,9 @@ app.add_typer(pipeline_app, name="pipeline")
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (files, config, flags): reported in one line, not a traceback."""
-    from dermml.config import ConfigError
-    from dermml.data.images import ImageReadError
-    from dermml.data.manifest import ManifestError
-    from dermml.storage import StorageError
+    from dermml.errors import input_errors
 
-    errors: list[type[BaseException]] = [ConfigError, ManifestError, StorageError, ImageReadError,
-                                         FileExistsError, FileNotFoundError, KeyError, ValueError]
-    try:
-        from dermml.data.importers import DatasetImportError
-
-        errors.append(DatasetImportError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (*input_errors(), FileExistsError, FileNotFoundError, KeyError, ValueError)
 
 
 def _is_mlflow_input_error(exc: BaseException) -> bool:
@@ -287,8 +276,8 @@ def predict_cmd(
 
     from dermml import storage
     from dermml.data.images import load_image
-    from dermml.evaluation.run import load_python_model
     from dermml.orchestration.kfp_local import parse_params
+    from dermml.orchestration.tracking import load_python_model
     from dermml.registry.gate import champion_uri
     from dermml.serving.pyfunc import request_frame
     from dermml.tasks import task_names

@@ -125,18 +125,26 @@ def _set_nested(data: dict, path: list[str], value: Any, model_cls: type[BaseMod
             raise ConfigError(f"config key {'.'.join(path[: i + 1])!r} is not a section")
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One ``key: problem (got value)`` line per error of a pydantic validation."""
+    lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
+            lines.append(f"{loc}: unknown key")
+        elif not loc:  # a model validator: its message names the keys
+            lines.append(err["msg"].removeprefix("Value error, "))
         elif err["type"] == "value_error" and isinstance(err.get("input"), dict | list):
-            # A validator's own message about a whole section: it says what is wrong.
-            lines.append(f"  {loc or '(top level)'}: {err['ctx']['error']}")
+            # A section's validator (a platform pool): its message says what is wrong there.
+            lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {loc}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return lines
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    return "\n".join([f"invalid config ({source}):",
+                      *(f"  {line}" for line in validation_problems(exc))])
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict:

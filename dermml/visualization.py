@@ -1,4 +1,5 @@
-"""Pictures for humans: mask boundaries drawn over images, and image grids."""
+"""Pictures for humans: mask boundaries drawn over images and image grids (numpy only), and the
+training loss curve (matplotlib, imported only when drawn)."""
 
 from __future__ import annotations
 
@@ -81,3 +82,26 @@ def _fit(tile: np.ndarray, h: int, w: int) -> np.ndarray:
     scale = min(h / th, w / tw)
     size = (min(w, max(1, round(tw * scale))), min(h, max(1, round(th * scale))))
     return np.asarray(Image.fromarray(np.ascontiguousarray(tile)).resize(size, Image.BILINEAR))
+
+
+def loss_curve_figure(train_loss: list[tuple[int, float]], val_metric: list[tuple[int, float]],
+                      val_name: str):
+    """Train loss (left axis) and the validation gate metric (right axis) per epoch, from
+    (0-based epoch, value) pairs. A bare ``Figure``: no pyplot state, safe in any thread."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    ax = fig.subplots()
+    ax.plot([e + 1 for e, _ in train_loss], [v for _, v in train_loss], "o-", color="C0",
+            markersize=3, label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="C0")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    other = ax.twinx()
+    other.plot([e + 1 for e, _ in val_metric], [v for _, v in val_metric], "s-", color="C1",
+               markersize=3, label=val_name)
+    other.set_ylabel(val_name, color="C1")
+    fig.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    return fig

@@ -33,13 +33,16 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                       manifest_uri: str = "", demo_root: str = "", demo_n: int = 160,
                       demo_size: int = 64, seed: int = 0,
                       required_splits: str = "train,val,test", test_split: str = "test",
-                      min_delta: float = 0.0, bootstrap_resamples: int = 200
-                      ) -> TrainingOutputs:
+                      min_delta: float = 0.0, bootstrap_resamples: int = 200,
+                      validation_suite: str = "", validation_overrides: list = [],  # noqa: B006
+                      validation_warn_only: bool = False) -> TrainingOutputs:
     parent = start_pipeline_run(task=task, pipeline="training")
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
                         demo_size=demo_size, seed=seed, parent_run_id=parent.output)
     checked = validate_data(manifest_uri=data.output, suite=task,
-                            required_splits=required_splits, parent_run_id=parent.output)
+                            required_splits=required_splits, parent_run_id=parent.output,
+                            custom_suite=validation_suite, overrides=validation_overrides,
+                            warn_only=validation_warn_only)
     trained = train_model(task=task, config=config, overrides=overrides,
                           manifest_uri=checked.outputs["Output"],
                           parent_run_id=parent.output, platform=platform_json())

@@ -220,6 +220,22 @@ def test_segdiff_defaults_are_the_reference_schedule_and_sampler():
     assert float(d.betas[0]) == pytest.approx(0.0004) and float(d.betas[-1]) == pytest.approx(0.08)
 
 
+@pytest.mark.parametrize("preset", ["isic2018", "ph2", "ham10000"])
+def test_reference_presets_keep_the_learning_rate_constant_as_the_reference_does(preset):
+    """The reference builds ReduceLROnPlateau but never steps it, and has no warm-up."""
+    from pathlib import Path
+
+    from dermml.tasks.segdiff import SegDiffConfig
+    from dermml.training.loop import lr_factor
+    from dermml.training.run import resolve_config
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "segdiff" / f"{preset}.yaml"
+    for train in (resolve_config("segdiff", str(config)).train, SegDiffConfig().train):
+        assert (train.optimizer, train.lr, train.betas) == ("adam", 1e-4, (0.7, 0.99))
+        assert train.scheduler == "constant" and train.warmup_epochs == 0
+        assert {lr_factor(s, 10_000, 0, train.scheduler) for s in (0, 1, 5_000, 9_999)} == {1.0}
+
+
 # ---------------------------------------------------------------------------------------- EMA
 
 def _perturb(model: nn.Module, step: int) -> None:

@@ -305,7 +305,8 @@ def test_coco_finds_the_json_in_the_source_when_not_given(tmp_path):
 @pytest.mark.parametrize("fmt, make, message", [
     ("ph2", lambda p: _image(p / "IMD002" / "photo.jpg"), "ph2: no IMDxxx folders under"),
     ("segmentation", lambda p: _image(p / "pics" / "a.png"), "no images in an 'images' folder"),
-    ("isic2018", lambda p: _image(p / "x" / "ISIC_1.jpg"), "no ISIC2018_Task1-2_"),
+    ("isic2018", lambda p: _image(p / "x" / "ISIC_1.jpg"),
+     "isic2018: no images of a known ISIC layout .*ISIC2018_Task1-2_Training_Input"),
     ("classification", lambda p: (p / "README").write_text("hi"), "no images in class folders"),
 ])
 def test_unreadable_layout_raises_naming_the_folder(tmp_path, fmt, make, message):
@@ -459,3 +460,132 @@ def test_unknown_group_is_refused_before_reading_the_source(tmp_path):
     with pytest.raises(ValueError, match="group must be 'auto'"):
         import_dataset("segmentation", str(tmp_path / "nowhere"), str(tmp_path / "o"),
                        group="patient")
+
+
+# --- ISIC 2016 / 2017 / 2018 task 3 / 2019 and HAM10000, as their archives unpack -------------
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_isic2016_pairs_part1_masks_and_part3_benign_malignant_labels(tmp_path):
+    root = tmp_path / "isic2016"
+    for phase, ids in (("Training", ("ISIC_0000000", "ISIC_0000001")), ("Test", ("ISIC_0000003",))):
+        for sample_id in ids:
+            _image(root / f"ISBI2016_ISIC_Part1_{phase}_Data" / f"{sample_id}.jpg")
+            _image(root / f"ISBI2016_ISIC_Part3_{phase}_Data" / f"{sample_id}.jpg")  # same photo
+            _image(root / f"ISBI2016_ISIC_Part1_{phase}_GroundTruth"
+                   / f"{sample_id}_Segmentation.png")
+    _write(root / "ISBI2016_ISIC_Part3_Training_GroundTruth.csv",
+           "ISIC_0000000,benign\nISIC_0000001,malignant\n")
+    _write(root / "ISBI2016_ISIC_Part3_Test_GroundTruth.csv", "ISIC_0000003,1.0\n")
+    df = _by_id(import_dataset_rows("isic2016", root))
+    assert sorted(df.index) == ["ISIC_0000000", "ISIC_0000001", "ISIC_0000003"]
+    assert df["label"].to_dict() == {"ISIC_0000000": "benign", "ISIC_0000001": "malignant",
+                                     "ISIC_0000003": "malignant"}
+    assert df["split"].to_dict() == {"ISIC_0000000": "train", "ISIC_0000001": "train",
+                                     "ISIC_0000003": "test"}
+    assert df["mask_uri"].str.endswith("_Segmentation.png").all()
+    assert (df["source"] == "isic2016").all()
+
+
+def test_isic2017_reads_three_phases_masks_and_the_melanoma_keratosis_table(tmp_path):
+    root = tmp_path / "isic2017"
+    for folder, phase, sample_id in (("ISIC-2017_Training_Data", "Training", "ISIC_0000000"),
+                                     ("ISIC-2017_Validation_Data", "Validation", "ISIC_0001769"),
+                                     ("ISIC-2017_Test_v2_Data", "Test_v2", "ISIC_0012086")):
+        _image(root / folder / f"{sample_id}.jpg")
+        _image(root / folder / f"{sample_id}_superpixels.png")  # not an image of the dataset
+        _image(root / f"ISIC-2017_{phase}_Part1_GroundTruth" / f"{sample_id}_segmentation.png")
+    _write(root / "ISIC-2017_Training_Part3_GroundTruth.csv",
+           "image_id,melanoma,seborrheic_keratosis\nISIC_0000000,0.0,1.0\n")
+    _write(root / "ISIC-2017_Validation_Part3_GroundTruth.csv",
+           "image_id,melanoma,seborrheic_keratosis\nISIC_0001769,0.0,0.0\n")
+    _write(root / "ISIC-2017_Test_v2_Part3_GroundTruth.csv",
+           "image_id,melanoma,seborrheic_keratosis\nISIC_0012086,1.0,0.0\n")
+    df = _by_id(import_dataset_rows("isic2017", root))
+    assert df[["split", "label"]].to_dict("index") == {
+        "ISIC_0000000": {"split": "train", "label": "seborrheic_keratosis"},
+        "ISIC_0001769": {"split": "val", "label": "nevus"},
+        "ISIC_0012086": {"split": "test", "label": "melanoma"}}
+    assert df["mask_uri"].notna().all()
+
+
+def test_isic2018_task3_one_hot_labels_and_lesion_groupings(tmp_path):
+    root = tmp_path / "isic2018"
+    for sample_id in ("ISIC_0024306", "ISIC_0024307", "ISIC_0024308"):
+        _image(root / "ISIC2018_Task3_Training_Input" / f"{sample_id}.jpg")
+    _write(root / "ISIC2018_Task3_Training_GroundTruth" / "ISIC2018_Task3_Training_GroundTruth.csv",
+           "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\nISIC_0024306,0.0,1.0,0.0,0.0,0.0,0.0,0.0\n"
+           "ISIC_0024307,1.0,0.0,0.0,0.0,0.0,0.0,0.0\nISIC_0024308,0.0,0.0,0.0,1.0,0.0,0.0,0.0\n")
+    _write(root / "ISIC2018_Task3_Training_LesionGroupings.csv",
+           "image,lesion_id,diagnosis_confirm_type\nISIC_0024306,HAM_0000118,histopathology\n"
+           "ISIC_0024307,HAM_0000118,histopathology\nISIC_0024308,HAM_0002730,follow_up\n")
+    df = _by_id(import_dataset_rows("isic2018", root))
+    assert df["label"].to_dict() == {"ISIC_0024306": "nevus", "ISIC_0024307": "melanoma",
+                                     "ISIC_0024308": "actinic_keratosis"}
+    assert df["lesion_id"].to_dict() == {"ISIC_0024306": "HAM_0000118",
+                                         "ISIC_0024307": "HAM_0000118",
+                                         "ISIC_0024308": "HAM_0002730"}
+    assert df["split"].isna().all()  # training only: splits are assigned at import
+    uri, _ = import_dataset("isic2018", str(root), str(tmp_path / "out"))
+    split = read_manifest(uri).df.set_index("sample_id")["split"]
+    assert split["ISIC_0024306"] == split["ISIC_0024307"]  # one lesion, one split (auto)
+
+
+def test_isic2019_unk_is_unlabelled_and_metadata_gives_lesion_ids(tmp_path):
+    root = tmp_path / "isic2019"
+    for name in ("ISIC_0000000", "ISIC_0000001_downsampled", "ISIC_0000002"):
+        _image(root / "ISIC_2019_Training_Input" / f"{name}.jpg")
+    _write(root / "ISIC_2019_Training_GroundTruth.csv",
+           "image,MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK\n"
+           "ISIC_0000000,0.0,0.0,0.0,0.0,0.0,0.0,0.0,1.0,0.0\n"
+           "ISIC_0000001,0.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0\n"
+           "ISIC_0000002,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,1.0\n")
+    _write(root / "ISIC_2019_Training_Metadata.csv",
+           "image,age_approx,anatom_site_general,lesion_id,sex\n"
+           "ISIC_0000000,55.0,anterior torso,BCN_0000001,female\n"
+           "ISIC_0000001,30.0,,,male\n")
+    with pytest.warns(UserWarning, match="isic2019: 1 of 3 images have no diagnosis"):
+        df = _by_id(import_dataset_rows("isic2019", root))
+    assert df.loc["ISIC_0000000", "label"] == "squamous_cell_carcinoma"
+    assert df.loc["ISIC_0000001", "label"] == "nevus"
+    assert pd.isna(df.loc["ISIC_0000002", "label"])
+    assert df.loc["ISIC_0000000", "lesion_id"] == "BCN_0000001"
+    assert df.loc["ISIC_0000001", "image_uri"].endswith("ISIC_0000001_downsampled.jpg")
+
+
+def test_ham10000_reads_both_image_parts_metadata_and_masks(tmp_path):
+    root = tmp_path / "HAM10000"
+    _image(root / "HAM10000_images_part_1" / "ISIC_0024306.jpg")
+    _image(root / "HAM10000_images_part_2" / "ISIC_0032258.jpg")
+    _image(root / "HAM10000_segmentations_lesion_tschandl" / "ISIC_0024306_segmentation.png")
+    _write(root / "HAM10000_metadata.csv",
+           "lesion_id,image_id,dx,dx_type,age,sex,localization\n"
+           "HAM_0000118,ISIC_0024306,nv,follow_up,45.0,male,trunk\n"
+           "HAM_0002730,ISIC_0032258,mel,histo,70.0,female,back\n")
+    df = _by_id(import_dataset_rows("ham10000", root))
+    assert df["label"].to_dict() == {"ISIC_0024306": "nevus", "ISIC_0032258": "melanoma"}
+    assert df["lesion_id"].to_dict() == {"ISIC_0024306": "HAM_0000118",
+                                         "ISIC_0032258": "HAM_0002730"}
+    assert df.loc["ISIC_0024306", "mask_uri"].endswith("ISIC_0024306_segmentation.png")
+    assert pd.isna(df.loc["ISIC_0032258", "mask_uri"])
+    assert (df["source"] == "ham10000").all()
+
+
+def test_isic_finds_every_release_side_by_side(tmp_path):
+    _isic_source(tmp_path / "all" / "2018")
+    root = tmp_path / "all"
+    _image(root / "HAM10000_images_part_1" / "ISIC_0024306.jpg")
+    _write(root / "HAM10000_metadata.csv", "lesion_id,image_id,dx\nHAM_1,ISIC_0024306,bkl\n")
+    df = import_dataset_rows("isic", root)
+    assert set(df["source"]) == {"isic2018", "ham10000"}
+    assert df.set_index("sample_id").loc["ISIC_0024306", "label"] == "benign_keratosis"
+
+
+def import_dataset_rows(fmt: str, root: Path) -> pd.DataFrame:
+    from dermml.data.importers import get_importer
+
+    return get_importer(fmt)(str(root))

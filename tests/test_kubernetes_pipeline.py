@@ -241,3 +241,16 @@ def test_default_service_account_is_the_one_the_chart_binds_in_the_default_names
     target = Target(host="http://kfp")
     assert {"name": target.service_account, "namespace": target.namespace} in \
         values["pipelineRunner"]["extraServiceAccounts"]
+
+
+def test_validation_suite_overrides_and_warn_only_are_pipeline_parameters(tmp_path):
+    """Official datasets may need a looser suite: the pipeline takes it without a code change."""
+    pipeline, _ = load_docs(compile_pipeline(TRAINING, str(tmp_path / "t.yaml")))
+    params = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert params["validation_overrides"]["parameterType"] == "LIST"
+    assert params["validation_warn_only"]["defaultValue"] is False
+    assert params["validation_suite"]["defaultValue"] == ""
+    task = pipeline["root"]["dag"]["tasks"]["validate-data"]["inputs"]["parameters"]
+    assert task["overrides"]["componentInputParameter"] == "validation_overrides"
+    assert task["warn_only"]["componentInputParameter"] == "validation_warn_only"
+    assert task["custom_suite"]["componentInputParameter"] == "validation_suite"

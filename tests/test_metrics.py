@@ -259,3 +259,101 @@ def test_bootstrap_metrics_skips_resamples_missing_a_metric():
 
     low, high = bootstrap_metrics(scores, len(labels), seed=0)["share0"]
     assert low >= 1 / 8 and high > low
+
+
+def test_attributes_training_validation_and_evaluation_agree_on_jaccard_and_on_absent_classes():
+    """Three copies once disagreed on a class that occurs nowhere (0.0 vs NaN): one definition
+    now serves the metric function, the task's validation and its evaluation aggregate."""
+    import torch
+
+    from dermml.metrics.attributes import mean_jaccard
+    from dermml.tasks.attributes import AttributesTask
+
+    target = np.zeros((1, 8, 8), np.int64)
+    target[0, :4, :4] = 1  # class 1 present, classes 2 and 3 absent everywhere
+    logits = torch.full((1, 4, 8, 8), -5.0)
+    logits[:, 0] = 0.0
+    logits[0, 1, :4, :6] = 5.0  # class 1 predicted over 24 px, 16 of them right
+    task = AttributesTask()
+    scores = task.validate(lambda x: logits, [(torch.zeros(1, 3, 8, 8), torch.from_numpy(target))],
+                           "cpu")
+    reference = per_class_jaccard([logits[0].argmax(0).numpy()], [target[0]], n_classes=4)
+    assert reference[1] == pytest.approx(16 / 24) and np.isnan(reference[2])
+    assert scores == {"jaccard_1": pytest.approx(16 / 24), "mean_jaccard": pytest.approx(16 / 24)}
+    assert mean_jaccard(reference) == pytest.approx(16 / 24)
+    assert np.isnan(mean_jaccard({1: float("nan")}))
+
+
+# --- the reference's pooled metrics (DermoSegDiff's src/metrics.py + src/testing.py) ---------
+
+
+def test_reference_pooled_scores_hand_example():
+    from dermml.metrics.segmentation import reference_pooled_scores
+
+    # tp 30, fp 10, fn 20, tn 40 pixels over a whole test set
+    scores = reference_pooled_scores(30, 10, 20, 40)
+    expected = {"f1": 60 / 90, "dice": 60 / 90, "accuracy": 0.7, "precision": 0.75,
+                "specificity": 0.8, "recall": 0.6, "jaccard": 0.5}
+    assert scores == pytest.approx(expected)
+
+
+def test_reference_pooled_scores_are_zero_where_torchmetrics_divides_by_zero():
+    from dermml.metrics.segmentation import reference_pooled_scores
+
+    # no lesion anywhere, none predicted (torchmetrics 1.1 gives exactly these)
+    assert reference_pooled_scores(0, 0, 0, 16) == {
+        "f1": 0.0, "dice": 0.0, "accuracy": 1.0, "precision": 0.0, "specificity": 1.0,
+        "recall": 0.0, "jaccard": 0.0}
+    assert reference_pooled_scores(16, 0, 0, 0)["specificity"] == 0.0
+
+
+@pytest.mark.parametrize("shape", [(767, 1022), (128, 128), (50, 70), (129, 255)])
+def test_nearest_resize_picks_the_pixels_torch_interpolate_picks(shape):
+    import torch
+
+    from dermml.metrics.segmentation import nearest_resize
+
+    mask = np.random.default_rng(0).random(shape) > 0.5
+    expected = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].float(),
+                                               size=(128, 128), mode="nearest")[0, 0].bool()
+    assert np.array_equal(nearest_resize(mask, 128), expected.numpy())
+
+
+def test_reference_confusion_counts_pixels_at_128():
+    from dermml.metrics.segmentation import reference_confusion
+
+    truth = square(256, top=40, left=40, side=20)  # 10 x 10 at 128
+    pred = square(256, top=40, left=60, side=20)  # beside it, touching: no overlap
+    assert reference_confusion(pred, truth) == (0, 100, 100, 128 * 128 - 200)
+    assert reference_confusion(truth, truth) == (100, 0, 0, 128 * 128 - 100)
+
+
+def test_segmentation_evaluation_reports_pooled_ref_metrics_beside_per_image_ones(tmp_path):
+    import pandas as pd
+
+    from dermml.data.images import encode_png
+    from dermml.data.manifest import Manifest
+    from dermml.tasks import get_task
+
+    # Image a: lesion 20 x 20, predicted exactly. Image b: lesion 10 x 10, prediction shifted
+    # right by 5 (tp 50, fp 50, fn 50). Both at 128 x 128, so nothing is resized.
+    truths = [square(128, 10, 10, 20), square(128, 60, 60, 10)]
+    preds = [truths[0], square(128, 60, 65, 10)]
+    for name, truth in zip("ab", truths, strict=True):
+        (tmp_path / f"{name}.png").write_bytes(encode_png(truth))
+    rows = pd.DataFrame({"sample_id": ["a", "b"], "mask_uri": ["a.png", "b.png"]})
+    manifest = Manifest(df=rows, uri=str(tmp_path / "manifest.parquet"), version="v",
+                        base_dir=str(tmp_path))
+    task = get_task("segmentation")
+    summary = task.aggregate(task.score(preds, rows, manifest))
+    tp, fp, fn = 400 + 50, 50, 50
+    tn = 2 * 128 * 128 - tp - fp - fn
+    assert summary["pooled_ref_dice"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert summary["pooled_ref_f1"] == summary["pooled_ref_dice"]
+    assert summary["pooled_ref_jaccard"] == pytest.approx(tp / (tp + fp + fn))
+    assert summary["pooled_ref_precision"] == pytest.approx(tp / (tp + fp))
+    assert summary["pooled_ref_recall"] == pytest.approx(tp / (tp + fn))
+    assert summary["pooled_ref_specificity"] == pytest.approx(tn / (tn + fp))
+    assert summary["pooled_ref_accuracy"] == pytest.approx((tp + tn) / (2 * 128 * 128))
+    assert summary["dice"] == pytest.approx((1.0 + 0.5) / 2)  # per-image mean: not the same
+    assert summary["pooled_ref_dice"] == pytest.approx(0.9)

@@ -152,7 +152,7 @@ def test_a_model_trained_from_imagenet_weights_serves_without_the_hub_cache(offl
 
     from dermml.data.images import load_image
     from dermml.data.manifest import read_manifest
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
     from dermml.training.run import resolve_config, train
 
     seed_hub_cache(offline_hub, "timm/resnet10t.c3_in1k",

@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_overrides
+from mlflow.tracking import MlflowClient
 
 from dermml import storage
+from dermml.orchestration import tracking
 from dermml.orchestration.ray_train import fit_with_ray
 from dermml.training.run import resolve_config
 
@@ -47,8 +49,10 @@ def test_two_workers_split_each_mixed_epoch_and_return_a_plain_model(demo_data, 
     cfg = resolve_config("segmentation", None, tiny_overrides(demo_data, 2, ray=True) + [
         "ray.num_workers=2", "ray.cpus_per_worker=0.5", f"mix.synthetic_manifest={synthetic}",
         "mix.real_batch_ratio=0.5"])
+    run_id = tracking.create_parent_run("segmentation", "train", "two-workers")
     try:
-        result = fit_with_ray("segmentation", cfg, run_name="two-workers")
+        result = fit_with_ray("segmentation", cfg, run_name="two-workers",
+                              tracking_uri=tracking.tracking_uri(), mlflow_run_id=run_id)
     finally:
         ray.shutdown()
     n_real = len(read_manifest(demo_data).split("train"))
@@ -60,3 +64,11 @@ def test_two_workers_split_each_mixed_epoch_and_return_a_plain_model(demo_data, 
     out, err = capfd.readouterr()  # worker logs reach the driver; the cleaner's poll is quiet
     assert "world_size=2" in out + err
     assert "Failed to query Ray Train Controller" not in out + err
+    # Rank 0 prints one line per epoch (once: not again through Ray's print patch), and
+    # Ray's TrainingReport repr of every report is gone.
+    for epoch in (1, 2):
+        assert (out + err).count(f"epoch {epoch}/2  train_loss ") == 1, err
+    assert "TrainingReport(" not in out + err
+    client = MlflowClient(tracking.tracking_uri())
+    assert [m.step for m in client.get_metric_history(run_id, "val_dice")] == [0, 1]
+    assert "plots/loss_curve.png" in {a.path for a in client.list_artifacts(run_id, "plots")}

@@ -55,7 +55,17 @@ def test_gate_promotes_better_refuses_worse_and_rolls_back(models, demo_data, mo
 
     assert rollback("segmentation", "test") == v1
     assert str(client.get_model_version_by_alias(name, "champion").version) == v1
-    assert [h["version"] for h in history("segmentation")] == [v3, v2, v1]
+    # The audit trail shows each version's real aliases (`dermml registry history`).
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+
+    result = CliRunner().invoke(app, ["registry", "history", "--task", "segmentation"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.output)
+    assert shown == history("segmentation")
+    assert [(h["version"], h["aliases"]) for h in shown] == [
+        (v3, ["challenger"]), (v2, []), (v1, ["champion"])]
 
 
 def test_gate_compares_on_the_same_test_set(models, demo_data, monkeypatch):

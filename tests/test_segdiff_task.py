@@ -47,7 +47,7 @@ def test_segdiff_learns_in_the_shared_loop(trained):
 
 def test_serving_params_choose_the_sampler_and_garbage_is_refused(trained, demo_data,
                                                                   monkeypatch):
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
     from dermml.serving.pyfunc import request_frame, signature_for
 
     home, outcome = trained
@@ -101,7 +101,7 @@ def test_ddpm_and_ddim_are_compared_on_the_same_test_set_in_one_run(trained, dem
 
 
 def test_sampler_params_the_model_cannot_run_are_a_bad_request(trained, demo_data, monkeypatch):
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
     from dermml.serving.pyfunc import request_frame
 
     home, outcome = trained
@@ -178,7 +178,7 @@ def test_logged_model_keeps_only_the_ema_network_and_serves_from_it(trained, tmp
                                                                      monkeypatch):
     import mlflow
 
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
 
     home, outcome = trained
     monkeypatch.setenv("DERMML_HOME", str(home))

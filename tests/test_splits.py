@@ -131,3 +131,89 @@ def test_linked_units_join_rows_through_shared_ids_and_near_duplicate_links():
     assert len({units.iloc[0], units.iloc[4], units.iloc[5]}) == 3
     alone = linked_units(df, [])
     assert alone.nunique() == len(df)
+
+
+# --- DermoSegDiff's fixed index splits (data.split_policy: reference) ------------------------
+
+def _dataset(n: int, folder: str, prefix: str = "ISIC_", ext: str = "jpg",
+             seed: int = 0) -> pd.DataFrame:
+    """``n`` images named like the dataset's files, in a scrambled row order."""
+    import numpy as np
+
+    ids = [f"{prefix}{i:07d}" for i in np.random.default_rng(seed).permutation(n)]
+    return pd.DataFrame({"sample_id": ids, "image_uri": [f"{folder}/{i}.{ext}" for i in ids],
+                         "split": "train"})
+
+
+@pytest.mark.parametrize("n, sizes, folder, prefix, ext", [
+    (2594, (1815, 259, 520), "ISIC2018_Task1-2_Training_Input", "ISIC_", "jpg"),
+    (200, (80, 20, 100), "PH2 Dataset images/x", "IMD", "bmp"),
+    (10015, (7200, 1800, 1015), "HAM10000/images", "ISIC_", "jpg"),
+])
+def test_reference_splits_slice_the_file_name_order_at_the_reference_boundaries(
+        n, sizes, folder, prefix, ext):
+    from dermml.data.splits import reference_splits
+
+    out = reference_splits(_dataset(n, folder, prefix, ext))
+    names = [f"{prefix}{i:07d}.{ext}" for i in range(n)]  # sorted file names
+    assert out["image_uri"].str.rsplit("/", n=1).str[-1].tolist() == names
+    n_train, n_val, n_test = sizes
+    assert out["split"].tolist() == ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    assert out.loc[n_train, "sample_id"] == f"{prefix}{n_train:07d}"  # first val image
+    assert out.loc[n_train + n_val, "sample_id"] == f"{prefix}{n_train + n_val:07d}"
+
+
+def test_reference_splits_follow_a_listing_in_the_reference_glob_order():
+    import numpy as np
+
+    from dermml.data.splits import reference_splits
+
+    df = _dataset(200, "trainx", "IMD", "bmp")
+    listing = [f"/data/PH2/trainx/IMD{i:07d}.bmp"
+               for i in np.random.default_rng(5).permutation(200)]
+    out = reference_splits(df, ["# glob order", *listing, ""])
+    assert out["image_uri"].str.rsplit("/", n=1).str[-1].tolist() == [
+        p.rsplit("/", 1)[-1] for p in listing]
+    assert (out["split"].iloc[:80] == "train").all() and (out["split"].iloc[100:] == "test").all()
+    with pytest.raises(ValueError, match="1 are missing.*IMD.*1 are not in the manifest"):
+        reference_splits(df, [*listing[:-1], "IMD9999999.bmp"])
+    with pytest.raises(ValueError, match="more than once"):
+        reference_splits(df, [*listing, listing[0]])
+
+
+def test_isic2018_official_holdout_folders_are_left_out_and_other_sizes_refused():
+    from dermml.data.splits import reference_splits
+
+    training = _dataset(2594, "ISIC2018_Task1-2_Training_Input")
+    holdout = _dataset(100, "ISIC2018_Task1-2_Validation_Input", prefix="ISIC_9")
+    out = reference_splits(pd.concat([holdout, training], ignore_index=True))
+    assert out["split"].value_counts().to_dict() == {"train": 1815, "val": 259, "test": 520}
+    assert out["split"].iloc[2594:].isna().all()
+    assert out["image_uri"].iloc[2594:].str.contains("Validation").all()
+    with pytest.raises(ValueError, match=r"2593 images.*ISIC2018 2594, PH2 200, HAM10000 10015"):
+        reference_splits(training.iloc[1:])
+
+
+def test_task_config_split_policy_reference_gives_training_and_evaluation_the_fixed_splits(
+        tmp_path):
+    from dermml.data.manifest import write_manifest
+    from dermml.tasks.base import read_task_manifest
+    from dermml.tasks.segdiff import SegDiffConfig
+
+    df = _dataset(200, "trainx", "IMD", "bmp")
+    write_manifest(df, str(tmp_path / "ph2.parquet"))
+    listing = tmp_path / "order.txt"
+    listing.write_text("\n".join(sorted(df["image_uri"], reverse=True)))
+    cfg = SegDiffConfig.model_validate({"data": {"manifest": str(tmp_path / "ph2.parquet")}})
+    assert cfg.data.split_policy == "manifest"  # the default: the manifest's own splits
+    assert set(read_task_manifest(cfg).df["split"]) == {"train"}
+    cfg = SegDiffConfig.model_validate({"data": {"manifest": str(tmp_path / "ph2.parquet"),
+                                                 "split_policy": "reference",
+                                                 "reference_order": str(listing)}})
+    manifest = read_task_manifest(cfg)
+    assert manifest.split("test")["sample_id"].tolist() == [f"IMD{i:07d}" for i in
+                                                             range(99, -1, -1)]
+    assert len(manifest.split("train")) == 80 and len(manifest.split("val")) == 20
+    with pytest.raises(ValueError, match="data.reference_order .*nope.txt.*cannot be read"):
+        read_task_manifest(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"reference_order": str(tmp_path / "nope.txt")})}))

@@ -78,7 +78,7 @@ def test_evaluation_reports_every_split_with_bootstrap_intervals(classification_
 
 def test_classification_pyfunc_returns_labels_and_probabilities(classification_model,
                                                                 demo_data, monkeypatch):
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
     from dermml.serving.pyfunc import request_frame
 
     home, outcome = classification_model
@@ -100,7 +100,7 @@ def test_postprocessing_is_identical_in_evaluation_and_serving(demo_data):
 
     from PIL import Image
 
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
     from dermml.serving.pyfunc import request_frame
 
     cfg = task_cfg("segmentation", demo_data, 2, "postprocess.keep_largest=true",
@@ -279,7 +279,8 @@ def test_attributes_evaluate_with_intervals_and_serve_the_evaluated_label_maps(d
 
     from PIL import Image
 
-    from dermml.evaluation.run import evaluate, load_python_model
+    from dermml.evaluation.run import evaluate
+    from dermml.orchestration.tracking import load_python_model
     from dermml.serving.pyfunc import request_frame
 
     cfg = task_cfg("attributes", demo_data, 3, "data.image_size=32")

@@ -137,3 +137,19 @@ def test_float16_training_scales_the_loss_learns_and_checkpoints_the_scaler(demo
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
     scaler_state = checkpoints.load()["scaler"]
     assert scaler_state and scaler_state["scale"] > 0
+
+
+def test_epoch_progress_bar_shows_on_a_terminal_only(monkeypatch):
+    import io
+    import sys
+
+    from dermml.training.loop import _progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(_progress(range(3), 3, True, "epoch 1/2")) == [0, 1, 2]
+        assert ("epoch 1/2:" in stream.getvalue()) is shown, stream.getvalue()

@@ -186,6 +186,9 @@ def test_each_planted_bad_input_is_reported_with_its_sample_and_reason(dataset, 
     assert mask_binary["expectation_type"] == "ExpectColumnValuesToNotBeInSet"
     index = (folder / "data_docs" / "index.html").read_text()
     assert "segmentation.samples" in index
+    # Data Docs name failing rows by sample_id (not only by table row number).
+    page = next((folder / "data_docs" / "validations").rglob("dermml-samples.html")).read_text()
+    assert "sample_id" in page and roles["photo_mask"] in page
     quarantine = pd.read_csv(folder / "quarantine.csv")
     assert set(quarantine["sample_id"]) == planted
     photo = quarantine.set_index("sample_id").loc[roles["photo_mask"]]

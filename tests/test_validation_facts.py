@@ -157,3 +157,27 @@ def test_mask_facts_count_regions_not_specks_and_accept_rgb_black_and_white(tmp_
     assert facts.mask_encoding == "binary" and facts.mask_binary and facts.mask_mode == "RGB"
     assert facts.mask_components == 2
     assert facts.lesion_fraction == pytest.approx((1600 + 100 + 4) / 10000)
+
+
+def test_kfp_component_takes_suite_overrides_and_hands_on_the_clean_manifest_when_warn_only(
+        demo_data, tmp_path):
+    from components.validate import validate_data
+
+    def outputs(name: str):
+        report = SimpleNamespace(path=str(tmp_path / name / "report"), metadata={})
+        clean = SimpleNamespace(path=str(tmp_path / name / "clean"), metadata={}, uri="")
+        return report, clean
+
+    strict = ["lesion_fraction.min=0.2"]  # a threshold most demo masks fail
+    report, clean = outputs("failing")
+    with pytest.raises(Exception, match="validation failed|FAILED"):
+        validate_data.python_func(manifest_uri=demo_data, suite="segmentation",
+                                  required_splits="", parent_run_id="", report=report,
+                                  clean_manifest=clean, overrides=strict)
+    report, clean = outputs("warn")
+    uri = validate_data.python_func(manifest_uri=demo_data, suite="segmentation",
+                                    required_splits="", parent_run_id="", report=report,
+                                    clean_manifest=clean, overrides=strict, warn_only=True)
+    assert uri == clean.path and report.metadata["n_quarantined"] > 0
+    kept = read_manifest(uri).df
+    assert 0 < len(kept) == 90 - report.metadata["n_quarantined"]

@@ -18,7 +18,9 @@ from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from dermml import storage
+from dermml.data.images import encode_png
 from dermml.data.manifest import ATTRIBUTES, DIAGNOSES, MANIFEST_FILENAME, write_manifest
+from dermml.data.splits import assign_splits
 
 SOURCE = "demo"
 SPLITS = ("train", "val", "test")
@@ -60,7 +62,6 @@ ATTRIBUTE_RATES = {
 # Stream tags keep the seeded side streams apart from the per-sample streams [seed, i].
 _LABEL_STREAM = 0x1AB31
 _PATIENT_STREAM = 0x9A71E
-_SPLIT_STREAM = 0x5B117
 
 
 # ---------------------------------------------------------------------------- drawing basics
@@ -524,66 +525,18 @@ def patient_fitzpatrick(seed: int, patient: int) -> int:
     return int(rng.choice(6, p=FITZPATRICK_WEIGHTS)) + 1
 
 
-# ----------------------------------------------------------------------------------- splits
-
-
-def assign_splits(labels: list[str], patients: np.ndarray, fractions: tuple[float, ...],
-                  seed: int) -> list[str]:
-    """Stratified by label, grouped by patient: greedy fill towards per-class targets."""
-    classes = np.array([DIAGNOSES.index(label) for label in labels])
-    ids = np.unique(patients)
-    per_patient = np.zeros((ids.size, len(DIAGNOSES)))
-    np.add.at(per_patient, (patients, classes), 1)
-    target = np.asarray(fractions)[:, None] * per_patient.sum(axis=0)[None]
-    # Multi-lesion patients first, singletons last: they fine-tune the balance.
-    order = np.random.default_rng([seed, _SPLIT_STREAM, 1]).permutation(ids.size)
-    order = order[np.argsort(-per_patient[order].sum(axis=1), kind="stable")]
-    counts = np.zeros_like(target)
-    split_of = np.zeros(ids.size, int)
-    for p in order:
-        add = per_patient[p]
-        # Growth in a chi-square distance to the targets; empty splits are never chosen.
-        cost = (add * (2 * (counts - target) + add) / np.maximum(target, 1e-9)).sum(axis=1)
-        split_of[p] = int(np.argmin(cost))
-        counts[split_of[p]] += add
-    cover_every_class(per_patient, split_of, target)
-    return [SPLITS[split_of[p]] for p in patients]
-
-
-def cover_every_class(per_patient: np.ndarray, split_of: np.ndarray, target: np.ndarray) -> None:
-    """Move single-lesion patients so that each non-empty split holds every class."""
-    singles = per_patient.sum(axis=1) == 1
-    for s, c in zip(*np.nonzero(target > 0), strict=True):
-        counts = np.stack([per_patient[split_of == k].sum(axis=0) for k in range(len(target))])
-        if counts[s, c] > 0:
-            continue
-        donors = np.nonzero(singles & (per_patient[:, c] == 1) & (counts[split_of, c] > 1))[0]
-        if donors.size:
-            split_of[donors[np.argmax(counts[split_of[donors], c])]] = s
-
-
 # ----------------------------------------------------------------------------------- output
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def mask_png(mask: np.ndarray) -> bytes:
-    return png_bytes(mask.astype(np.uint8) * 255)
 
 
 def write_sample(out: str, sample_id: str, sample: DemoSample) -> dict:
     """Write the sample's PNGs under `out` and return its manifest row (relative URIs)."""
-    image_bytes = png_bytes(sample.image)
+    image_bytes = encode_png(sample.image)
     files = {f"images/{sample_id}.png": image_bytes,
-             f"masks/{sample_id}.png": mask_png(sample.mask)}
+             f"masks/{sample_id}.png": encode_png(sample.mask.astype(bool))}
     attribute_uris = {}
     for name in ATTRIBUTES:
         attribute_uris[name] = f"attributes/{name}/{sample_id}.png"
-        files[attribute_uris[name]] = mask_png(sample.attributes[name])
+        files[attribute_uris[name]] = encode_png(sample.attributes[name].astype(bool))
     for rel, data in files.items():
         storage.write_bytes(storage.join(out, *rel.split("/")), data)
     rows, cols = np.nonzero(sample.mask)
@@ -661,6 +614,9 @@ def generate_demo(out: str, n: int = 200, size: int = 64, seed: int = 0,
             preview.append(sample)
     storage.write_bytes(storage.join(out, PREVIEW_FILENAME), preview_png(preview))
     df = pd.DataFrame(rows)
-    df["split"] = assign_splits(labels, patients, split_fractions, seed)
+    # The importers' split assignment: stratified by diagnosis, one patient in one split.
+    fractions = {split: f for split, f in zip(SPLITS, split_fractions, strict=True) if f > 0}
+    df["split"] = assign_splits(df.assign(label=labels), fractions, seed=seed,
+                                stratify="label", group="patient_id").to_numpy()
     write_manifest(df, manifest_uri)  # last, so a half-written dataset never looks complete
     return manifest_uri

@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dermml import storage
-from dermml.data.splits import is_missing
 
 MANIFEST_FILENAME = "manifest.parquet"
 
@@ -157,6 +156,12 @@ def read_manifest(uri: str) -> Manifest:
     ]
     return Manifest(df=df, uri=uri, version=hashlib.sha256(data).hexdigest(),
                     base_dir=storage.parent(uri), file_columns=tuple(table.column_names))
+def is_missing(values: pd.Series) -> pd.Series:
+    """True where a value is null or a blank string (an unset split, label or group)."""
+    blank = values.map(lambda v: isinstance(v, str) and not v.strip())
+    return values.isna() | blank.astype(bool)
+
+
 def manifest_info(uri: str) -> str:
     """A printable summary of a manifest for ``dermml data info``."""
     manifest = read_manifest(uri)

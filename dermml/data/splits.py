@@ -1,6 +1,8 @@
 """Seeded, stratified and optionally group-level train/val/test split assignment.
 
 Rows already in a split keep it; only empty ``split`` values are filled (``fill_missing_splits``).
+A task can instead train and evaluate on DermoSegDiff's fixed index splits
+(``data.split_policy: reference``, ``with_split_policy``).
 """
 
 from __future__ import annotations
@@ -8,11 +10,15 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
+
+from dermml import storage
+from dermml.data.manifest import Manifest, is_missing
 
 DEFAULT_FRACTIONS: Mapping[str, float] = MappingProxyType({"train": 0.7, "val": 0.15, "test": 0.15})
 _ROW_UNIT = "\0row:"  # prefix of the unit key of a row without a group value
@@ -40,12 +46,6 @@ def check_fractions(fractions: Mapping[str, float] | None) -> dict[str, float]:
     if not math.isclose(total, 1.0, abs_tol=1e-6):
         raise ValueError(f"split fractions must sum to 1, got {total:g} from {checked}; {example}")
     return checked
-
-
-def is_missing(values: pd.Series) -> pd.Series:
-    """True where a value is null or a blank string (an unset split, label or group)."""
-    blank = values.map(lambda v: isinstance(v, str) and not v.strip())
-    return values.isna() | blank.astype(bool)
 
 
 def _units(df: pd.DataFrame, group: str | None) -> pd.Series:
@@ -192,3 +192,109 @@ def fill_missing_splits(df: pd.DataFrame,
     if missing.any():
         out.loc[missing, "split"] = assign_splits(out[missing], fractions, seed, stratify, group)
     return out
+
+
+# ------------------------------------------------------------- DermoSegDiff's fixed splits
+
+SPLIT_POLICIES = ("manifest", "reference")
+"""manifest: the manifest's ``split`` column. reference: DermoSegDiff's fixed index splits."""
+
+REFERENCE_SPLIT_SIZES: Mapping[str, tuple[int, int, int]] = MappingProxyType({
+    "isic2018": (1815, 259, 520),
+    "ph2": (80, 20, 100),
+    "ham10000": (7200, 1800, 1015),
+})
+"""(train, val, test) images of each dataset in the reference (src/datasets/*.py): the first
+train images are ``train``, the next val ``val``, the rest ``test``."""
+
+ISIC2018_TRAINING_FOLDER = "ISIC2018_Task1-2_Training_Input/"
+"""The only ISIC 2018 folder the reference reads (it splits these 2594 images itself)."""
+
+
+def file_name(uri: str) -> str:
+    """The last part of a path or URI (``.../ISIC_0000000.jpg`` -> ``ISIC_0000000.jpg``)."""
+    return str(uri).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def reference_dataset(df: pd.DataFrame) -> tuple[str, pd.Index]:
+    """Which of the reference's datasets ``df`` holds, told by its number of images, and the
+    rows the reference splits (for ISIC 2018: those of its training folder)."""
+    by_total = {sum(sizes): name for name, sizes in REFERENCE_SPLIT_SIZES.items()}
+    if len(df) in by_total:
+        return by_total[len(df)], df.index
+    isic_training = df.index[df["image_uri"].astype(str).str.contains(ISIC2018_TRAINING_FOLDER,
+                                                                      regex=False)]
+    if len(isic_training) == sum(REFERENCE_SPLIT_SIZES["isic2018"]):
+        return "isic2018", isic_training
+    known = ", ".join(f"{name.upper()} {sum(sizes)}" for name, sizes in
+                      REFERENCE_SPLIT_SIZES.items())
+    raise ValueError(
+        f"split_policy reference: the manifest has {len(df)} images ({len(isic_training)} in an "
+        f"{ISIC2018_TRAINING_FOLDER} folder), but the reference splits whole datasets of "
+        f"{known} images; import the complete dataset (ISIC 2018: its training folder), or use "
+        "data.split_policy=manifest")
+
+
+def _reference_order(names: pd.Series, order: Sequence[str], where: str) -> np.ndarray:
+    """Positions that sort ``names`` (image file names) as ``order`` lists them."""
+    listed = [file_name(line.strip()) for line in order
+              if line.strip() and not line.lstrip().startswith("#")]
+    twice = sorted(name for name, n in Counter(listed).items() if n > 1)
+    if twice:
+        raise ValueError(f"{where}: lists {len(twice)} file names more than once, e.g. "
+                         f"{twice[:3]}")
+    position = {name: i for i, name in enumerate(listed)}
+    unlisted = names[~names.isin(position)]
+    extra = sorted(set(listed) - set(names))
+    if len(unlisted) or extra:
+        raise ValueError(
+            f"{where}: must list the {len(names)} images the reference splits, each once: "
+            f"{len(unlisted)} are missing (e.g. {unlisted.head(3).tolist()}), {len(extra)} are "
+            f"not in the manifest (e.g. {extra[:3]}); list them as the reference's glob did, "
+            "e.g. python -c \"import glob; print(*glob.glob('DIR/*.jpg'), sep='\\n')\"")
+    return np.argsort(names.map(position).to_numpy(), kind="stable")
+
+
+def reference_splits(df: pd.DataFrame, order: Sequence[str] | None = None,
+                     where: str = "reference order") -> pd.DataFrame:
+    """``df`` with DermoSegDiff's splits: the images it reads, in file-name order (or in
+    ``order``, a listing of their file names), first train, then val, then the rest test
+    (``REFERENCE_SPLIT_SIZES``). Rows come back in that order; rows the reference does not
+    read (ISIC 2018's official validation and test folders) follow with no split."""
+    dataset, used = reference_dataset(df)
+    rows = df.loc[used]
+    names = rows["image_uri"].map(file_name)
+    if order is None:
+        keys = pd.DataFrame({"name": names.to_numpy(), "uri": rows["image_uri"].astype(str)})
+        positions = np.lexsort((keys["uri"].to_numpy(), keys["name"].to_numpy()))
+    else:
+        positions = _reference_order(names.reset_index(drop=True), order, where)
+    n_train, n_val, _ = REFERENCE_SPLIT_SIZES[dataset]
+    split = np.full(len(rows), "test", dtype=object)
+    split[:n_train], split[n_train:n_train + n_val] = "train", "val"
+    ordered = rows.iloc[positions].assign(split=split)
+    rest = df.drop(index=used).assign(split=None)
+    return pd.concat([ordered, rest]).reset_index(drop=True)
+
+
+def with_split_policy(manifest: Manifest, policy: str, order_uri: str = "") -> Manifest:
+    """``manifest`` with the splits of ``policy`` (``SPLIT_POLICIES``): unchanged for
+    ``manifest``; DermoSegDiff's fixed splits for ``reference`` (``reference_splits``, in the
+    order of the file ``order_uri`` when given)."""
+    if policy == "manifest":
+        return manifest
+    if policy != "reference":
+        raise ValueError(f"data.split_policy {policy!r}: expected one of {list(SPLIT_POLICIES)}")
+    order = None
+    if order_uri:
+        try:
+            order = storage.read_bytes(order_uri).decode("utf-8").splitlines()
+        except storage.StorageError as exc:
+            raise ValueError(f"data.reference_order {order_uri}: cannot be read ({exc}); give "
+                             "a text file of image file names, one per line") from None
+    try:
+        df = reference_splits(manifest.df, order, f"data.reference_order {order_uri}")
+    except ValueError as exc:
+        raise ValueError(f"{manifest.uri}: {exc}") from None
+    return Manifest(df=df, uri=manifest.uri, version=manifest.version,
+                    base_dir=manifest.base_dir, file_columns=manifest.file_columns)

@@ -17,6 +17,7 @@ import pandas as pd
 
 from dermml.data.images import load_image
 from dermml.data.manifest import read_manifest
+from dermml.data.splits import with_split_policy
 from dermml.metrics.bootstrap import bootstrap_metrics
 from dermml.orchestration import tracking
 
@@ -52,12 +53,6 @@ class EvaluationResult:
         return pd.DataFrame(rows)
 
 
-def load_python_model(model_uri: str):
-    """The ``DermmlModel`` behind a ``runs:/`` or ``models:/`` URI."""
-    tracking.configure()
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-
-
 def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
              parent_run_id: str | None = None, n_resamples: int = 1000,
              alpha: float = 0.05, seed: int = 0,
@@ -68,10 +63,13 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
     promotion gate (``dermml.registry.gate.record_evaluation``).
     """
     splits = splits or ["test"]
-    manifest = read_manifest(manifest_uri)
-    split_rows = {s: manifest.split(s) for s in splits}  # fail on an empty split before loading
-    model = load_python_model(model_uri)
+    manifest = read_manifest(manifest_uri)  # an unreadable manifest fails before loading
+    model = tracking.load_python_model(model_uri)
     task = model.task
+    # The splits of the model's data.split_policy (DermoSegDiff's fixed ones, or the manifest's).
+    manifest = with_split_policy(manifest, model.cfg.data.split_policy,
+                                 model.cfg.data.reference_order)
+    split_rows = {s: manifest.split(s) for s in splits}
     with tracking.stage_run(task.name, "evaluate", parent_run_id) as run:
         tracking.log_dataset(manifest.uri, manifest.version)
         mlflow.set_tag("dermml.model_uri", model_uri)
@@ -108,9 +106,11 @@ def compare_settings(model_uri: str, manifest_uri: str, settings: list[dict],
     if not settings:
         raise ValueError("give at least one setting to compare, e.g. sampler=ddim,steps=25")
     manifest = read_manifest(manifest_uri)
-    rows = manifest.split(split)
-    model = load_python_model(model_uri)
+    model = tracking.load_python_model(model_uri)
     task = model.task
+    manifest = with_split_policy(manifest, model.cfg.data.split_policy,
+                                 model.cfg.data.reference_order)
+    rows = manifest.split(split)
     images = [load_image(manifest.resolve(u)) for u in rows["image_uri"]]
     records = []
     with tracking.stage_run(task.name, "compare", parent_run_id):

@@ -40,8 +40,24 @@ def per_class_jaccard(preds: Sequence[np.ndarray], targets: Sequence[np.ndarray]
         both = _class_counts(pred[pred == target], n_classes, f"prediction {i}")
         inter += both
         union += p + t - both
+    return jaccard_from_counts(inter, union, ignore)
+
+
+def jaccard_from_counts(inter: Sequence[float], union: Sequence[float],
+                        ignore: Sequence[int] = (0,)) -> dict[int, float]:
+    """Jaccard per class from summed intersections and unions; NaN for a class absent from every
+    target and prediction (union 0). The one definition training, evaluation and the metric
+    functions share."""
     return {c: float(inter[c] / union[c]) if union[c] else float("nan")
-            for c in range(n_classes) if c not in ignore}
+            for c in range(len(union)) if c not in ignore}
+
+
+def mean_jaccard(per_class: dict[int, float] | Sequence[float]) -> float:
+    """Mean over the classes that occur (NaN ones left out); NaN when none occurs."""
+    values = np.asarray(list(per_class.values() if isinstance(per_class, dict) else per_class),
+                        dtype=float)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 def _pixel_sample(probs: Sequence[np.ndarray], targets: Sequence[np.ndarray], n_classes: int,

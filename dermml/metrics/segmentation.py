@@ -49,6 +49,56 @@ def segmentation_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float
     return scores_from_confusion(*confusion(pred, target))
 
 
+# ------------------------------------------------- the reference works' pooled metrics
+
+REFERENCE_SIZE = 128
+"""DermoSegDiff scores its test masks at its input size, 128 x 128."""
+POOLED_REF_METRICS = ("f1", "accuracy", "dice", "precision", "specificity", "recall",
+                      "jaccard")
+
+
+def nearest_resize(mask: np.ndarray, size: int) -> np.ndarray:
+    """``mask`` resized to ``size`` x ``size`` as PyTorch's ``interpolate(mode="nearest")``
+    (and torchvision's ``Resize(NEAREST)`` of a tensor) does: output pixel i reads input pixel
+    floor(i * in / out). PIL's NEAREST samples pixel centres instead, a pixel off at places."""
+    rows = np.minimum((np.arange(size) * (mask.shape[0] / size)).astype(np.int64),
+                      mask.shape[0] - 1)
+    cols = np.minimum((np.arange(size) * (mask.shape[1] / size)).astype(np.int64),
+                      mask.shape[1] - 1)
+    return mask[np.ix_(rows, cols)]
+
+
+def reference_confusion(pred: np.ndarray, target: np.ndarray,
+                        size: int = REFERENCE_SIZE) -> tuple[int, int, int, int]:
+    """(tp, fp, fn, tn) of two masks at ``size`` x ``size``, both resized the way DermoSegDiff
+    resizes its ground truth (``nearest_resize``)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from mask shape {target.shape}")
+    return confusion(nearest_resize(pred, size), nearest_resize(target, size))
+
+
+def _or_zero(num: float, den: float) -> float:
+    return 0.0 if den == 0 else num / den
+
+
+def reference_pooled_scores(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+    """DermoSegDiff's test metrics from pixel counts pooled over a whole test set: its
+    ``get_binary_metrics`` (src/metrics.py; torchmetrics F1Score, Accuracy, Dice, Precision,
+    Specificity, Recall and JaccardIndex, binary, global average) accumulated over every test
+    batch (src/testing.py). As in torchmetrics, a ratio whose denominator is 0 is 0, where this
+    module's per-image conventions say 1. F1 and Dice are the same number."""
+    f1 = _or_zero(2 * tp, 2 * tp + fp + fn)
+    return {
+        "f1": f1,
+        "accuracy": _or_zero(tp + tn, tp + fp + fn + tn),
+        "dice": f1,
+        "precision": _or_zero(tp, tp + fp),
+        "specificity": _or_zero(tn, tn + fp),
+        "recall": _or_zero(tp, tp + fn),
+        "jaccard": _or_zero(tp, tp + fp + fn),
+    }
+
+
 def mean_scores(per_image: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over images (the per-image average the reference works report)."""
     if not per_image:

@@ -10,6 +10,9 @@ decoder level -> U-Net.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +49,9 @@ class DermoSegDiffConfig(Section):
     """Heads of the linear and full attention layers (reference: 4)."""
     attn_dim_head: int = 32
     """Width of each attention head (reference: 32)."""
+    pretrained: str = ""
+    """Local weights file to start from: a checkpoint of the reference code (its ``model`` and
+    ``ema`` weights and EMA step) or of DermML; see docs/segdiff.md."""
 
     @model_validator(mode="after")
     def _same_depth(self) -> DermoSegDiffConfig:
@@ -130,17 +136,30 @@ def time_mlp(dim: int) -> nn.Module:
                          nn.Linear(dim * 4, dim * 4))
 
 
+WS_EPS = 1e-5
+"""Variance epsilon of the weight standardisation, whatever the precision."""
+
+
 class WeightStandardizedConv2d(nn.Conv2d):
     """Conv whose kernels are standardised to zero mean, unit variance per output channel
-    (Qiao et al. 2019); pairs well with GroupNorm."""
+    (Qiao et al. 2019); pairs well with GroupNorm.
+
+    The standardisation runs in float32 with eps ``WS_EPS`` under every precision, so a model
+    computes the same kernels in fp32 and under bf16/fp16 autocast. (The reference picks eps
+    from the input dtype, 1e-5 for float32 and 1e-3 otherwise; it trains in float32, where the
+    two agree.)
+    """
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The kernels the convolution uses, in the weight's dtype."""
+        weight = self.weight.float()
+        mean = weight.mean(dim=(1, 2, 3), keepdim=True)
+        var = weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
+        return ((weight - mean) * (var + WS_EPS).rsqrt()).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-        mean = self.weight.mean(dim=(1, 2, 3), keepdim=True)
-        var = self.weight.var(dim=(1, 2, 3), unbiased=False, keepdim=True)
-        weight = (self.weight - mean) * (var + eps).rsqrt()
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
 
 
 class ConvBlock(nn.Module):
@@ -379,3 +398,57 @@ class DermoSegDiffUNet(nn.Module):
 
         x = self.final_block(torch.cat((x, x_init, g_init), dim=1), t_x)
         return self.final_conv(x)
+
+
+# ------------------------------------------------------------------------ reference checkpoints
+
+# The reference (src/models/segdiffs.py) keeps each level's parts in ModuleLists where we name
+# them, wraps single modules in RB (.rb) and LAtt (.att), and names a few modules differently.
+# The rules rewrite a reference key into ours, in order; tests check that they map every key of
+# the reference presets one-to-one onto this U-Net's keys with the same shapes.
+REFERENCE_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^encoder_blocks\.(\d+)\.0\.", r"encoder.\1.level."),  # [EM, g_down, x_down]
+    (r"^encoder_blocks\.(\d+)\.1\.", r"encoder.\1.down_g."),
+    (r"^encoder_blocks\.(\d+)\.2\.", r"encoder.\1.down_x."),
+    (r"^decoder_blocks\.(\d+)\.0\.", r"decoder.\1.level."),  # [DM, d_up]
+    (r"^decoder_blocks\.(\d+)\.1\.", r"decoder.\1.up."),
+    (r"^final_rb\.", "final_block."),
+    (r"\.rb\.", "."),  # RB(ResnetBlock)
+    (r"\.att\.", "."),  # LAtt(Residual(PreNorm(LinearAttention)))
+    (r"\.mlp\.", ".time_proj."),  # ResnetBlock's time embedding projection
+    (r"^(encoder\.\d+\.level)\.g_feedback\.", r"\1.g_to_x_gate."),
+    (r"^(encoder\.\d+\.level)\.att_x\.", r"\1.attn_x."),
+    (r"^(encoder\.\d+\.level)\.att_g\.", r"\1.attn_g."),
+    (r"^bottleneck\.ls_attn\.s_attn\.", "bottleneck.self_attn."),  # LSAtt(s_attn, l_attn)
+    (r"^bottleneck\.ls_attn\.l_attn\.", "bottleneck.linear_attn."),
+    (r"^(decoder\.\d+\.level)\.rb_d1\.", r"\1.rb_second_skip."),  # reads skip b first
+    (r"^(decoder\.\d+\.level)\.rb_d2\.", r"\1.rb_first_skip."),  # then skip h
+    (r"^(decoder\.\d+\.level)\.att_x\.", r"\1.attn."),
+)
+_REFERENCE_RULES = [(re.compile(pattern), repl) for pattern, repl in REFERENCE_RENAMES]
+_REFERENCE_ONLY = re.compile(r"^(encoder_blocks|decoder_blocks|final_rb)\.")
+
+V = TypeVar("V")
+
+
+def is_reference_layout(keys: Iterable[str]) -> bool:
+    """Whether state-dict keys are named as in the reference code (not as in this module)."""
+    return any(_REFERENCE_ONLY.match(k) for k in keys)
+
+
+def reference_key(key: str) -> str:
+    """This U-Net's name of a reference state-dict key (keys named alike pass unchanged)."""
+    for pattern, repl in _REFERENCE_RULES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def from_reference(state: Mapping[str, V]) -> dict[str, V]:
+    """A reference ``DermoSegDiff`` state dict with this U-Net's key names."""
+    renamed: dict[str, V] = {}
+    for key, value in state.items():
+        name = reference_key(key)
+        if name in renamed:
+            raise ValueError(f"reference keys {key!r} and another both map to {name!r}")
+        renamed[name] = value
+    return renamed

@@ -21,8 +21,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -144,7 +145,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+def _numpy_scalar_globals() -> list:
+    """What unpickling a numpy float scalar needs (training scripts save losses such as
+    ``np.mean(losses)`` beside the weights), under numpy 1's and numpy 2's module names.
+    Numbers only: none of these can run code."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType]
+
+
+def read_checkpoint(path: str) -> Any:
+    """The object saved in a weights file (a state dict, or a dict holding one), loaded as
+    tensors, numbers, strings and containers only."""
     file = Path(path)
     if not file.is_file():
         raise PretrainedWeightsError(
@@ -156,12 +168,17 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
         return load_file(str(file))
     try:  # weights_only: a weights file must not be able to run code when it is loaded
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PretrainedWeightsError(
             f"pretrained weights {path}: cannot be loaded as tensors only ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0]}); re-save it with torch.save(model.state_dict(), PATH) "
             "or as .safetensors") from None
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    state = read_checkpoint(path)
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

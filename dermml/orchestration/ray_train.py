@@ -15,6 +15,7 @@ import torch
 
 from dermml import storage
 from dermml.config import dermml_home
+from dermml.orchestration.training_hooks import training_hooks
 from dermml.tasks import get_task
 from dermml.tasks.base import TaskConfig
 from dermml.training.checkpoint import state_from_bytes
@@ -48,24 +49,6 @@ class RayCheckpointer:
                 ray.train.report(metrics)
 
 
-def _mlflow_hooks(tracking_uri: str, run_id: str) -> Hooks:
-    """Rank 0 logs per-step and per-epoch metrics straight into the stage's MLflow run."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, value, step=step)
-
-    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            if key != "epoch":
-                client.log_metric(run_id, key, value, step=epoch)
-
-    return Hooks(on_step=on_step, on_epoch_end=on_epoch_end)
-
-
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function: ordinary PyTorch over the shared loop."""
     import ray.train
@@ -87,8 +70,11 @@ def train_worker(config: dict[str, Any]) -> None:
                                                            add_dist_sampler=False)
     parts.model = ray.train.torch.prepare_model(parts.model)
     hooks = Hooks()
-    if ray.train.get_context().get_world_rank() == 0 and config.get("mlflow_run_id"):
-        hooks = _mlflow_hooks(config["tracking_uri"], config["mlflow_run_id"])
+    if context.get_world_rank() == 0 and config.get("mlflow_run_id"):
+        # Rank 0 reports into the stage's MLflow run and prints the epoch line (Ray forwards
+        # it to the driver's console).
+        hooks = training_hooks(config["mlflow_run_id"], cfg.train.epochs, task.gate_metric,
+                               uri=config["tracking_uri"])
     run_loop(task, cfg, parts, device, hooks=hooks,
              checkpointer=_with_fault_injection(RayCheckpointer()))
 
@@ -159,13 +145,9 @@ def _forwarded_env() -> dict[str, str]:
 
 def _input_error(exc: BaseException) -> BaseException | None:
     """The first worker failure caused by input (an unreadable image, a bad mask), if any."""
-    from dermml.config import ConfigError
-    from dermml.data.images import ImageReadError
-    from dermml.data.manifest import ManifestError
-    from dermml.models.pretrained import PretrainedWeightsError
+    from dermml.errors import input_errors
 
-    user_errors = (ImageReadError, ManifestError, ConfigError, storage.StorageError,
-                   PretrainedWeightsError)
+    user_errors = input_errors()
     for failure in getattr(exc, "worker_failures", {}).values():
         seen = set()
         while failure is not None and id(failure) not in seen:

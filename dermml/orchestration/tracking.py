@@ -10,8 +10,11 @@ import contextlib
 import io
 import logging
 import os
+import posixpath
 import re
 import subprocess
+import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,13 +143,15 @@ def failing_parent(parent_run_id: str | None) -> Iterator[None]:
         raise
 
 
-def log_config(config: Any) -> None:
-    """Config as params (flattened keys) and as ``config.yaml``."""
+def log_config(config: Any, skip_prefixes: tuple[str, ...] = ()) -> None:
+    """Config as params (flattened keys, less those under ``skip_prefixes``: settings that do
+    not apply to this run) and, complete, as ``config.yaml``."""
     import mlflow
     import yaml
 
     data = config.model_dump() if hasattr(config, "model_dump") else dict(config)
-    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(data).items()}
+    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(data).items()
+              if not k.startswith(skip_prefixes)}
     mlflow.log_params(params)
     mlflow.log_text(yaml.safe_dump(data, sort_keys=False), "config.yaml")
 
@@ -165,13 +170,44 @@ def config_from_run(run_id: str) -> dict[str, Any]:
 
 
 def log_dataset(manifest_uri: str, version: str,
-                split_counts: dict[str, int] | None = None) -> None:
-    """Tags and params that tie a run to the exact dataset version it used."""
+                split_counts: dict[str, int] | None = None, context: str | None = None) -> None:
+    """Tags and params that tie a run to the exact dataset version it used; with ``context``
+    (e.g. ``training``) also an MLflow dataset input, shown in the UI's Datasets column."""
     import mlflow
 
     mlflow.set_tags({TAG_DATASET_VERSION: version, TAG_DATASET_URI: manifest_uri})
     if split_counts:
         mlflow.log_params({f"data.n_{k}": v for k, v in split_counts.items()})
+    if context:
+        mlflow.log_input(manifest_dataset(manifest_uri, version), context=context,
+                         tags={TAG_DATASET_VERSION: version})
+
+
+DATASET_DIGEST_LENGTH = 36
+"""MLflow stores at most 36 characters of a dataset digest: the SHA-256's first 36 hex digits
+(the whole version is the input's ``dermml.dataset_version`` tag)."""
+
+
+def manifest_dataset(manifest_uri: str, version: str):
+    """The manifest as an MLflow dataset: source = its URI, digest = its SHA-256 (the dataset
+    version), name = the dataset's (the manifest's folder for ``.../NAME/manifest.parquet``,
+    else the file's stem)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from dermml import storage
+    from dermml.data.manifest import MANIFEST_FILENAME
+
+    uri = storage.resolve(manifest_uri, os.getcwd())
+    path = uri.rstrip("/")
+    name = posixpath.basename(path)
+    if name == MANIFEST_FILENAME:
+        name = posixpath.basename(posixpath.dirname(path))
+    with warnings.catch_warnings():  # two registered local sources match a path: same class
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(uri)
+    return MetaDataset(source, name=name.removesuffix(".parquet") or "manifest",
+                       digest=version[:DATASET_DIGEST_LENGTH])
 
 
 def log_image(image: np.ndarray, artifact_file: str) -> None:
@@ -206,6 +242,45 @@ def figure_guard(artifact: str) -> Iterator[None]:
                 mlflow.set_tag(key, message[:5000])
             except Exception as tag_exc:  # the figure's own error is what matters
                 log.warning("could not tag the figure error on the run: %s", tag_exc)
+
+
+class RunLog:
+    """Writes into one run by id, with no active run needed (Ray workers, training hooks)."""
+
+    def __init__(self, run_id: str, uri: str = ""):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(uri or tracking_uri())
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        """One request for all of ``metrics`` at ``step``."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
+                                                    for k, v in metrics.items()])
+
+    def history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of metric ``key``; a step logged twice (an epoch trained again after
+        a restart) keeps its latest value."""
+        by_step: dict[int, float] = {}
+        for m in sorted(self.client.get_metric_history(self.run_id, key),
+                        key=lambda m: m.timestamp):
+            by_step[m.step] = m.value
+        return sorted(by_step.items())
+
+    def figure(self, fig: Any, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, fig, artifact_file)
+
+
+def load_python_model(model_uri: str):
+    """The ``DermmlModel`` behind a ``runs:/`` or ``models:/`` URI (the one way a stage loads a
+    logged model: evaluation, fine-tuning, weak-label relabelling, ``dermml predict``)."""
+    import mlflow
+
+    configure()
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
 
 
 def log_table_csv(df, artifact_file: str, run_id: str | None = None) -> None:

@@ -188,9 +188,17 @@ def rollback(task: str, reason: str = "rollback") -> str:
 def history(task: str) -> list[dict]:
     """Every version with its aliases and gate record, newest first (the audit trail)."""
     name, client = model_name(task), _client()
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        return []
+    # search_model_versions leaves every version's aliases empty: the registered model has them.
+    aliases: dict[str, list[str]] = {}
+    for alias, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias)
     rows = []
-    for mv in client.search_model_versions(f"name='{name}'"):
-        rows.append({"version": str(mv.version), "aliases": list(mv.aliases),
+    for mv in versions:
+        version = str(mv.version)
+        rows.append({"version": version, "aliases": sorted(aliases.get(version, [])),
                      "run_id": mv.run_id, "gate": json.loads(mv.tags.get("dermml.gate", "null")),
                      "previous_champion": mv.tags.get("dermml.previous_champion")})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)

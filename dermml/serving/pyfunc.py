@@ -8,9 +8,12 @@ evaluation and serving run the very same code.
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import os
 import tempfile
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from pydantic import ValidationError
 
+from dermml.config import validation_problems
 from dermml.data.images import ImageReadError, decode_image, encode_png, from_base64, to_base64
 from dermml.tasks import get_task
 from dermml.tasks.base import TaskConfig
@@ -34,6 +39,54 @@ BUNDLE_ARTIFACT = "model_bundle"
 def _bad_request(message: str) -> MlflowException:
     # INVALID_PARAMETER_VALUE makes the scoring server answer HTTP 400 instead of 500.
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# The names of the params a request sent, and the filtered dict MLflow made of them.
+_REQUESTED_PARAMS: ContextVar[tuple[dict, frozenset[str]] | None] = ContextVar(
+    "dermml_requested_params", default=None)
+
+
+def _record_requested_params() -> None:
+    """Let ``DermmlModel.predict`` see the params a request named before MLflow drops some.
+
+    ``PyFuncModel.predict`` (which ``mlflow models serve`` calls) passes the request's params
+    through ``mlflow.models.utils._enforce_params_schema``: names that the signature lacks are
+    dropped with only a warning in the server log, and every missing one gets its default, so
+    the model never sees a misspelt param. The wrapper installed here (once per process, in
+    ``mlflow.pyfunc``'s namespace, where ``PyFuncModel`` looks it up) records the names sent
+    next to the dict it returns; ``predict`` refuses the unknown ones when handed that dict.
+    It changes no result: other models in the process behave as before.
+    """
+    import mlflow.pyfunc as pyfunc_module
+
+    enforce = getattr(pyfunc_module, "_enforce_params_schema", None)
+    if enforce is None:  # another MLflow: serve anyway; tests/test_serving.py says what broke
+        logging.getLogger(__name__).warning(
+            "mlflow.pyfunc._enforce_params_schema not found (mlflow %s): params the signature "
+            "lacks are ignored, not refused", mlflow.__version__)
+        return
+    if getattr(enforce, "dermml_records_names", False):
+        return
+
+    @functools.wraps(enforce)
+    def enforce_and_record(params, schema):
+        enforced = enforce(params, schema)
+        if isinstance(params, dict) and isinstance(enforced, dict):
+            _REQUESTED_PARAMS.set((enforced, frozenset(str(k) for k in params)))
+        return enforced
+
+    enforce_and_record.dermml_records_names = True
+    pyfunc_module._enforce_params_schema = enforce_and_record
+
+
+def _requested_names(params: dict[str, Any] | None) -> set[str]:
+    """The param names the request sent, when ``params`` is what MLflow made of them;
+    otherwise (a direct call) the names of ``params`` itself."""
+    recorded = _REQUESTED_PARAMS.get()
+    _REQUESTED_PARAMS.set(None)
+    if recorded is not None and params is not None and recorded[0] is params:
+        return set(recorded[1])
+    return set(params or {})
 
 
 class DermmlModel(mlflow.pyfunc.PythonModel):
@@ -48,8 +101,10 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
         self.model = self.task.build_to_load(self.cfg)
         self.task.load_serving_state(self.model, bundle["state_dict"])
         self.model.to(serving_device()).eval()
+        _record_requested_params()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        self._check_param_names(_requested_names(params))
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input:
             raise _bad_request(f"input must have a column {IMAGE_COLUMN!r} of base64 images")
         images = []
@@ -64,18 +119,38 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
         """The task's post-processed predictions; evaluation calls this, serving too."""
         cfg = self.cfg
         if params:
-            unknown = sorted(set(params) - set(type(cfg.serving).model_fields))
-            if unknown:
-                raise _bad_request(f"unknown params {unknown}; this model takes "
-                                   f"{sorted(type(cfg.serving).model_fields)}")
+            self._check_param_names(set(params))
             try:
                 serving = type(cfg.serving).model_validate(self.task.merge_serving(
                     cfg, {k: v for k, v in params.items() if v is not None}))
-                cfg = cfg.model_copy(update={"serving": serving})
+            except ValidationError as exc:
+                raise _bad_request(f"invalid params: {'; '.join(validation_problems(exc))}; "
+                                   "see the params of the model's signature") from None
+            cfg = cfg.model_copy(update={"serving": serving})
+            try:
                 self.task.check_serving(cfg)
             except ValueError as exc:
                 raise _bad_request(f"invalid params: {exc}") from None
+        self._check_image_sizes(images, cfg)
         return self.task.predict(self.model, images, cfg)
+
+    def _check_param_names(self, names: set[str]) -> None:
+        known = type(self.cfg.serving).model_fields
+        unknown = sorted(names - set(known))
+        if unknown:
+            raise _bad_request(f"unknown params {unknown}; this model takes {sorted(known)} "
+                               "(its signature's params, with their defaults)")
+
+    def _check_image_sizes(self, images: list[np.ndarray], cfg: TaskConfig) -> None:
+        smallest = self.task.min_image_size(cfg)
+        for i, image in enumerate(images):
+            height, width = image.shape[:2]
+            if min(height, width) < smallest:
+                raise _bad_request(
+                    f"{IMAGE_COLUMN} row {i}: {width}x{height} px is smaller than this model's "
+                    f"minimum of {smallest}x{smallest} px (its downsampling factor); send the "
+                    f"image at its original resolution (the model sees images at "
+                    f"{cfg.data.image_size} px)")
 
 
 PARAM_TYPES = {float: "double", int: "long", str: "string", bool: "boolean"}

@@ -22,13 +22,13 @@ from dermml.data.datasets import (
 from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import ATTRIBUTES, Manifest
 from dermml.losses.registry import LossTerm, build_loss, inverse_frequency_weights
-from dermml.metrics.attributes import per_class_auc
+from dermml.metrics.attributes import jaccard_from_counts, mean_jaccard, per_class_auc
 from dermml.models.postprocess import (
     ATTRIBUTE_POSTPROCESS,
     PostprocessConfig,
     postprocess_multiclass,
 )
-from dermml.models.segmentation import SegModelConfig, build_segmenter
+from dermml.models.segmentation import SegModelConfig, build_segmenter, input_multiple
 from dermml.tasks.base import DataConfig, Task, TaskConfig, register_task
 from dermml.visualization import image_grid
 
@@ -75,6 +75,9 @@ class AttributesTask(Task):
         return AttributeDataset(manifest, rows, cfg.data.image_size, tuple(cfg.attributes),
                                 augment)
 
+    def min_image_size(self, cfg: AttributesConfig) -> int:
+        return input_multiple(cfg.model)
+
     def loss_step(self, cfg: AttributesConfig):
         weights = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights \
             else None
@@ -99,11 +102,9 @@ class AttributesTask(Task):
             i, u = (p & t).sum((0, 2, 3)), (p | t).sum((0, 2, 3))
             inter = i if inter is None else inter + i
             union = u if union is None else union + u
-        jaccard = (inter.double() / union.double().clamp(min=1)).cpu().numpy()
-        present = (union > 0).cpu().numpy()
-        scores = {f"jaccard_{i}": float(jaccard[i]) for i in range(1, n_classes) if present[i]}
-        attr = [jaccard[i] for i in range(1, n_classes) if present[i]]
-        scores["mean_jaccard"] = float(np.mean(attr)) if attr else 0.0
+        per_class = jaccard_from_counts(inter.cpu().numpy(), union.cpu().numpy())
+        scores = {f"jaccard_{c}": v for c, v in per_class.items() if np.isfinite(v)}
+        scores["mean_jaccard"] = mean_jaccard(per_class)
         return scores
 
     @torch.no_grad()
@@ -149,15 +150,13 @@ class AttributesTask(Task):
 
     def aggregate(self, per_sample: pd.DataFrame) -> dict[str, float]:
         attributes = per_sample.attrs.get("attributes", list(ATTRIBUTES))
-        summary: dict[str, float] = {}
-        jaccards = []
-        for k, name in enumerate(attributes, start=1):
-            union = per_sample[f"union/{k}"].sum()
-            if union:
-                value = float(per_sample[f"inter/{k}"].sum() / union)
-                summary[f"jaccard/{name}"] = value
-                jaccards.append(value)
-        summary["mean_jaccard"] = float(np.mean(jaccards)) if jaccards else float("nan")
+        classes = range(len(attributes) + 1)
+        per_class = jaccard_from_counts([per_sample[f"inter/{k}"].sum() for k in classes],
+                                        [per_sample[f"union/{k}"].sum() for k in classes])
+        summary: dict[str, float] = {f"jaccard/{name}": per_class[k]
+                                     for k, name in enumerate(attributes, start=1)
+                                     if np.isfinite(per_class[k])}
+        summary["mean_jaccard"] = mean_jaccard(per_class)
         probs = [p[:, None] if p.ndim == 1 else p for p in per_sample["auc_probs"]]
         aucs = per_class_auc([p for p in probs], list(per_sample["auc_truth"]),
                              len(attributes) + 1)

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
 from dermml.config import ConfigError, Moved, Section
 from dermml.data.augment import AugmentConfig
-from dermml.data.manifest import Manifest
+from dermml.data.manifest import Manifest, read_manifest
 from dermml.data.sampling import MixConfig, ProgressiveResizeConfig
+from dermml.data.splits import with_split_policy
 from dermml.training.loop import LoopConfig
 
 
@@ -34,6 +36,13 @@ class DataConfig(Section):
     """Split(s) for per-epoch validation and the best checkpoint."""
     test_split: str = "test"
     """Split(s) for evaluation and the promotion gate."""
+    split_policy: Literal["manifest", "reference"] = "manifest"
+    """Where the splits come from: the manifest's ``split`` column, or DermoSegDiff's fixed index
+    splits (reference: ISIC2018 1815/259/520, PH2 80/20/100, HAM10000 7200/1800/1015 images in
+    file-name order; see docs/segdiff.md). Training and evaluation of the model both use it."""
+    reference_order: str = ""
+    """split_policy reference: a text file listing the image file names in the order the
+    reference's ``glob`` listed them, one per line; empty = sorted by file name."""
     image_size: int = 64
     """Square input size in pixels (the reference works use 128 or 256)."""
     batch_size: int = 16
@@ -91,8 +100,8 @@ class RayConfig(Section):
 class ServingConfig(Section):
     """Post-processing applied identically in evaluation and serving."""
 
-    threshold: float = 0.5
-    """Probability above which a pixel (or class score) counts as positive."""
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    """Probability above which a pixel (or class score) counts as positive, in [0, 1]."""
 
 
 class TaskConfig(Section):
@@ -109,6 +118,13 @@ class TaskConfig(Section):
     train: LoopConfig = LoopConfig()
     ray: RayConfig = RayConfig()
     serving: ServingConfig = ServingConfig()
+
+
+def read_task_manifest(cfg: TaskConfig, uri: str | None = None) -> Manifest:
+    """The manifest at ``uri`` (default ``cfg.data.manifest``) with the splits of
+    ``cfg.data.split_policy``: what training and evaluation split."""
+    return with_split_policy(read_manifest(uri or cfg.data.manifest), cfg.data.split_policy,
+                             cfg.data.reference_order)
 
 
 class Task(ABC):
@@ -156,6 +172,14 @@ class Task(ABC):
         finally:
             model.train(was_training)
 
+    def min_image_size(self, cfg: TaskConfig) -> int:
+        """Smallest image side (px) the model predicts on, in serving and evaluation alike: the
+        network's downsampling factor. A smaller image holds less than one pixel per cell of
+        the deepest feature map, so what the model sees after resizing is interpolation, not
+        skin (a 1x1 image came back as "all lesion"). Default 32: the factor of the timm
+        classification backbones (ResNet, EfficientNet, Inception-v3)."""
+        return 32
+
     def serving_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """The weights the logged model keeps (all of them unless a task needs fewer)."""
         return state_dict
@@ -192,7 +216,6 @@ class Task(ABC):
         val = self.dataset(cfg, manifest, manifest.split(*cfg.data.val_split.split(",")),
                            False)
         if cfg.mix.synthetic_manifest:
-            from dermml.data.manifest import read_manifest
             from dermml.data.sampling import mixed_dataset
 
             synthetic_manifest = read_manifest(cfg.mix.synthetic_manifest)

@@ -8,7 +8,8 @@ are the segmentation task's; only the network, the loss, validation and sampling
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,7 +24,12 @@ from dermml.data.datasets import SegmentationDataset, image_to_tensor, resize_im
 from dermml.data.manifest import Manifest
 from dermml.data.sampling import subset_indices
 from dermml.losses.diffusion import boundary_weight_map, diffusion_loss, mask_proximity
-from dermml.models.dermosegdiff import DermoSegDiffConfig, DermoSegDiffUNet
+from dermml.models.dermosegdiff import (
+    DermoSegDiffConfig,
+    DermoSegDiffUNet,
+    from_reference,
+    is_reference_layout,
+)
 from dermml.models.diffusion import (
     EMA,
     GaussianDiffusion,
@@ -34,6 +40,7 @@ from dermml.models.diffusion import (
     sample,
 )
 from dermml.models.postprocess import PostprocessConfig
+from dermml.models.pretrained import PretrainedWeightsError, read_checkpoint
 from dermml.tasks.base import ServingConfig, register_task
 from dermml.tasks.segmentation import SegmentationConfig, SegmentationTask
 from dermml.training.loop import LoopConfig
@@ -116,7 +123,9 @@ class SegDiffConfig(SegmentationConfig):
     serving: SegDiffServing = SegDiffServing()
     postprocess: PostprocessConfig = PostprocessConfig()
     train: LoopConfig = LoopConfig(optimizer="adam", lr=1e-4, betas=(0.7, 0.99), weight_decay=0.0,
-                                   scheduler="plateau", plateau_factor=0.5, plateau_patience=5)
+                                   scheduler="constant")
+    """The reference's optimiser and learning rate, constant: it builds ReduceLROnPlateau but
+    never steps it."""
 
 
 class SegDiffNet(nn.Module):
@@ -145,6 +154,101 @@ class SegDiffNet(nn.Module):
         self.ema_initted.fill_(self._ema.initted)
 
 
+# ------------------------------------------------------------------------- pretrained weights
+
+def _network(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A bare U-Net state dict with this code's key names (reference names are translated)."""
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return from_reference(state) if is_reference_layout(state) else state
+
+
+def _with_prefix(prefix: str, state: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"{prefix}{k}": v for k, v in state.items()}
+
+
+def _ema_counters(step: Any, initted: Any) -> dict[str, torch.Tensor]:
+    return {"ema_step": torch.as_tensor(step).reshape(()).long(),
+            "ema_initted": torch.as_tensor(initted).reshape(()).bool()}
+
+
+def _from_ema_pytorch(ema: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``ema_pytorch.EMA`` state dict (``online_model.*``, ``ema_model.*``, ``step``,
+    ``initted``; the reference saves one as ``checkpoint['ema']``) as a SegDiffNet state."""
+    online = {k[len("online_model."):]: v for k, v in ema.items()
+              if k.startswith("online_model.")}
+    averaged = {k[len("ema_model."):]: v for k, v in ema.items() if k.startswith("ema_model.")}
+    return {**_with_prefix("unet.", _network(online or averaged)),
+            **_with_prefix("ema_unet.", _network(averaged)),
+            **_ema_counters(ema.get("step", 0), ema.get("initted", False))}
+
+
+def segdiff_state(checkpoint: Any) -> dict[str, Any]:
+    """The SegDiffNet state dict (``unet.*``, ``ema_unet.*``, ``ema_step``, ``ema_initted``)
+    held by a weights file, whichever of these it is:
+
+    - a checkpoint of the reference's src/training.py: ``{"model": <network>, "ema":
+      <ema_pytorch EMA state or None>, "optimizer": ..., "epoch": ...}``;
+    - an ``ema_pytorch.EMA`` state dict alone;
+    - a network state dict alone, named as the reference or as ``DermoSegDiffUNet``;
+    - a DermML SegDiffNet state dict, a training checkpoint holding one (``{"model": ...}``)
+      or a serving bundle's (EMA network only).
+
+    A network without EMA weights starts both copies, with a fresh EMA (step 0).
+    """
+    if not isinstance(checkpoint, Mapping):
+        return {}
+    if isinstance(checkpoint.get("state_dict"), Mapping):
+        checkpoint = checkpoint["state_dict"]
+    if isinstance(checkpoint.get("model"), Mapping):
+        ema = checkpoint.get("ema")
+        if isinstance(ema, Mapping) and any(k.startswith("ema_model.") for k in ema):
+            return {**_from_ema_pytorch(ema),
+                    **_with_prefix("unet.", _network(checkpoint["model"]))}
+        return segdiff_state(checkpoint["model"])
+    if any(k.startswith("ema_model.") for k in checkpoint):
+        return _from_ema_pytorch(checkpoint)
+    if any(k.startswith(("unet.", "ema_unet.")) for k in checkpoint):
+        state = dict(checkpoint)
+        if not any(k.startswith("unet.") for k in state):  # a serving bundle: EMA network only
+            state.update({f"unet.{k[len('ema_unet.'):]}": v for k, v in checkpoint.items()
+                          if k.startswith("ema_unet.")})
+        return state
+    network = _network(checkpoint)
+    return {**_with_prefix("unet.", network), **_with_prefix("ema_unet.", network),
+            **_ema_counters(0, False)}
+
+
+def _listed(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_segdiff_weights(model: SegDiffNet, path: str) -> None:
+    """Load a weights file (see ``segdiff_state``) into ``model``: every tensor must find its
+    parameter with the same shape, or nothing is loaded."""
+    state = segdiff_state(read_checkpoint(path))
+    target = model.state_dict()
+    unmatched = sorted(k for k in state if k not in target)
+    missing = sorted(k for k in target if k not in state)
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(state)
+             if k in target and tuple(state[k].shape) != tuple(target[k].shape)]
+    if not state or unmatched or missing or wrong:
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} tensors of the file match no parameter "
+                            f"({_listed(unmatched)})")
+        if missing:
+            problems.append(f"{len(missing)} parameters get no tensor ({_listed(missing)})")
+        if wrong:
+            problems.append(f"{len(wrong)} shapes differ, file vs model ({_listed(wrong, 3)})")
+        found = "; ".join(problems) or "no state dict inside"
+        raise PretrainedWeightsError(
+            f"pretrained weights {path}: does not fit this segdiff model: {found}. Use a "
+            "checkpoint of the reference code (src/training.py) or of DermML, and set the model "
+            "section to the config it was trained with (the reference's ISIC2018/PH2 or HAM10000 "
+            "sizes: configs/segdiff/*.yaml)")
+    model.load_state_dict(state)
+
+
 def diffusion_of(cfg: SegDiffConfig) -> GaussianDiffusion:
     d = cfg.diffusion
     return GaussianDiffusion(beta_schedule(d.schedule, d.timesteps, d.beta_start, d.beta_end))
@@ -157,7 +261,10 @@ class SegDiffTask(SegmentationTask):
     gate_mode = "max"
 
     def build_model(self, cfg: SegDiffConfig) -> nn.Module:
-        return SegDiffNet(cfg)
+        model = SegDiffNet(cfg)
+        if cfg.model.pretrained:
+            load_segdiff_weights(model, cfg.model.pretrained)
+        return model
 
     def serving_state(self, state_dict: dict) -> dict:
         """Only the EMA network (sampling uses it) and its counters: half the bundle size
@@ -184,6 +291,9 @@ class SegDiffTask(SegmentationTask):
                              "steps; use sampler=ddim for fewer")
         if s.steps > T:
             raise ValueError(f"steps={s.steps} is more than the model's {T} diffusion steps")
+
+    def min_image_size(self, cfg: SegDiffConfig) -> int:
+        return cfg.model.downsampling_factor
 
     def check_input_size(self, model: nn.Module, cfg: SegDiffConfig) -> None:
         """The dual-path U-Net halves the size per level: sizes must divide by 2**(levels-1)

@@ -18,15 +18,26 @@ from dermml.data.datasets import (
 from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import Manifest
 from dermml.losses.registry import LossTerm, build_loss
-from dermml.metrics.segmentation import confusion, hd95, scores_from_confusion
+from dermml.metrics.segmentation import (
+    POOLED_REF_METRICS,
+    confusion,
+    hd95,
+    reference_confusion,
+    reference_pooled_scores,
+    scores_from_confusion,
+)
 from dermml.models.postprocess import PostprocessConfig, postprocess_binary
-from dermml.models.segmentation import SegModelConfig, build_segmenter
+from dermml.models.segmentation import SegModelConfig, build_segmenter, input_multiple
 from dermml.tasks.base import Task, TaskConfig, register_task
 from dermml.visualization import image_grid, overlay_boundaries
 
 __all__ = ["AugmentConfig", "SegmentationConfig", "SegmentationTask"]
 
 PER_IMAGE = ("dice", "iou", "sensitivity", "specificity", "precision", "accuracy")
+REF_COUNTS = ("ref_tp", "ref_fp", "ref_fn", "ref_tn")
+"""Per-image pixel counts at 128 x 128 behind the ``pooled_ref_*`` metrics: DermoSegDiff's test
+metrics (torchmetrics over all test pixels at its input size), reported beside the per-image
+means so results compare with the paper's tables."""
 
 
 class SegmentationConfig(TaskConfig):
@@ -74,6 +85,9 @@ class SegmentationTask(Task):
     def dataset(self, cfg: SegmentationConfig, manifest: Manifest, rows, train: bool):
         augment = build_augment(cfg.augment, seed=cfg.train.seed) if train else None
         return SegmentationDataset(manifest, rows, cfg.data.image_size, augment)
+
+    def min_image_size(self, cfg: SegmentationConfig) -> int:
+        return input_multiple(cfg.model)
 
     def loss_step(self, cfg: SegmentationConfig):
         loss_fn = build_loss(cfg.loss)
@@ -126,8 +140,10 @@ class SegmentationTask(Task):
         for pred, (_, row) in zip(predictions, rows.iterrows(), strict=True):
             truth = load_mask(manifest.resolve(row["mask_uri"]))
             tp, fp, fn, tn = confusion(pred, truth)
+            ref = dict(zip(REF_COUNTS, reference_confusion(pred, truth), strict=True))
             records.append({"sample_id": row["sample_id"], **scores_from_confusion(tp, fp, fn, tn),
-                            "hd95": hd95(pred, truth), "tp": tp, "fp": fp, "fn": fn, "tn": tn})
+                            "hd95": hd95(pred, truth), "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+                            **ref})
         return pd.DataFrame(records)
 
     def aggregate(self, per_sample: pd.DataFrame) -> dict[str, float]:
@@ -137,6 +153,8 @@ class SegmentationTask(Task):
         pooled = scores_from_confusion(*(int(per_sample[c].sum()) for c in ("tp", "fp", "fn",
                                                                               "tn")))
         summary["pooled_dice"], summary["pooled_iou"] = pooled["dice"], pooled["iou"]
+        ref = reference_pooled_scores(*(int(per_sample[c].sum()) for c in REF_COUNTS))
+        summary.update({f"pooled_ref_{k}": ref[k] for k in POOLED_REF_METRICS})
         return summary
 
     def figures(self, per_sample, images, predictions, rows, manifest) -> dict:

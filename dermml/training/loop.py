@@ -332,11 +332,13 @@ def _train_epoch(model, loader, cfg, loss_step, optimizer, scheduler, device, ho
 
 
 def _progress(loader, total, enabled, desc):
+    """A bar over the epoch's batches when ``enabled``, and only on a terminal (never in logs,
+    pods or Ray workers)."""
     if not enabled:
         return loader
     from tqdm.auto import tqdm
 
-    return tqdm(loader, total=total, desc=desc, leave=False)
+    return tqdm(loader, total=total, desc=desc, leave=False, disable=None)
 
 
 def _to_device(batch, device, channels_last):

@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 import mlflow
 
 from dermml.config import dermml_home, load_config
-from dermml.data.manifest import ManifestError, read_manifest
+from dermml.data.manifest import ManifestError
 from dermml.orchestration import tracking
+from dermml.orchestration.training_hooks import log_loss_curve, training_hooks
 from dermml.tasks import get_task
-from dermml.tasks.base import TaskConfig
+from dermml.tasks.base import TaskConfig, read_task_manifest
 from dermml.training.checkpoint import FolderCheckpointer
-from dermml.training.loop import FitResult, Hooks
+from dermml.training.loop import FitResult
 from dermml.training.setup import build_parts, default_device, run_loop
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
         check_config(cfg)
     if not cfg.data.manifest:
         raise ValueError("no training data: set data.manifest (e.g. --set data.manifest=DIR)")
-    manifest = read_manifest(cfg.data.manifest)
+    manifest = read_task_manifest(cfg)
     for split in (cfg.data.train_split, cfg.data.val_split):
         manifest.split(*split.split(","))  # fails early, naming the empty split
     if resume_run_id is None:
@@ -75,9 +76,10 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
                             system_metrics=True) as run:
         run_id = run.info.run_id
         if resume_run_id is None:
+            # Placement (pools, images, RayJob) is the platform config's, not logged here.
             tracking.log_config(cfg)
             counts = manifest.df["split"].value_counts().to_dict()
-            tracking.log_dataset(manifest.uri, manifest.version, counts)
+            tracking.log_dataset(manifest.uri, manifest.version, counts, context="training")
             mlflow.log_param("seed", cfg.train.seed)
         if as_rayjob:
             return _train_as_rayjob(task_name, cfg, run_id, platform)
@@ -92,6 +94,7 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
             result = _fit_in_process(task, cfg, run_id, progress)
         metrics = _final_metrics(result)
         mlflow.log_metrics(metrics)
+        log_loss_curve(tracking.RunLog(run_id, tracking_uri), task.gate_metric)
         model_uri = _log_model_and_preview(task_name, cfg, result, manifest)
         mlflow.set_tag("dermml.model_uri", model_uri)
     return TrainOutcome(run_id=run_id, model_uri=model_uri, metrics=metrics)
@@ -131,11 +134,7 @@ def _train_as_rayjob(task_name: str, cfg: TaskConfig, run_id: str,
 def _fit_in_process(task, cfg: TaskConfig, run_id: str, progress: bool) -> FitResult:
     device = default_device(cfg.ray.use_gpu)
     parts = build_parts(task, cfg, device)
-    hooks = Hooks(
-        on_step=lambda step, m: mlflow.log_metrics(m, step=step),
-        on_epoch_end=lambda epoch, m: mlflow.log_metrics(
-            {k: v for k, v in m.items() if k != "epoch"}, step=epoch),
-    )
+    hooks = training_hooks(run_id, cfg.train.epochs, task.gate_metric)
     checkpoints = FolderCheckpointer(str(dermml_home() / "checkpoints" / run_id))
     return run_loop(task, cfg, parts, device, hooks, checkpoints, progress=progress)
 

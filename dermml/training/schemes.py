@@ -94,7 +94,7 @@ def train_with_weak_labels(task_name: str, cfg: TaskConfig, wl_split: str, sl_sp
 def _relabel(task, model_uri: str, manifest: Manifest, weak_rows: pd.DataFrame,
              out_dir: str) -> tuple[pd.DataFrame, float]:
     """A manifest where the weak split carries the model's labels; fraction that changed."""
-    from dermml.evaluation.run import load_python_model
+    from dermml.orchestration.tracking import load_python_model
 
     model = load_python_model(model_uri)
     images = [load_image(manifest.resolve(u)) for u in weak_rows["image_uri"]]

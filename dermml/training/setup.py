@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dermml.data.manifest import read_manifest
-from dermml.tasks.base import Task, TaskConfig
+from dermml.tasks.base import Task, TaskConfig, read_task_manifest
 from dermml.training.loop import Checkpointer, FitResult, Hooks, fit
 
 
@@ -27,7 +26,7 @@ class TrainingParts:
 
 
 def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None) -> TrainingParts:
-    manifest = read_manifest(cfg.data.manifest)
+    manifest = read_task_manifest(cfg)
     train_ds, val_ds = task.datasets(cfg, manifest)
     torch.manual_seed(cfg.train.seed)
     pin = device is not None and device.type == "cuda"
@@ -55,12 +54,9 @@ def build_parts(task: Task, cfg: TaskConfig, device: torch.device | None = None)
 
 def initial_weights(model_uri: str) -> dict:
     """State dict of a logged DermML model, to fine-tune from."""
-    import mlflow
-
     from dermml.orchestration import tracking
 
-    tracking.configure()
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model.state_dict()
+    return tracking.load_python_model(model_uri).model.state_dict()
 
 
 def run_loop(task: Task, cfg: TaskConfig, parts: TrainingParts, device: torch.device,

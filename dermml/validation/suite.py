@@ -485,8 +485,11 @@ class ClassBalance(Rule):
 
     def specs(self, name):
         def explain(row: dict) -> str:
-            return (f"split {row['split']!r}: class {row['label']!r} has {row['count']} samples, "
-                    f"{1 / max(row['share_of_largest'], 1e-9):.1f}x fewer than the largest class "
+            where = f"split {row['split']!r}: class {row['label']!r}"
+            if not row["count"]:
+                return f"{where} has no samples (other splits have some)"
+            return (f"{where} has {row['count']} samples, "
+                    f"{1 / row['share_of_largest']:.1f}x fewer than the largest class "
                     f"(max ratio {self.max_ratio:g})")
 
         return [self._spec(name, name, "ExpectColumnValuesToBeBetween",

@@ -129,7 +129,7 @@ def finish_rows(rows: list[dict], tree: SourceTree, source: str,
         facts = list(tqdm(pool.map(image_facts, uris), total=len(uris), disable=not progress,
                           desc=f"{source}: reading image headers", unit="img"))
     for row, (width, height, digest) in zip(rows, facts, strict=True):
-        row["source"], row["sha256"] = source, digest
+        row["source"], row["sha256"] = row.get("source") or source, digest
         if row["width"] is None or row["height"] is None:  # COCO brings its own sizes
             row["width"], row["height"] = width, height
     df = pd.DataFrame(rows, columns=list(COLUMNS))

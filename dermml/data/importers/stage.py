@@ -15,22 +15,35 @@ from dermml import storage
 from dermml.data.importers.coco import import_coco
 from dermml.data.importers.common import READ_WORKERS, DatasetImportError, normalise_root
 from dermml.data.importers.folders import import_classification, import_segmentation
-from dermml.data.importers.isic import import_isic2018
+from dermml.data.importers.isic import (
+    import_ham10000,
+    import_isic,
+    import_isic2016,
+    import_isic2017,
+    import_isic2018,
+    import_isic2019,
+)
 from dermml.data.importers.ph2 import import_ph2
 from dermml.data.manifest import (
     COLUMNS,
     MANIFEST_FILENAME,
+    is_missing,
     write_manifest,
 )
 from dermml.data.phash import NEAR_DUPLICATE_HAMMING, image_hash, near_duplicate_groups
-from dermml.data.splits import check_fractions, fill_missing_splits, is_missing, linked_units
+from dermml.data.splits import check_fractions, fill_missing_splits, linked_units
 
 # --- registry and the import stage -------------------------------------------------------------
 
 IMPORTERS: dict[str, Callable[..., pd.DataFrame]] = {
     "segmentation": import_segmentation,
     "classification": import_classification,
+    "isic": import_isic,
+    "isic2016": import_isic2016,
+    "isic2017": import_isic2017,
     "isic2018": import_isic2018,
+    "isic2019": import_isic2019,
+    "ham10000": import_ham10000,
     "ph2": import_ph2,
     "coco": import_coco,
 }

@@ -1,0 +1,58 @@
+"""What a training run reports while it trains, in-process or from Ray's rank 0: metrics into
+its MLflow run, one console line per epoch, and the loss-curve plot, rewritten every epoch so
+that a killed run still has one."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from dermml.orchestration import tracking
+from dermml.training.loop import Hooks
+
+log = logging.getLogger(__name__)
+
+LOSS_CURVE_ARTIFACT = "plots/loss_curve.png"
+
+
+def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], gate_metric: str) -> str:
+    """``epoch 3/10  train_loss 0.4123  val_dice 0.7812  12.3 s``"""
+    parts = [f"epoch {epoch + 1}/{epochs}", f"train_loss {metrics['train_loss']:.4f}"]
+    gate = metrics.get(f"val_{gate_metric}")
+    if gate is not None:
+        parts.append(f"val_{gate_metric} {gate:.4f}")
+    parts.append(f"{metrics['epoch_seconds']:.1f} s")
+    return "  ".join(parts)
+
+
+def training_hooks(run_id: str, epochs: int, gate_metric: str, uri: str = "",
+                   console: bool = True) -> Hooks:
+    """Hooks of the training loop that report into the MLflow run ``run_id`` (``uri``: its
+    tracking URI, for processes whose environment does not name it) and, with ``console``,
+    print one line per epoch to stderr (stdout stays the command's result)."""
+    run = tracking.RunLog(run_id, uri)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        run.metrics(metrics, step)
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        run.metrics({k: v for k, v in metrics.items() if k != "epoch"}, epoch)
+        if console:  # not print(): Ray Train's worker print() logs it a second time
+            sys.stderr.write(epoch_line(epoch, epochs, metrics, gate_metric) + "\n")
+            sys.stderr.flush()
+        log_loss_curve(run, gate_metric)
+
+    return Hooks(on_step=on_step, on_epoch_end=on_epoch_end)
+
+
+def log_loss_curve(run: tracking.RunLog, gate_metric: str) -> None:
+    """Draw the run's train loss and validation gate metric per epoch, as logged so far, into
+    ``plots/loss_curve.png``. A plot is never worth a training run: failures only warn."""
+    from dermml.visualization import loss_curve_figure
+
+    val_name = f"val_{gate_metric}"
+    try:
+        figure = loss_curve_figure(run.history("train_loss"), run.history(val_name), val_name)
+        run.figure(figure, LOSS_CURVE_ARTIFACT)
+    except Exception as exc:  # an artifact store hiccup must not stop training
+        log.warning("could not update %s of run %s: %s", LOSS_CURVE_ARTIFACT, run.run_id, exc)
