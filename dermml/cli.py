@@ -211,7 +211,9 @@ def evaluate_cmd(
     model_uri: Annotated[str, typer.Argument(help="runs:/ID/model or models:/NAME@ALIAS")],
     data: Annotated[str, typer.Option(help="Manifest URI")],
     splits: Annotated[str, typer.Option(help="Comma-separated splits, e.g. "
-                                             "sl_test,external_test")] = "test",
+                                             "sl_test,external_test; a+b scores splits a and "
+                                             "b as one set (train+val+test: the whole "
+                                             "manifest, e.g. an external dataset)")] = "test",
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0: none)")] = 1000,
     alpha: Annotated[float, typer.Option(help="CI level: 1 - alpha")] = 0.05,
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v, e.g. "
