@@ -467,7 +467,7 @@ def demo_cmd(
     port: Annotated[int, typer.Option(help="Port for the model server")] = 5055,
 ):
     """The whole job end to end on embedded defaults, then one real HTTP prediction."""
-    from dermml.demo import run_demo
+    from dermml.quickstart import run_demo
 
     run_demo(n=n, size=size, epochs=epochs, port=port)
 
