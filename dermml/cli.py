@@ -224,7 +224,9 @@ def evaluate_cmd(
     model_uri: Annotated[str, typer.Argument(help="runs:/ID/model or models:/NAME@ALIAS")],
     data: Annotated[str, typer.Option(help="Manifest URI")],
     splits: Annotated[str, typer.Option(help="Comma-separated splits, e.g. "
-                                             "sl_test,external_test")] = "test",
+                                             "sl_test,external_test; a+b scores splits a and "
+                                             "b as one set (train+val+test: the whole "
+                                             "manifest, e.g. an external dataset)")] = "test",
     resamples: Annotated[int, typer.Option(help="Bootstrap resamples for CIs (0: none)")] = 1000,
     alpha: Annotated[float, typer.Option(help="CI level: 1 - alpha")] = 0.05,
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v, e.g. "
@@ -491,7 +493,7 @@ def demo_cmd(
     port: Annotated[int, typer.Option(help="Port for the model server")] = 5055,
 ):
     """The whole job end to end on embedded defaults, then one real HTTP prediction."""
-    from dermml.demo import run_demo
+    from dermml.quickstart import run_demo
     from pipelines import get_pipeline
 
     run_demo(get_pipeline("training"), n=n, size=size, epochs=epochs, port=port)

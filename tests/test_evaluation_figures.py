@@ -127,3 +127,18 @@ def test_a_figure_that_cannot_be_drawn_never_fails_the_evaluation(segmentation_m
     assert "dermml.figure_error.evaluation/test_broken.png" in tags
     names = {a.path.split("/")[-1] for a in client.list_artifacts(run_id, "evaluation")}
     assert "test_ok.png" in names and "test_broken.png" not in names
+
+
+def test_evaluate_pools_splits_joined_with_plus_into_one_test_set(segmentation_model, demo_data,
+                                                                    monkeypatch):
+    """An external dataset (PH2 for an ISIC model) is scored whole: --splits train+val+test."""
+    home, model_uri = segmentation_model
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    result = CliRunner().invoke(app, ["evaluate", model_uri, "--data", demo_data,
+                                      "--splits", "train+val+test,test", "--resamples", "0"])
+    assert result.exit_code == 0, result.output
+    run_id = re.search(r"MLflow run: (\w+)", result.output).group(1)
+    metrics = MlflowClient(tracking.tracking_uri()).get_run(run_id).data.metrics
+    assert metrics["train.val.test_dice"] != metrics["test_dice"]  # scored on more images
+    table = result.output.split("MLflow run")[0]
+    assert "train+val+test" in table and re.search(r"\btest\s+dice", table)

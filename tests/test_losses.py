@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dermml.losses.catalog import LOSSES, LossTerm, build_loss, inverse_frequency_weights
 from dermml.losses.classification import cross_entropy, focal_loss, soft_target_cross_entropy
-from dermml.losses.registry import LOSSES, LossTerm, build_loss, inverse_frequency_weights
 from dermml.losses.segmentation import (
     bce_loss,
     dice_loss,

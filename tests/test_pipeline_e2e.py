@@ -192,7 +192,7 @@ def test_a_stage_failing_outside_its_own_run_still_fails_the_pipeline_run():
 @pytest.mark.integration
 def test_make_demo_job_runs_end_to_end_on_embedded_defaults(capsys):
     """`make demo` runs `dermml demo`: pipeline, serve the champion, one HTTP prediction."""
-    from dermml.demo import run_demo
+    from dermml.quickstart import run_demo
 
     dice = run_demo(TRAINING, n=40, size=32, epochs=3, port=5155)
     out = capsys.readouterr().out

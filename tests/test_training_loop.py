@@ -153,3 +153,27 @@ def test_epoch_progress_bar_shows_on_a_terminal_only(monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         assert list(_progress(range(3), 3, True, "epoch 1/2")) == [0, 1, 2]
         assert ("epoch 1/2:" in stream.getvalue()) is shown, stream.getvalue()
+
+
+def test_zero_epochs_logs_the_starting_weights_unchanged(demo_data, tmp_path, monkeypatch):
+    """train.epochs=0 is how given weights (a published checkpoint through --pretrained, a
+    logged model through init_from) are evaluated as they are: the logged model holds exactly
+    the starting weights, validated once."""
+    import pytest
+    import torch
+    from conftest import tiny_overrides
+
+    from dermml.orchestration.tracking import load_python_model
+    from dermml.training.run import resolve_config, train
+
+    monkeypatch.setenv("DERMML_HOME", str(tmp_path / "home"))
+    first = train("segmentation", resolve_config("segmentation", None,
+                                                 tiny_overrides(demo_data, 1)), progress=False)
+    cfg = resolve_config("segmentation", None,
+                         tiny_overrides(demo_data, 0) + [f"init_from={first.model_uri}"])
+    outcome = train("segmentation", cfg, progress=False)
+    assert outcome.metrics["epochs_run"] == 0
+    assert outcome.metrics["best_val_gate"] == pytest.approx(first.metrics["best_val_gate"])
+    start = load_python_model(first.model_uri).model.state_dict()
+    logged = load_python_model(outcome.model_uri).model.state_dict()
+    assert all(torch.equal(logged[k], v) for k, v in start.items())

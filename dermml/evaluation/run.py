@@ -39,7 +39,7 @@ class EvaluationResult:
     def flat_metrics(self) -> dict[str, float]:
         """``{split}_{metric}`` -> value for every finite metric (NaN: undefined, e.g. the
         precision of a class never predicted); names safe for MLflow and KFP."""
-        return {f"{split}_{name}".replace("/", "_"): float(value)
+        return {metric_key(split, name): float(value)
                 for split, values in self.metrics.items() for name, value in values.items()
                 if np.isfinite(value)}
 
@@ -69,7 +69,7 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
     # The splits of the model's data.split_policy (DermoSegDiff's fixed ones, or the manifest's).
     manifest = with_split_policy(manifest, model.cfg.data.split_policy,
                                  model.cfg.data.reference_order)
-    split_rows = {s: manifest.split(s) for s in splits}
+    split_rows = {s: manifest.split(*s.split("+")) for s in splits}  # "a+b": one pooled set
     with tracking.stage_run(task.name, "evaluate", parent_run_id) as run:
         tracking.log_dataset(manifest.uri, manifest.version)
         mlflow.set_tag("dermml.model_uri", model_uri)
@@ -133,12 +133,18 @@ def compare_settings(model_uri: str, manifest_uri: str, settings: list[dict],
     return table
 
 
+def metric_key(split: str, name: str) -> str:
+    """MLflow/KFP-safe metric name of ``name`` on ``split`` (``a+b`` pooled splits: ``a.b``)."""
+    return f"{split}_{name}".replace("/", "_").replace("+", ".")
+
+
 def _log_split(split: str, result: EvaluationResult, per_sample: pd.DataFrame) -> None:
-    values = {f"{split}_{k}": v for k, v in result.metrics[split].items() if np.isfinite(v)}
+    values = {metric_key(split, k): v for k, v in result.metrics[split].items() if np.isfinite(v)}
     for metric, (low, high) in result.intervals[split].items():
         if np.isfinite(low) and np.isfinite(high):
-            values[f"{split}_{metric}_ci_low"], values[f"{split}_{metric}_ci_high"] = low, high
-    mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()})
+            values[metric_key(split, f"{metric}_ci_low")] = low
+            values[metric_key(split, f"{metric}_ci_high")] = high
+    mlflow.log_metrics(values)
     flat = per_sample.drop(columns=[c for c in per_sample if per_sample[c].dtype == object
                                     and c != "sample_id"], errors="ignore")
     tracking.log_table_csv(flat, f"evaluation/{split}_per_sample.csv")

@@ -21,7 +21,7 @@ from dermml.data.datasets import (
 )
 from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import ATTRIBUTES, Manifest
-from dermml.losses.registry import LossTerm, build_loss, inverse_frequency_weights
+from dermml.losses.catalog import LossTerm, build_loss, inverse_frequency_weights
 from dermml.metrics.attributes import jaccard_from_counts, mean_jaccard, per_class_auc
 from dermml.models.postprocess import (
     ATTRIBUTE_POSTPROCESS,

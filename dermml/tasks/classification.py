@@ -14,7 +14,7 @@ from dermml.data.augment import build_augment
 from dermml.data.datasets import ClassificationDataset, image_to_tensor, resize_image
 from dermml.data.manifest import Manifest
 from dermml.data.sampling import mixup_pairs
-from dermml.losses.registry import LossTerm, build_loss, inverse_frequency_weights
+from dermml.losses.catalog import LossTerm, build_loss, inverse_frequency_weights
 from dermml.metrics.classification import classification_metrics, confusion_matrix
 from dermml.models.classifier import ClassifierConfig, build_classifier
 from dermml.tasks.base import Task, TaskConfig, register_task

@@ -17,7 +17,7 @@ from dermml.data.datasets import (
 )
 from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import Manifest
-from dermml.losses.registry import LossTerm, build_loss
+from dermml.losses.catalog import LossTerm, build_loss
 from dermml.metrics.segmentation import (
     POOLED_REF_METRICS,
     confusion,
@@ -44,7 +44,7 @@ class SegmentationConfig(TaskConfig):
     task: str = "segmentation"
     model: SegModelConfig = SegModelConfig()
     loss: list[LossTerm] = [LossTerm(name="bce"), LossTerm(name="dice")]
-    """Weighted sum of loss terms (names: see dermml/losses/registry.py)."""
+    """Weighted sum of loss terms (names: see dermml/losses/catalog.py)."""
     postprocess: PostprocessConfig = PostprocessConfig()
     """Morphology after thresholding (threshold itself: serving.threshold), identical in
     evaluation and serving."""

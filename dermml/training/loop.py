@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from dermml.config import Section
@@ -23,8 +24,9 @@ from dermml.config import Section
 class LoopConfig(Section):
     """Settings of the shared training loop (defaults suit the small demo task on CPU)."""
 
-    epochs: int = 10
-    """Number of passes over the training set."""
+    epochs: int = Field(10, ge=0)
+    """Number of passes over the training set; 0 validates and logs the starting weights as
+    they are (e.g. a published checkpoint given with --pretrained)."""
     lr: float = 1e-3
     """Peak learning rate."""
     weight_decay: float = 1e-4
@@ -249,6 +251,14 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
         if cfg.early_stopping_patience and since_best >= cfg.early_stopping_patience:
             result.stopped_early = True
             break
+    if cfg.epochs == 0:  # no training: the starting weights, validated once, are the model
+        result.best_model = _cpu_state(model)
+        if evaluate is not None and val_loader is not None:
+            model.eval()
+            with torch.no_grad(), autocast(device, dtype):
+                scores = {f"val_{k}": v for k, v in evaluate(model, val_loader, device).items()}
+            result.history.append({**scores, "epoch": -1})
+            result.best_metric = scores.get(f"val_{gate_metric}")
     return result
 
 
