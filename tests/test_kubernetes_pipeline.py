@@ -137,10 +137,11 @@ def test_the_train_step_carries_the_platform_it_submits_rayjobs_with(tmp_path):
 
 
 def test_a_preset_needing_more_cpus_than_the_pool_nodes_is_refused_at_compile(tmp_path):
-    """configs/segdiff/*.yaml ask for 8 CPUs per worker; a g5.xlarge node has 4: without the
-    check the train step's Ray would wait forever for CPUs no node has."""
+    """A preset asking for 8 CPUs per worker on a g5.xlarge pool (4 vCPUs): without the check
+    the train step's Ray would wait forever for CPUs no node has."""
     out = tmp_path / "t.yaml"
-    params = {"task": "segdiff", "config": "configs/segdiff/ph2.yaml"}
+    params = {"task": "segdiff", "config": "configs/segdiff/ph2.yaml",
+              "overrides": ["ray.cpus_per_worker=8"]}
     with pytest.raises(ConfigError) as error:
         compile_pipeline(TRAINING, str(out), params=params)
     message = str(error.value)
@@ -155,6 +156,16 @@ def test_a_preset_needing_more_cpus_than_the_pool_nodes_is_refused_at_compile(tm
     defaults = pipeline["root"]["inputDefinitions"]["parameters"]
     assert defaults["task"]["defaultValue"] == "segdiff"
     assert defaults["overrides"]["defaultValue"] == ["ray.cpus_per_worker=4"]
+
+
+@pytest.mark.parametrize("task, preset", [
+    ("segdiff", "configs/segdiff/isic2018.yaml"), ("segdiff", "configs/segdiff/ph2.yaml"),
+    ("segdiff", "configs/segdiff/ham10000.yaml"),
+    ("segmentation", "configs/segmentation/isic2018.yaml"),
+    ("attributes", "configs/attributes/isic2018.yaml"),
+    ("classification", "configs/classification/isic2019.yaml")])
+def test_every_shipped_gpu_preset_fits_the_default_platform(tmp_path, task, preset):
+    compile_pipeline(TRAINING, str(tmp_path / "t.yaml"), params={"task": task, "config": preset})
 
 
 def test_gpu_training_on_a_platform_without_gpus_is_refused_at_submit():
