@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from dermml import storage
 from dermml.orchestration import tracking
 from dermml.orchestration.ray_train import fit_with_ray
+from dermml.training.inputs import training_inputs
 from dermml.training.run import resolve_config
 
 pytestmark = pytest.mark.integration
@@ -24,7 +25,7 @@ def test_killed_worker_resumes_from_s3_checkpoint(demo_data, s3_endpoint, tmp_pa
     import ray
 
     try:
-        result = fit_with_ray("segmentation", cfg, run_name="fault-drill")
+        result = fit_with_ray(training_inputs("segmentation", cfg), run_name="fault-drill")
     finally:
         ray.shutdown()
     assert Path(tmp_path, "killed").read_text() == "1"  # the worker really died after epoch 1
@@ -51,7 +52,7 @@ def test_two_workers_split_each_mixed_epoch_and_return_a_plain_model(demo_data, 
         "mix.real_batch_ratio=0.5"])
     run_id = tracking.create_parent_run("segmentation", "train", "two-workers")
     try:
-        result = fit_with_ray("segmentation", cfg, run_name="two-workers",
+        result = fit_with_ray(training_inputs("segmentation", cfg), run_name="two-workers",
                               tracking_uri=tracking.tracking_uri(), mlflow_run_id=run_id)
     finally:
         ray.shutdown()

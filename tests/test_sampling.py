@@ -226,29 +226,34 @@ def test_progressive_resize_schedule_errors_surface_as_config_errors():
                                     "progressive_resize.epochs=[5,0]"])
 
 
-def test_ray_workers_shard_custom_samplers_into_disjoint_equal_parts():
-    from torch.utils.data import DataLoader
-
-    from dermml.orchestration.ray_train import _shard_custom_sampler
+def test_data_parallel_ranks_get_disjoint_equal_parts_of_every_sampler():
+    """training/inputs.py shards the training set per rank: mixed batches, oversampling and
+    plain shuffling (a DistributedSampler) alike."""
+    from dermml.tasks.base import TaskConfig
+    from dermml.training.inputs import TrainingInputs, build_loaders
 
     data = TensorDataset(torch.arange(40))
 
-    def mixed(rank: int) -> list[list[int]]:
-        loader = DataLoader(data, batch_sampler=MixedBatchSampler(range(10), range(10, 40), 4,
-                                                                  0.5, seed=0))
-        _shard_custom_sampler(loader, world_size=2, rank=rank, seed=0)
-        return [batch[0].tolist() for batch in loader]
+    def drawn(inputs: TrainingInputs, rank: int) -> list[list[int]]:
+        train, _ = build_loaders(inputs, world_size=2, rank=rank)
+        return [batch[0].tolist() for batch in train]
 
+    cfg = TaskConfig.model_validate({"data": {"batch_size": 4}})
+    mixed = TrainingInputs("segmentation", cfg, data, data, batch_sampler=MixedBatchSampler(
+        range(10), range(10, 40), 4, 0.5, seed=0))
     whole = list(MixedBatchSampler(range(10), range(10, 40), 4, 0.5, seed=0, num_batches=6))
-    rank0, rank1 = mixed(0), mixed(1)
+    rank0, rank1 = drawn(mixed, 0), drawn(mixed, 1)
     assert len(rank0) == len(rank1) == 3  # half an epoch each, not a whole one
     assert rank0 == whole[0::2] and rank1 == whole[1::2]
+    assert mixed.batch_sampler.num_replicas == 1  # the inputs' own sampler stays whole
 
-    def oversampled(rank: int) -> list[int]:
-        sampler = oversampling_sampler(np.array([0] * 30 + [1] * 10), seed=0)
-        loader = DataLoader(data, batch_size=5, sampler=sampler)
-        _shard_custom_sampler(loader, world_size=2, rank=rank, seed=0)
-        return [i for batch in loader for i in batch[0].tolist()]
-
-    a, b = oversampled(0), oversampled(1)
+    labelled = TensorDataset(torch.arange(40))
+    labelled.labels = [0] * 30 + [1] * 10
+    oversampled = TrainingInputs("classification", TaskConfig.model_validate(
+        {"data": {"batch_size": 5, "oversample": True}}), labelled, labelled)
+    a, b = (sum(drawn(oversampled, rank), []) for rank in (0, 1))
     assert len(a) == len(b) == 20 and a != b  # 1/2 of the draws each, different streams
+
+    shuffled = TrainingInputs("segmentation", cfg, data, data)
+    a, b = (sum(drawn(shuffled, rank), []) for rank in (0, 1))
+    assert len(a) == len(b) == 20 and sorted(a + b) == list(range(40))

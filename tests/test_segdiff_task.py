@@ -11,6 +11,7 @@ from dermml.data.images import load_image
 from dermml.data.manifest import read_manifest
 from dermml.tasks import get_task
 from dermml.training.checkpoint import FolderCheckpointer
+from dermml.training.inputs import training_inputs
 from dermml.training.run import resolve_config, train
 from dermml.training.setup import build_parts, run_loop
 
@@ -121,7 +122,7 @@ def test_resume_restores_ema_weights_and_step_counter(demo_data, tmp_path):
     task = get_task("segdiff")
     cfg = demo_cfg(demo_data, 2, "train.max_steps_per_epoch=3", "ema.update_after_step=2")
     ckpt = FolderCheckpointer(str(tmp_path / "ckpt"))
-    parts = build_parts(task, cfg)
+    parts = build_parts(training_inputs(task, cfg))
     run_loop(task, cfg, parts, torch.device("cpu"), checkpointer=ckpt)
     saved = ckpt.load()["model"]
     assert int(saved["ema_step"]) == 6
@@ -129,7 +130,7 @@ def test_resume_restores_ema_weights_and_step_counter(demo_data, tmp_path):
     assert not torch.equal(saved[ema_key], saved[ema_key.replace("ema_unet.", "unet.")])
 
     cfg3 = demo_cfg(demo_data, 3, "train.max_steps_per_epoch=3", "ema.update_after_step=2")
-    resumed = build_parts(task, cfg3)
+    resumed = build_parts(training_inputs(task, cfg3))
     seen = {}
 
     def spy(epoch):  # state right after the checkpoint was loaded, before epoch 2 trains

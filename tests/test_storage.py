@@ -41,6 +41,7 @@ def test_demo_data_on_s3_trains_like_local(s3_endpoint):
     from dermml.config import load_config
     from dermml.data.demo import generate_demo
     from dermml.tasks import get_task
+    from dermml.training.inputs import training_inputs
     from dermml.training.setup import build_parts, run_loop
 
     uri = generate_demo("s3://dermml/demo32", n=30, size=32, seed=1)
@@ -50,7 +51,7 @@ def test_demo_data_on_s3_trains_like_local(s3_endpoint):
     cfg = load_config(task.config_cls, overrides=[
         f"data.manifest={uri}", "data.image_size=32", "model.depth=2", "model.base_channels=8",
         "train.epochs=1", "ray.enabled=false"])
-    result = run_loop(task, cfg, build_parts(task, cfg), torch.device("cpu"))
+    result = run_loop(task, cfg, build_parts(training_inputs(task, cfg)), torch.device("cpu"))
     assert result.epochs_run == 1 and result.history[0]["train_loss"] > 0
 
 

@@ -13,6 +13,7 @@ from dermml.data.images import load_image
 from dermml.data.manifest import read_manifest, write_manifest
 from dermml.orchestration import tracking
 from dermml.tasks import get_task
+from dermml.training.inputs import training_inputs
 from dermml.training.run import resolve_config, train
 from dermml.training.setup import build_parts, run_loop
 
@@ -37,7 +38,7 @@ def task_cfg(task_name: str, manifest: str, epochs: int, *extra: str):
 def test_training_improves_the_validation_gate_metric(task_name, demo_data):
     task = get_task(task_name)
     cfg = task.prepare(task_cfg(task_name, demo_data, 8), read_manifest(demo_data))
-    parts = build_parts(task, cfg)
+    parts = build_parts(training_inputs(task, cfg))
     parts.model.eval()
     with torch.no_grad():
         untrained = task.validate(parts.model, parts.val_loader, torch.device("cpu"), cfg)
@@ -183,7 +184,7 @@ def test_a_size_too_small_for_the_network_is_a_config_error_before_training(demo
     task = get_task("attributes")
     cfg = task.prepare(cfg, read_manifest(demo_data))
     with pytest.raises(ConfigError, match="64 px is too small.*Inception-v3"):
-        build_parts(task, cfg)
+        build_parts(training_inputs(task, cfg))
     tiny = ["model.dim_x=8", "model.dim_g=8", "model.dim_x_mults=[1,2,3]",
             "model.dim_g_mults=[1,2,4]", "data.image_size=30"]
     # Without a size given, the shipped default is one Inception-v3 can take.
@@ -193,7 +194,7 @@ def test_a_size_too_small_for_the_network_is_a_config_error_before_training(demo
     task.check_input_size(task.build_model(default), default)
     segdiff = resolve_config("segdiff", None, common + tiny)
     with pytest.raises(ConfigError, match=r"\[30\].*multiples of 4"):
-        build_parts(get_task("segdiff"), segdiff)
+        build_parts(training_inputs(get_task("segdiff"), segdiff))
 
 
 def test_mixed_real_and_synthetic_training_composes_batches_from_both(demo_data, tmp_path):
@@ -203,10 +204,10 @@ def test_mixed_real_and_synthetic_training_composes_batches_from_both(demo_data,
     cfg = task_cfg("segmentation", demo_data, 1, f"mix.synthetic_manifest={synthetic}",
                    "mix.real_batch_ratio=0.5", "mix.synthetic_fraction=0.5")
     task = get_task("segmentation")
-    parts = build_parts(task, cfg)
+    parts = build_parts(training_inputs(task, cfg))
     mixed = parts.train_loader.dataset
     real, synth = mixed.datasets  # Subsets (real_ratio, synthetic_fraction) of the two sets
-    assert parts.custom_sampling and len(synth) == len(synth.dataset) // 2
+    assert len(synth) == len(synth.dataset) // 2
     assert synth.dataset.augment.stream == 1 != real.dataset.augment.stream
     n_real = len(real)
     for indices in parts.train_loader.batch_sampler:

@@ -8,6 +8,7 @@ from dermml.config import load_config
 from dermml.data.manifest import read_manifest
 from dermml.tasks import get_task
 from dermml.training.checkpoint import FolderCheckpointer
+from dermml.training.inputs import training_inputs
 from dermml.training.setup import build_parts, run_loop
 from dermml.visualization import image_grid
 
@@ -20,7 +21,7 @@ def tiny_cfg(manifest, epochs, **extra):
 
 def test_training_loss_goes_down(demo_data):
     task, cfg = tiny_cfg(demo_data, 4)
-    parts = build_parts(task, cfg)
+    parts = build_parts(training_inputs(task, cfg))
     result = run_loop(task, cfg, parts, torch.device("cpu"))
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0] * 0.8
@@ -29,7 +30,7 @@ def test_training_loss_goes_down(demo_data):
 def test_small_model_beats_chance_on_held_out_demo_images(demo_data):
     """Demo data is learnable: a few CPU epochs clearly beat the all-lesion baseline."""
     task, cfg = tiny_cfg(demo_data, 8)
-    parts = build_parts(task, cfg)
+    parts = build_parts(training_inputs(task, cfg))
     run_loop(task, cfg, parts, torch.device("cpu"))
     manifest = read_manifest(demo_data)
     test_rows = manifest.split("test")
@@ -47,10 +48,11 @@ def test_small_model_beats_chance_on_held_out_demo_images(demo_data):
 def test_resume_continues_from_last_checkpoint(demo_data, tmp_path):
     task, cfg = tiny_cfg(demo_data, 2, **{"train.max_steps_per_epoch": 2})
     ckpt = FolderCheckpointer(str(tmp_path / "ckpt"))
-    first = run_loop(task, cfg, build_parts(task, cfg), torch.device("cpu"), checkpointer=ckpt)
+    first = run_loop(task, cfg, build_parts(training_inputs(task, cfg)), torch.device("cpu"),
+                     checkpointer=ckpt)
     assert first.epochs_run == 2
     _, cfg4 = tiny_cfg(demo_data, 4, **{"train.max_steps_per_epoch": 2})
-    resumed = run_loop(task, cfg4, build_parts(task, cfg4), torch.device("cpu"),
+    resumed = run_loop(task, cfg4, build_parts(training_inputs(task, cfg4)), torch.device("cpu"),
                        checkpointer=ckpt)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert resumed.history[:2] == first.history  # epochs 0-1 were not trained again
@@ -60,13 +62,13 @@ def test_early_stopping_stops_when_gate_metric_stalls(demo_data):
     # lr 0 never improves after the first epoch, so patience 1 stops at epoch 2.
     task, cfg = tiny_cfg(demo_data, 10, **{"train.lr": 0.0, "train.early_stopping_patience": 1,
                                            "train.max_steps_per_epoch": 1})
-    result = run_loop(task, cfg, build_parts(task, cfg), torch.device("cpu"))
+    result = run_loop(task, cfg, build_parts(training_inputs(task, cfg)), torch.device("cpu"))
     assert result.stopped_early and result.epochs_run == 2
 
 
 def test_preview_grid_shows_all_requested_samples(demo_data):
     task, cfg = tiny_cfg(demo_data, 1)
-    parts = build_parts(task, cfg)
+    parts = build_parts(training_inputs(task, cfg))
     grid = task.preview(parts.model, parts.val_loader.dataset, cfg, n=8)
     assert grid.shape[0] > 2 * 128 and grid.shape[1] > 4 * 128 and grid.dtype == np.uint8
     assert image_grid([np.zeros((4, 4, 3), np.uint8)] * 5, columns=4).shape == (2 * 6 + 2,
@@ -81,7 +83,7 @@ def test_compiled_training_step_learns_and_checkpoints_the_eager_weights(demo_da
     torch._dynamo.reset()
     task, cfg = tiny_cfg(demo_data, 3, **{"train.compile": "true",
                                           "train.compile_backend": "aot_eager"})
-    parts = build_parts(task, cfg)
+    parts = build_parts(training_inputs(task, cfg))
     keys = set(parts.model.state_dict())
     result = run_loop(task, cfg, parts, torch.device("cpu"))
     losses = [h["train_loss"] for h in result.history]
@@ -94,13 +96,13 @@ def test_epoch_aware_samplers_see_every_epoch():
     """A DistributedSampler (Ray, several workers) repeats its order unless told the epoch."""
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-    from dermml.training.setup import _sampler_epochs
+    from dermml.training.inputs import sampler_epochs
 
     data = TensorDataset(torch.arange(32))
     loader = DataLoader(data, batch_size=4,
                         sampler=DistributedSampler(data, num_replicas=2, rank=0, seed=0))
     seen = []
-    start = _sampler_epochs(loader, seen.append)
+    start = sampler_epochs(loader, seen.append)
     orders = []
     for epoch in range(3):
         start(epoch)
@@ -131,7 +133,7 @@ def test_float16_training_scales_the_loss_learns_and_checkpoints_the_scaler(demo
     monkeypatch.setattr(loop, "amp_dtype", lambda cfg, device: torch.float16)
     task, cfg = tiny_cfg(demo_data, 3)
     checkpoints = FolderCheckpointer(str(tmp_path / "ckpt"))
-    result = run_loop(task, cfg, build_parts(task, cfg), torch.device("cpu"),
+    result = run_loop(task, cfg, build_parts(training_inputs(task, cfg)), torch.device("cpu"),
                       checkpointer=checkpoints)
     losses = [h["train_loss"] for h in result.history]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]

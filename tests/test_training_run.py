@@ -72,3 +72,53 @@ def test_a_run_killed_mid_training_already_has_its_loss_curve(demo_data, monkeyp
     assert run.info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0]
     assert loss_curve_bytes(client, run.info.run_id, tmp_path).startswith(PNG_MAGIC)
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    calls = []
+    original = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def test_a_run_reads_its_manifest_and_builds_its_datasets_once(demo_data, monkeypatch):
+    """The driver's file check, the loop and the model preview share one TrainingInputs."""
+    from dermml.tasks import base
+
+    datasets = _count_calls(monkeypatch, base.Task, "datasets")
+    manifests = _count_calls(monkeypatch, base, "read_manifest")
+    cfg = resolve_config("segmentation", None, tiny_overrides(demo_data, 1))
+    train("segmentation", cfg, progress=False)
+    assert len(datasets) == 1 and len(manifests) == 1
+
+
+@pytest.mark.integration
+def test_a_relative_manifest_trains_with_ray(demo_data, monkeypatch, tmp_path):
+    """Ray runs its workers in its session folder: the driver hands them absolute URIs (and
+    the datasets, built once there), so `--set data.manifest=data/demo` works with Ray on."""
+    import shutil
+    from pathlib import Path
+
+    import ray
+
+    from dermml.tasks import base
+
+    shutil.copytree(Path(demo_data).parent, tmp_path / "data" / "demo")
+    monkeypatch.chdir(tmp_path)
+    datasets = _count_calls(monkeypatch, base.Task, "datasets")
+    overrides = [o for o in tiny_overrides(demo_data, 1, ray=True)
+                 if not o.startswith("data.manifest")]
+    cfg = resolve_config("segmentation", None, ["data.manifest=data/demo", *overrides])
+    try:
+        outcome = train("segmentation", cfg, progress=False)
+    finally:
+        ray.shutdown()
+    assert len(datasets) == 1  # in the driver; the workers got the datasets themselves
+    params = MlflowClient(tracking.tracking_uri()).get_run(outcome.run_id).data.params
+    assert params["data.manifest"] == str(tmp_path / "data" / "demo")
+    assert outcome.metrics["epochs_run"] == 1
