@@ -179,7 +179,12 @@ def train_cmd(
              "with ray_job.enabled the training runs as a KubeRay RayJob; without it, "
              "training runs here")] = None,
 ):
-    """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
+    """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI.
+
+    The console gets one line per epoch; everything else (Ray, MLflow) goes to
+    $DERMML_HOME/logs/train-<time>/train.log, also logged to the run."""
+    from dermml.orchestration.console import captured, new_log_dir
+    from dermml.orchestration.ray_train import shutdown_ray
     from dermml.orchestration.tracking import ui_command
     from dermml.training.run import resolve_config, train
 
@@ -189,31 +194,35 @@ def train_cmd(
         raise ValueError("--platform places a single training run; cross-validation and weak "
                          "labels train here (drop --platform, or --folds/--wl-train/--sl-train)")
     cfg = resolve_config(task, config, set_, resume_run_id=resume)
-    if folds:
-        from dermml.training.schemes import cross_validate
+    if (wl_train or sl_train) and not (wl_train and sl_train):
+        raise ValueError("weak labels need both --wl-train SPLIT and --sl-train SPLIT")
+    with captured("train", new_log_dir("train") / "train.log"):
+        try:
+            if folds:
+                from dermml.training.schemes import cross_validate
 
-        cv = cross_validate(task, cfg, folds, parent_run_id)
-        typer.echo(json.dumps({"run_id": cv.run_id, "folds": [o.run_id for o in cv.folds],
-                               "mean": cv.mean, "std": cv.std}, indent=2))
-    elif wl_train or sl_train:
-        if not (wl_train and sl_train):
-            raise ValueError("weak labels need both --wl-train SPLIT and --sl-train SPLIT")
-        from dermml.training.schemes import train_with_weak_labels
+                cv = cross_validate(task, cfg, folds, parent_run_id)
+                result = {"run_id": cv.run_id, "folds": [o.run_id for o in cv.folds],
+                          "mean": cv.mean, "std": cv.std}
+            elif wl_train:
+                from dermml.training.schemes import train_with_weak_labels
 
-        wl = train_with_weak_labels(task, cfg, wl_train, sl_train, repeats,
-                                    parent_run_id=parent_run_id)
-        typer.echo(json.dumps({"run_id": wl.run_id, "model_uri": wl.model_uri,
-                               "rounds": wl.rounds}, indent=2))
-    else:
-        placed = None
-        if platform:
-            from dermml.orchestration.platform import load_platform
+                wl = train_with_weak_labels(task, cfg, wl_train, sl_train, repeats,
+                                            parent_run_id=parent_run_id)
+                result = {"run_id": wl.run_id, "model_uri": wl.model_uri, "rounds": wl.rounds}
+            else:
+                placed = None
+                if platform:
+                    from dermml.orchestration.platform import load_platform
 
-            placed = load_platform(platform)
-        outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume,
-                        platform=placed)
-        typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
-                               "metrics": outcome.metrics}, indent=2))
+                    placed = load_platform(platform)
+                outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume,
+                                platform=placed)
+                result = {"run_id": outcome.run_id, "model_uri": outcome.model_uri,
+                          "metrics": outcome.metrics}
+        finally:
+            shutdown_ray()  # Ray's last forwarded worker lines land in the log, not later
+    typer.echo(json.dumps(result, indent=2))
     typer.echo(f"MLflow UI: {ui_command()}")
 
 
@@ -395,7 +404,7 @@ def pipeline_run(
         typer.secho("`pipeline run` executes locally (--local); to run on a cluster use "
                     "`dermml pipeline submit NAME --host URL`", fg="red", err=True)
         raise typer.Exit(2)
-    try:
+    try:  # the console gets a line per stage and epoch; logs go to $DERMML_HOME/logs
         outputs = run_local(get_pipeline(name), parse_params(param or []))
     except PipelineFailed as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
@@ -493,10 +502,15 @@ def demo_cmd(
     port: Annotated[int, typer.Option(help="Port for the model server")] = 5055,
 ):
     """The whole job end to end on embedded defaults, then one real HTTP prediction."""
+    from dermml.orchestration.kfp_local import PipelineFailed
     from dermml.quickstart import run_demo
     from pipelines import get_pipeline
 
-    run_demo(get_pipeline("training"), n=n, size=size, epochs=epochs, port=port)
+    try:
+        run_demo(get_pipeline("training"), n=n, size=size, epochs=epochs, port=port)
+    except PipelineFailed as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

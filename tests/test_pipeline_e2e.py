@@ -2,8 +2,11 @@
 
 import base64
 import io
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,17 +192,66 @@ def test_a_stage_failing_outside_its_own_run_still_fails_the_pipeline_run():
     assert client.get_run(parent).info.status == "FAILED"
 
 
-@pytest.mark.integration
-def test_make_demo_job_runs_end_to_end_on_embedded_defaults(capsys):
-    """`make demo` runs `dermml demo`: pipeline, serve the champion, one HTTP prediction."""
-    from dermml.quickstart import run_demo
+STAGES = ["start-pipeline-run", "prepare-data", "validate-data", "train-model",
+          "register-model", "evaluate-model", "promote-model", "finish-pipeline-run"]
 
-    dice = run_demo(TRAINING, n=40, size=32, epochs=3, port=5155)
-    out = capsys.readouterr().out
-    assert 0.0 <= dice <= 1.0
-    assert "Dice vs ground truth" in out and f"{dice:.3f}" in out
-    # The UI command it prints points at the store that holds the champion it served.
-    store = re.search(r"mlflow ui --backend-store-uri (sqlite:\S+)", out).group(1)
-    version = MlflowClient(store, registry_uri=store).get_model_version_by_alias(
-        "dermml-segmentation", "champion")
+
+def dermml_command(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``dermml ARGS`` in a subprocess, its stdout and stderr together as a person sees them."""
+    return subprocess.run([sys.executable, "-m", "dermml.cli", *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout, env=dict(os.environ, COLUMNS="80"))
+
+
+@pytest.mark.integration
+def test_make_demo_job_runs_end_to_end_on_embedded_defaults(dermml_home):
+    """`make demo` runs `dermml demo`: pipeline, serve the champion, one HTTP prediction; the
+    console reads as a line per step, stage and epoch, ending with the Dice and the UI command;
+    every stage's full output is in its log file (and in MLflow)."""
+    done = dermml_command("demo", "--n", "40", "--size", "32", "--epochs", "3", "--port",
+                          str(free_port()))
+    out = done.stdout
+    assert done.returncode == 0, out
+    lines = out.splitlines()
+    assert len(lines) <= 20, out  # 8 stages + 3 epochs + 6: no executor input, no Ray noise
+    for stage in STAGES:
+        assert re.search(rf"^  {stage} +ok +\d+\.\d s$", out, re.MULTILINE), out
+    epochs = re.findall(r"^    epoch (\d)/3  train_loss \d+\.\d{4}  val_dice \d\.\d{4}  ", out,
+                        re.MULTILINE)
+    assert epochs == ["1", "2", "3"], out
+    for noise in ("executor_input", "Checkpoint successfully created", "Downloading artifacts",
+                  "RayTrainWorker", "INFO"):
+        assert noise not in out
+    dice = re.fullmatch(r"\[3/3\] POST .*: Dice vs ground truth = (\d\.\d{3})", lines[-2])
+    assert dice and 0.0 <= float(dice.group(1)) <= 1.0, lines[-2]
+    # The UI command it prints last points at the store that holds the champion it served.
+    store = re.fullmatch(r"MLflow UI on these runs: mlflow ui --backend-store-uri (sqlite:\S+) "
+                         r".*", lines[-1]).group(1)
+    client = MlflowClient(store, registry_uri=store)
+    version = client.get_model_version_by_alias("dermml-segmentation", "champion")
     assert str(version.version) == "1"
+
+    logs = Path(re.search(r"stage logs in (\S+)", out).group(1))
+    assert logs.parent == dermml_home / "logs"
+    assert {f"{stage}.log" for stage in STAGES} | {"pipeline.log", "serve.log"} <= {
+        p.name for p in logs.iterdir()}
+    train_log = (logs / "train-model.log").read_text()
+    assert "executor_input" in train_log and "Checkpoint successfully created" in train_log
+    logged = {a.path for a in client.list_artifacts(version.run_id, "logs")}
+    assert logged == {"logs/train-model.log"}
+
+
+@pytest.mark.integration
+def test_a_failing_stage_prints_the_path_of_its_log_which_holds_the_traceback(tmp_path):
+    done = dermml_command("pipeline", "run", "training", "--local", "--param",
+                          f"manifest_uri={tmp_path / 'missing'}")
+    out = done.stdout
+    assert done.returncode == 1, out
+    assert re.search(r"^  start-pipeline-run +ok ", out, re.MULTILINE), out
+    assert re.search(r"^  prepare-data +FAILED ", out, re.MULTILINE), out
+    assert "manifest not found" in out and "train-model" not in out
+    log = Path(re.search(r"full log: (\S+)", out).group(1))
+    assert log.name == "prepare-data.log" and str(log) in out.splitlines()[-1]  # the error too
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "ManifestError" in text
+    assert len(out.splitlines()) <= 8, out

@@ -98,27 +98,39 @@ def test_a_run_reads_its_manifest_and_builds_its_datasets_once(demo_data, monkey
 
 
 @pytest.mark.integration
-def test_a_relative_manifest_trains_with_ray(demo_data, monkeypatch, tmp_path):
+def test_cli_training_with_ray_on_a_relative_manifest_prints_epochs_and_logs_the_rest(
+        demo_data, monkeypatch, tmp_path, dermml_home):
     """Ray runs its workers in its session folder: the driver hands them absolute URIs (and
-    the datasets, built once there), so `--set data.manifest=data/demo` works with Ray on."""
+    the datasets, built once there), so `--set data.manifest=data/demo` works with Ray on. The
+    console gets the epoch lines and the log's path; Ray's own lines go to the log (and the
+    log to the run)."""
+    import json
     import shutil
     from pathlib import Path
 
-    import ray
+    from typer.testing import CliRunner
 
+    from dermml.cli import app
     from dermml.tasks import base
 
     shutil.copytree(Path(demo_data).parent, tmp_path / "data" / "demo")
     monkeypatch.chdir(tmp_path)
     datasets = _count_calls(monkeypatch, base.Task, "datasets")
-    overrides = [o for o in tiny_overrides(demo_data, 1, ray=True)
-                 if not o.startswith("data.manifest")]
-    cfg = resolve_config("segmentation", None, ["data.manifest=data/demo", *overrides])
-    try:
-        outcome = train("segmentation", cfg, progress=False)
-    finally:
-        ray.shutdown()
+    sets = [arg for o in tiny_overrides("data/demo", 2, ray=True) for arg in ("--set", o)]
+    result = CliRunner().invoke(app, ["train", "segmentation", *sets])
+    assert result.exit_code == 0, result.output
     assert len(datasets) == 1  # in the driver; the workers got the datasets themselves
-    params = MlflowClient(tracking.tracking_uri()).get_run(outcome.run_id).data.params
+
+    lines = result.stderr.splitlines()
+    assert [line.split("  ")[0] for line in lines[:2]] == ["epoch 1/2", "epoch 2/2"], lines
+    done = re.fullmatch(r"train done in \d+\.\d s; full log: (\S+/train\.log)", lines[2])
+    assert done and len(lines) == 3, lines
+    assert Path(done.group(1)).parent.parent == dermml_home / "logs"
+    log = Path(done.group(1)).read_text()
+    assert "Checkpoint successfully created" in log and "epoch 2/2  train_loss" in log
+
+    outcome = json.loads(result.stdout[:result.stdout.rindex("}") + 1])
+    client = MlflowClient(tracking.tracking_uri())
+    params = client.get_run(outcome["run_id"]).data.params
     assert params["data.manifest"] == str(tmp_path / "data" / "demo")
-    assert outcome.metrics["epochs_run"] == 1
+    assert "logs/train.log" in {a.path for a in client.list_artifacts(outcome["run_id"], "logs")}

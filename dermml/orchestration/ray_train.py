@@ -119,6 +119,15 @@ def ensure_ray(address: str = "") -> None:
                  runtime_env={"env_vars": _forwarded_env(), **hook})
 
 
+def shutdown_ray() -> None:
+    """Stop the Ray instance this process started or joined, if any (a command ends)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _forwarded_env() -> dict[str, str]:
     keys = ("DERMML_HOME", "MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",

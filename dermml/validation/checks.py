@@ -407,7 +407,7 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="validating", unit="img")
+    return tqdm(total=total, desc="validating", unit="img", disable=None)  # a terminal only
 
 
 def collect_facts(manifest: Manifest, processes: int | None = 2,
