@@ -31,7 +31,6 @@ from dermml.models.dermosegdiff import (
     is_reference_layout,
 )
 from dermml.models.diffusion import (
-    EMA,
     GaussianDiffusion,
     beta_schedule,
     diffusion_to_mask,
@@ -43,6 +42,7 @@ from dermml.models.postprocess import PostprocessConfig
 from dermml.models.pretrained import PretrainedWeightsError, read_checkpoint
 from dermml.tasks.base import ServingConfig, register_task
 from dermml.tasks.segmentation import SegmentationConfig, SegmentationTask
+from dermml.training.ema import EMA
 from dermml.training.loop import LoopConfig
 from dermml.visualization import image_grid, overlay_boundaries
 
