@@ -1,7 +1,8 @@
-"""Gaussian diffusion for mask generation: noise schedules, the forward process q(x_t | x_0),
-DDPM and DDIM reverse steps, a sampling loop and ensemble averaging.
+"""Gaussian diffusion for mask generation: noise schedules, the forward process q(x_t | x_0) and
+its posterior, the sampling loop and ensemble averaging. The reverse steps are schedulers
+(``dermml.models.schedulers``: DDPM, DDIM, DPM-Solver++ behind one ``step()``).
 
-Nothing here knows a network: a sampler calls ``model_fn(x_t, t) -> ε``, so any ε-predictor
+Nothing here knows a network: the sampling loop calls ``model_fn(x_t, t) -> ε``, so any ε-predictor
 (DermoSegDiff with its guidance image bound in a closure, or another) plugs in. Masks live in
 [-1, 1] in diffusion space (``mask_to_diffusion``), as in the reference DermoSegDiff code.
 """
@@ -10,14 +11,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from dermml.models.schedulers import Scheduler
+
 Schedule = Literal["linear", "quadratic", "cosine", "sigmoid"]
-Sampler = Literal["ddpm", "ddim"]
 Timestep = int | torch.Tensor
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -71,7 +74,8 @@ def diffusion_to_mask(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- diffusion
 
 class GaussianDiffusion:
-    """The forward process and its posteriors for fixed betas, with DDPM and DDIM steps.
+    """The forward process q(x_t | x_0) and its posterior for fixed betas: training noises
+    masks with it, and its float64 tables feed the schedulers.
 
     Buffers are float64 tensors of shape (T,) on the CPU; each method reads them at timesteps
     ``t`` (an int, or an (N,) long tensor with one timestep per sample) and returns tensors of
@@ -117,24 +121,6 @@ class GaussianDiffusion:
         out = values.to(device=like.device, dtype=like.dtype)[t]
         return out.reshape(-1, *([1] * (like.dim() - 1)))
 
-    def _alpha_bar_at(self, t: Timestep, like: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t, with ᾱ_{-1} = 1 (the clean data) for DDIM's last step."""
-        t = self._timesteps_for(t, like)
-        alpha_bar = self._at(self.alphas_cumprod, t.clamp(min=0), like)
-        before_start = (t < 0).reshape(alpha_bar.shape)
-        return torch.where(before_start, torch.ones_like(alpha_bar), alpha_bar)
-
-    def _check_t(self, t: Timestep, allow_minus_one: bool = False) -> None:
-        low = -1 if allow_minus_one else 0
-        t_min, t_max = (int(t.min()), int(t.max())) if torch.is_tensor(t) else (int(t), int(t))
-        if t_min < low or t_max >= self.timesteps:
-            raise ValueError(f"timestep out of range [{low}, {self.timesteps - 1}]: "
-                             f"min {t_min}, max {t_max}")
-
-    @staticmethod
-    def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
     # -- forward process
 
     def q_sample(self, x0: torch.Tensor, t: Timestep,
@@ -158,106 +144,38 @@ class GaussianDiffusion:
         return (mean, self._at(self.posterior_variance, t, x_t),
                 self._at(self.posterior_log_variance_clipped, t, x_t))
 
-    # -- reverse steps
-
-    def ddpm_step(self, eps: torch.Tensor, x_t: torch.Tensor, t: Timestep,
-                  generator: torch.Generator | None = None,
-                  clip_x0: bool = False) -> torch.Tensor:
-        """One ancestral step x_t -> x_{t-1} ~ N(posterior mean, posterior variance) given the
-        predicted ε (Ho et al. 2020, Algorithm 2); no noise is added where t == 0."""
-        self._check_t(t)
-        x0 = self.predict_x0_from_eps(x_t, t, eps)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-        mean, _, log_var = self.q_posterior(x0, x_t, t)
-        noise = self._noise_like(x_t, generator)
-        not_last = (self._timesteps_for(t, x_t) > 0).reshape(mean.shape[0], *[1] * (x_t.dim() - 1))
-        return mean + not_last.to(x_t.dtype) * (0.5 * log_var).exp() * noise
-
-    def ddim_timesteps(self, k: int) -> list[int]:
-        """K evenly spaced timesteps from T - 1 down to 0 (all of them when K = T)."""
-        if not 1 <= k <= self.timesteps:
-            raise ValueError(f"DDIM steps must be in [1, {self.timesteps}], got {k}")
-        if k == 1:
-            return [self.timesteps - 1]
-        return torch.linspace(self.timesteps - 1, 0, k, dtype=torch.float64).round().long() \
-            .tolist()
-
-    def ddim_sigma(self, t: Timestep, t_prev: Timestep, eta: float,
-                   like: torch.Tensor) -> torch.Tensor:
-        """σ_t(η) = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev) (Song et al. 2021,
-        eq. 16); t_prev = -1 means ᾱ_prev = 1."""
-        a_t, a_prev = self._alpha_bar_at(t, like), self._alpha_bar_at(t_prev, like)
-        return eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).clamp(min=0).sqrt()
-
-    def ddim_step(self, eps: torch.Tensor, x_t: torch.Tensor, t: Timestep, t_prev: Timestep,
-                  eta: float = 0.0, generator: torch.Generator | None = None,
-                  clip_x0: bool = False) -> torch.Tensor:
-        """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12):
-        x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε + σ z, with σ from ``ddim_sigma``.
-        η = 0 draws no noise (deterministic); η = 1 with t_prev = t - 1 is the DDPM step."""
-        self._check_t(t)
-        self._check_t(t_prev, allow_minus_one=True)
-        a_t, a_prev = self._alpha_bar_at(t, x_t), self._alpha_bar_at(t_prev, x_t)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = self.ddim_sigma(t, t_prev, eta, x_t)
-        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * self._noise_like(x_t, generator)
-        return x_prev
-
 
 # ----------------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample(model_fn: ModelFn, shape: Sequence[int], diffusion: GaussianDiffusion,
-           sampler: Sampler = "ddpm", steps: int | None = None, eta: float = 0.0,
+def sample(model_fn: ModelFn, shape: Sequence[int], scheduler: Scheduler, steps: int,
            generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-           trajectory_every: int | None = None, clip_x0: bool = False,
-           device: torch.device | str | None = None, progress: bool | None = False
-           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the reverse process from x_T ~ N(0, I) (or the given ``x_T``) to x_0.
+           trajectory_every: int | None = None, device: torch.device | str | None = None,
+           progress: bool | None = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the reverse process from x_T ~ N(0, I) (or the given ``x_T``) to x_0 over the
+    ``steps`` timesteps that ``scheduler`` picks (``schedulers.get_sampler(name)`` builds one
+    and resolves the step count for a sampler name).
 
-    ``model_fn(x_t, t)`` returns the predicted ε for an (N,) long tensor of timesteps.
-    DDPM runs all T steps (``steps`` must be None or T); DDIM runs ``steps`` (default T)
-    evenly spaced ones with stochasticity ``eta``. The trajectory holds x_T, then x after every
-    ``trajectory_every``-th step, and always the final x_0, as CPU tensors; it is empty when
-    ``trajectory_every`` is None.
+    ``model_fn(x_t, t)`` returns the predicted ε for an (N,) long tensor of timesteps. The
+    trajectory holds x_T, then x after every ``trajectory_every``-th step, and always the final
+    x_0, as CPU tensors; it is empty when ``trajectory_every`` is None.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     if trajectory_every is not None and trajectory_every < 1:
         raise ValueError(f"trajectory_every must be at least 1, got {trajectory_every}")
     if x_T is None:
         x_T = torch.randn(tuple(shape), generator=generator, device=device)
     elif tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T of shape {tuple(x_T.shape)} does not match shape {tuple(shape)}")
-    T = diffusion.timesteps
-    if sampler == "ddpm":
-        if steps not in (None, T):
-            raise ValueError(f"DDPM samples all {T} steps, got steps={steps}; use "
-                             "sampler='ddim' for fewer")
-        pairs = [(t, t - 1) for t in range(T - 1, -1, -1)]
-    else:
-        ts = diffusion.ddim_timesteps(T if steps is None else steps)
-        pairs = list(zip(ts, [*ts[1:], -1], strict=True))
-
-    x = x_T
+    scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps]  # ints: no device syncs in the loop
+    x = x_T * scheduler.init_noise_sigma
     trajectory = [x.detach().cpu()] if trajectory_every else []
-    for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"{sampler} sampling", leave=False,
-                                         disable=None if progress is None else not progress),
-                            start=1):
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False,
+                               disable=None if progress is None else not progress), start=1):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model_fn(x, t_batch)
-        if sampler == "ddpm":
-            x = diffusion.ddpm_step(eps, x, t, generator=generator, clip_x0=clip_x0)
-        else:
-            x = diffusion.ddim_step(eps, x, t, t_prev, eta=eta, generator=generator,
-                                    clip_x0=clip_x0)
-        if trajectory_every and (i % trajectory_every == 0 or i == len(pairs)):
+        eps = model_fn(scheduler.scale_model_input(x, t), t_batch)
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        if trajectory_every and (i % trajectory_every == 0 or i == len(timesteps)):
             trajectory.append(x.detach().cpu())
     return x, trajectory
 
