@@ -268,7 +268,8 @@ def predict_cmd(
     out: Annotated[str, typer.Option(help="Folder for masks / label maps and predictions.csv")],
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v")]
         = None,
-    sampler: Annotated[str | None, typer.Option(help="Diffusion models: ddpm or ddim")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        help="Diffusion models: ddpm, ddim or dpm")] = None,
     steps: Annotated[int | None, typer.Option(help="Diffusion models: sampling steps")] = None,
     ensemble: Annotated[int | None, typer.Option(help="Diffusion models: samples averaged")]
         = None,
