@@ -39,10 +39,10 @@ from dermml.models.diffusion import (
     mask_to_diffusion,
     sample,
 )
-from dermml.models.postprocess import PostprocessConfig
 from dermml.models.pretrained import PretrainedWeightsError, read_checkpoint
 from dermml.models.schedulers import SAMPLERS, get_sampler
 from dermml.tasks.base import ServingConfig, register_task
+from dermml.tasks.postprocess import PostprocessConfig
 from dermml.tasks.segmentation import SegmentationConfig, SegmentationTask
 from dermml.training.ema import EMA
 from dermml.training.loop import LoopConfig
