@@ -247,8 +247,8 @@ def evaluate_cmd(
                           "--compare sampler=ddim,steps=25 (repeat; k=v,k=v)")] = None,
 ):
     """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
+    from dermml.config import parse_params
     from dermml.evaluation.run import compare_settings, evaluate
-    from dermml.orchestration.kfp_local import parse_params
     from dermml.registry.gate import record_evaluation
 
     if compare:
@@ -277,7 +277,8 @@ def predict_cmd(
     out: Annotated[str, typer.Option(help="Folder for masks / label maps and predictions.csv")],
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v")]
         = None,
-    sampler: Annotated[str | None, typer.Option(help="Diffusion models: ddpm or ddim")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        help="Diffusion models: ddpm, ddim or dpm")] = None,
     steps: Annotated[int | None, typer.Option(help="Diffusion models: sampling steps")] = None,
     ensemble: Annotated[int | None, typer.Option(help="Diffusion models: samples averaged")]
         = None,
@@ -286,8 +287,8 @@ def predict_cmd(
     import base64
 
     from dermml import storage
+    from dermml.config import parse_params
     from dermml.data.images import load_image
-    from dermml.orchestration.kfp_local import parse_params
     from dermml.orchestration.tracking import load_python_model
     from dermml.registry.gate import champion_uri
     from dermml.serving.pyfunc import request_frame
@@ -397,7 +398,8 @@ def pipeline_run(
                                                                       "key=value")] = None,
 ):
     """Run a pipeline; `--local` executes every component here, against the same MLflow."""
-    from dermml.orchestration.kfp_local import PipelineFailed, parse_params, run_local
+    from dermml.config import parse_params
+    from dermml.orchestration.kfp_local import PipelineFailed, run_local
     from pipelines import get_pipeline
 
     if not local:
@@ -427,7 +429,8 @@ def pipeline_compile(
         = None,
 ):
     """Write the KFP IR YAML of a pipeline, with Kubernetes placement from the platform config."""
-    from dermml.orchestration.kfp_local import compile_pipeline, parse_params
+    from dermml.config import parse_params
+    from dermml.orchestration.kfp_local import compile_pipeline
     from pipelines import get_pipeline
 
     compile_pipeline(get_pipeline(name), str(out), platform, parse_params(param or []))
@@ -461,8 +464,8 @@ def pipeline_submit(
     platform: PlatformOpt = None, param: ParamOpt = None,
 ):
     """Upload the pipeline to a KFP instance and start a run."""
+    from dermml.config import parse_params
     from dermml.orchestration.kfp_client import submit
-    from dermml.orchestration.kfp_local import parse_params
     from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
@@ -482,8 +485,8 @@ def pipeline_schedule(
     max_concurrency: Annotated[int, typer.Option(help="Concurrent runs at most")] = 1,
 ):
     """Create a recurring run (cron) of the pipeline on a KFP instance."""
+    from dermml.config import parse_params
     from dermml.orchestration.kfp_client import schedule
-    from dermml.orchestration.kfp_local import parse_params
     from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)

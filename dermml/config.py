@@ -71,16 +71,29 @@ def shipped_config(*parts: str) -> Path | None:
     return None
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML (numbers, lists, bools)."""
+def parse_key_value(item: str, flag: str = "--set",
+                    example: str = "train.epochs=5") -> tuple[str, Any]:
+    """``key=value`` -> (key, value), the value parsed as YAML (numbers, lists, bools; text
+    that is not YAML stays text): the one parser of ``--set``, ``--param`` and suite overrides."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=5")
+        raise ConfigError(f"{flag} {item!r}: expected key=value, e.g. {flag} {example}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return key.strip(), value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3)."""
+    key, value = parse_key_value(item)
+    return key.split("."), value
+
+
+def parse_params(items: list[str], flag: str = "--param") -> dict[str, Any]:
+    """``["epochs=3", "overrides=[a=1]"]`` -> {"epochs": 3, "overrides": ["a=1"]}."""
+    return dict(parse_key_value(item, flag, "name=value") for item in items)
 
 
 def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:

@@ -9,6 +9,7 @@ from pathlib import Path
 CORE = ["dermml.models.unet", "dermml.losses.segmentation", "dermml.metrics.segmentation",
         "dermml.data.manifest", "dermml.data.datasets", "dermml.data.demo",
         "dermml.data.importers", "dermml.data.splits", "dermml.training.loop",
+        "dermml.training.ema", "dermml.models.diffusion", "dermml.models.schedulers",
         "dermml.tasks"]
 FORBIDDEN = ["ray", "mlflow", "kfp", "kubernetes", "great_expectations"]
 

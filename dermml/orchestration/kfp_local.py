@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any, TextIO
 from unittest import mock
 
-import yaml
-
 from dermml.config import ConfigError, dermml_home, shipped_config
 from dermml.orchestration.platform import (
     LOCAL,
@@ -47,17 +45,6 @@ class PipelineDef:
     trains: bool = False
     """Its parameters ``task``, ``config`` and ``overrides`` configure a train stage: compiling
     and submitting check that the training fits the platform's pools."""
-
-
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """``["epochs=3", "overrides=[a=1]"]`` -> values parsed as YAML."""
-    params = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--param {item!r}: expected key=value")
-        params[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return params
 
 
 def check_params(pipeline: PipelineDef, params: dict[str, Any]) -> None:
