@@ -15,7 +15,7 @@ from dermml.orchestration.platform import PlatformConfig, load_platform
 from dermml.orchestration.rayjob import rayjob_manifest
 from dermml.training.run import resolve_config, train
 
-DEFAULT_PLATFORM = Path(__file__).resolve().parents[1] / "configs" / "platform" / "default.yaml"
+DEFAULT_PLATFORM = Path(__file__).resolve().parents[2] / "configs" / "platform" / "default.yaml"
 
 
 def rayjob_platform(**ray_job) -> PlatformConfig:

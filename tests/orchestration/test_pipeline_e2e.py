@@ -162,7 +162,7 @@ def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
 def test_pipeline_task_parameter_trains_evaluates_and_registers_segdiff(demo_data):
     """The diffusion task through the same pipeline: its suite, the shared evaluation (HD95
     included) with the model's default sampler, registry and gate."""
-    demo = str(Path(__file__).resolve().parents[1] / "configs" / "segdiff" / "demo.yaml")
+    demo = str(Path(__file__).resolve().parents[2] / "configs" / "segdiff" / "demo.yaml")
     outputs = run_local(TRAINING, {"task": "segdiff", "manifest_uri": demo_data,
                                      "config": demo,
                                      "overrides": ["train.epochs=2", "ray.enabled=false",

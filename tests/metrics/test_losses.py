@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dermml.losses.catalog import LOSSES, LossTerm, build_loss, inverse_frequency_weights
 from dermml.losses.classification import cross_entropy, focal_loss, soft_target_cross_entropy
 from dermml.losses.segmentation import (
+    bce_dice_loss,
     bce_loss,
     dice_loss,
     focal_tversky_loss,
@@ -292,3 +293,18 @@ def test_inverse_frequency_weights_give_zero_to_absent_classes():
     w = inverse_frequency_weights(np.array([0, 5, 20]))
     assert w.tolist() == pytest.approx([0.0, 1.6, 0.4])
     assert torch.isfinite(w).all()
+
+
+def test_soft_dice_loss_hand_value():
+    logits = torch.tensor([[[[0.0, 0.0]]]])  # p = 0.5, 0.5
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    # dice = (2*0.5 + 1) / (1 + 1 + 1) = 2/3 with eps 1
+    assert float(soft_dice_loss(logits, target)) == pytest.approx(1 - 2 / 3)
+
+
+def test_bce_dice_loss_is_weighted_sum():
+    logits = torch.tensor([[[[2.0, -1.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    total = bce_dice_loss(logits, target, bce_weight=2.0, dice_weight=0.5)
+    assert float(total) == pytest.approx(float(2 * bce + 0.5 * soft_dice_loss(logits, target)))

@@ -20,10 +20,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dermml"
 # CI clones the repository with shared/ beside it.
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "k8s-crds"
+CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "k8s-crds"
 KUBE_VERSION = "1.33"
 RELEASE = NAMESPACE = "dermml"
 PROFILES = {"default": None, "local": "values-local.yaml", "gpu": "values-gpu.yaml"}

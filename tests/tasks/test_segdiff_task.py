@@ -14,7 +14,7 @@ from dermml.training.checkpoint import FolderCheckpointer
 from dermml.training.run import resolve_config, train
 from dermml.training.setup import build_parts, run_loop
 
-DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "segdiff" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "segdiff" / "demo.yaml")
 
 
 def demo_cfg(manifest: str, epochs: int, *extra: str):

@@ -8,7 +8,7 @@ import pytest
 from dermml.metrics.attributes import per_class_auc, per_class_jaccard
 from dermml.metrics.bootstrap import bootstrap_ci, bootstrap_metrics, mean_ci
 from dermml.metrics.classification import classification_metrics, confusion_matrix
-from dermml.metrics.segmentation import hd95
+from dermml.metrics.segmentation import hd95, mean_scores, segmentation_scores
 
 NAMES = ["nevus", "melanoma", "bkl"]
 
@@ -357,3 +357,50 @@ def test_segmentation_evaluation_reports_pooled_ref_metrics_beside_per_image_one
     assert summary["pooled_ref_accuracy"] == pytest.approx((tp + tn) / (2 * 128 * 128))
     assert summary["dice"] == pytest.approx((1.0 + 0.5) / 2)  # per-image mean: not the same
     assert summary["pooled_ref_dice"] == pytest.approx(0.9)
+
+
+# --- segmentation scores on known cases ---------------------------------------------------
+
+
+def square_mask(size=8, lo=2, hi=6):
+    m = np.zeros((size, size), bool)
+    m[lo:hi, lo:hi] = True
+    return m
+
+
+def test_perfect_prediction_scores_one():
+    s = segmentation_scores(square_mask(), square_mask())
+    assert s == pytest.approx({"dice": 1, "iou": 1, "sensitivity": 1, "specificity": 1,
+                               "precision": 1, "accuracy": 1})
+
+
+def test_disjoint_prediction_scores_zero_overlap():
+    pred = np.zeros((8, 8), bool)
+    pred[0, 0] = True
+    s = segmentation_scores(pred, square_mask())
+    assert s["dice"] == 0 and s["iou"] == 0 and s["sensitivity"] == 0 and s["precision"] == 0
+
+
+def test_empty_prediction_of_empty_mask_is_perfect():
+    empty = np.zeros((4, 4), bool)
+    assert segmentation_scores(empty, empty)["dice"] == 1.0
+
+
+def test_half_overlap_matches_hand_computation():
+    truth = square_mask(8, 0, 4)  # 16 px
+    pred = np.zeros((8, 8), bool)
+    pred[0:4, 2:6] = True  # 16 px, 8 overlapping
+    s = segmentation_scores(pred, truth)
+    assert s["dice"] == pytest.approx(2 * 8 / 32)
+    assert s["iou"] == pytest.approx(8 / 24)
+    assert s["specificity"] == pytest.approx(40 / 48)
+    assert s["precision"] == pytest.approx(8 / 16)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        segmentation_scores(np.zeros((3, 3), bool), np.zeros((4, 4), bool))
+
+
+def test_mean_scores_average_per_image():
+    assert mean_scores([{"dice": 1.0}, {"dice": 0.0}])["dice"] == 0.5

@@ -157,7 +157,7 @@ def test_weight_standardisation_is_the_same_in_fp32_and_under_bf16_autocast():
 
 # -------------------------------------------------------------- reference checkpoints (item 1)
 
-FIXTURES = Path(__file__).parent / "data" / "segdiff"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "segdiff"
 REFERENCE_CONFIGS = {
     "isic2018": DermoSegDiffConfig(),  # PH2 too
     "ham10000": DermoSegDiffConfig(dim_x_mults=[2, 2, 2, 2, 2, 2]),

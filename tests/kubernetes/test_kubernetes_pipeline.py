@@ -13,7 +13,7 @@ from dermml.orchestration.platform import load_platform, platform_from_json
 from pipelines import get_pipeline
 
 TRAINING = get_pipeline("training")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def k8s_config(spec: dict, executor: str) -> dict:

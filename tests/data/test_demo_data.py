@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from dermml.data import images
 from dermml.data.demo import generate_demo
 from dermml.data.manifest import ATTRIBUTES, DIAGNOSES, read_manifest
 
@@ -199,3 +200,24 @@ def test_preview_png_is_a_valid_image_in_memory():
     sample = render_sample(np.random.default_rng([0, 0]), 32, "nevus", 3)
     image = Image.open(io.BytesIO(preview_png([sample])))
     assert image.size == (128, 128)
+
+
+def test_images_masks_and_attributes_are_well_formed(demo_data):
+    manifest = read_manifest(demo_data)
+    assert set(manifest.df["label"]) == set(DIAGNOSES)
+    for _, row in manifest.df.head(20).iterrows():
+        image = images.load_image(manifest.resolve(row["image_uri"]))
+        mask = images.load_mask(manifest.resolve(row["mask_uri"]))
+        assert image.shape == (32, 32, 3) and mask.shape == (32, 32)
+        assert 0 < mask.mean() < 0.9  # a lesion, not the whole image
+        rows, cols = np.nonzero(mask)  # the box is COCO-style [x, y, w, h] around the lesion
+        assert [list(b) for b in row["boxes"]] == [[cols.min(), rows.min(), np.ptp(cols) + 1,
+                                                    np.ptp(rows) + 1]]
+        for name in ATTRIBUTES:
+            uri = row["attribute_mask_uris"].get(name)
+            if uri:
+                # Streaks radiate outward from the border; the others lie inside the lesion.
+                margin = 8 if name == "streaks" else 2
+                near_lesion = ndimage.binary_dilation(mask, iterations=margin)
+                attribute = images.load_mask(manifest.resolve(uri))
+                assert not (attribute & ~near_lesion).any(), (row["sample_id"], name)

@@ -1,5 +1,5 @@
 """Real public data, as users bring it: import + validate with the default suites, and a short
-training run that learns. The data live outside the repository (see tests/data/real/README.md):
+training run that learns. The data live outside the repository (see tests/fixtures/real/README.md):
 ``$DERMML_REAL_DATA`` or ``../shared/data/real`` beside the checkout; without them these tests
 skip and say why.
 """
@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from dermml.cli import app
 from dermml.data.manifest import read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REAL = Path(os.environ.get("DERMML_REAL_DATA") or REPO.parent / "shared" / "data" / "real")
 DATASETS = {"isic2018": "isic2018", "ph2": "ph2"}
 
@@ -27,7 +27,7 @@ def real_dataset(name: str) -> Path:
     folder = REAL / name
     if not folder.is_dir():
         pytest.skip(f"no real {name} data at {folder} (set DERMML_REAL_DATA; "
-                    "tests/data/real/README.md says what goes there)")
+                    "tests/fixtures/real/README.md says what goes there)")
     return folder
 
 

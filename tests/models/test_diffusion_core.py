@@ -364,7 +364,7 @@ def test_reference_presets_keep_the_learning_rate_constant_as_the_reference_does
     from dermml.training.loop import lr_factor
     from dermml.training.run import resolve_config
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "segdiff" / f"{preset}.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "segdiff" / f"{preset}.yaml"
     for train in (resolve_config("segdiff", str(config)).train, SegDiffConfig().train):
         assert (train.optimizer, train.lr, train.betas) == ("adam", 1e-4, (0.7, 0.99))
         assert train.scheduler == "constant" and train.warmup_epochs == 0

@@ -20,11 +20,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "infra"
 KUSTOMIZE = INFRA / "kustomize"
 CHART = ROOT / "charts" / "dermml"
-SHARED_CRDS = Path(__file__).resolve().parents[2] / "shared" / "k8s-crds" / "kuberay-v1.7.0"
+SHARED_CRDS = Path(__file__).resolve().parents[3] / "shared" / "k8s-crds" / "kuberay-v1.7.0"
 KUBE_VERSION = "1.33"
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: the CRDs are large
 GPU = "nvidia.com/gpu"
