@@ -286,7 +286,9 @@ def _rasterize_embree(meshes: Meshes, cameras: FoVPerspectiveCameras,
             # Screen-space barycentrics: undo the perspective weighting.
             zc = (torch.from_numpy(corners) @ rotation + cameras.T.double().cpu())[..., 2]
             screen = torch.from_numpy(b) * zc
-            b = (screen / screen.sum(1, keepdim=True)).numpy()
+            screen = screen / screen.sum(1, keepdim=True)
+            z = (screen * zc).sum(1)  # depth interpolated in screen space, as pytorch3d's
+            b = screen.numpy()
         face[ray] = torch.from_numpy(tri).long()
         bary[ray] = torch.from_numpy(b).float()
         depth[ray] = z.float()

@@ -94,14 +94,21 @@ def sample_view_params(scene: BodyScene, cfg: ViewsConfig, rng: np.random.Genera
 
 def render_view(scene: BodyScene, cfg: ViewsConfig, backgrounds: Backgrounds,
                 rng: np.random.Generator, lesion_texels: list[np.ndarray],
-                rejected: Counter) -> RenderedView | None:
-    """Draw views until one passes every test (at most ``cfg.attempts_per_view`` draws)."""
+                rejected: Counter, log: list[dict] | None = None) -> RenderedView | None:
+    """Draw views until one passes every test (at most ``cfg.attempts_per_view`` draws).
+    Rejections are counted by reason in ``rejected`` and, with ``log``, described there."""
+
+    def reject(reason: str, **facts) -> None:
+        rejected[reason] += 1
+        if log is not None:
+            log.append({"reason": reason, "camera_pos": eye, "look_at": at, **facts})
+
     for attempt in range(1, cfg.attempts_per_view + 1):
         p = sample_view_params(scene, cfg, rng, lesion_texels)
         background_id = backgrounds.draw(rng)
         eye, at = p["camera_pos"], p["look_at"]
         if scene.camera_inside(eye, at):
-            rejected["camera_inside"] += 1
+            reject("camera_inside")
             continue
         toward = (eye - at) / np.linalg.norm(eye - at)
         if scene.segment_blocked(eye + toward * 0.01, p["light_pos"]):
@@ -111,12 +118,12 @@ def render_view(scene: BodyScene, cfg: ViewsConfig, backgrounds: Backgrounds,
         skin = scene.skin_mask(view)
         skin_fraction = float(skin.float().mean())
         if skin_fraction < cfg.min_skin_fraction:
-            rejected["low_skin"] += 1
+            reject("low_skin", skin_fraction=skin_fraction)
             continue
         ids = scene.lesion_id_map(view) * view.fragments.foreground
         lesion = ids > 0
         if int(lesion.sum()) < cfg.min_lesion_pixels:
-            rejected["no_lesion"] += 1
+            reject("no_lesion", lesion_pixels=int(lesion.sum()))
             continue
         return _finish(scene, cfg, backgrounds, view, p, background_id, skin, ids,
                        skin_fraction, attempt)
