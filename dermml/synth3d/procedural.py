@@ -212,6 +212,13 @@ def paint_texture(body_points: np.ndarray, point_labels: np.ndarray, base_rgb: n
     return colour.astype(np.float32), nonskin
 
 
+def procedural_skin_tone(seed: int, skin_types: tuple[str, ...] = FITZPATRICK_TYPES
+                         ) -> tuple[str, float]:
+    """(Fitzpatrick type, target ITA) of procedural body ``seed``, known before it is built
+    (synthesis stratifies its splits by it)."""
+    return draw_skin_tone(np.random.default_rng([seed, 0x70E]), tuple(skin_types))
+
+
 def procedural_body(body_id: str, seed: int, texture_size: int = 1024,
                     edge: float = 0.025,
                     skin_types: tuple[str, ...] = FITZPATRICK_TYPES) -> Body:
@@ -224,7 +231,7 @@ def procedural_body(body_id: str, seed: int, texture_size: int = 1024,
     verts, faces = _body_surface(parts, edge, blend=0.012 * shape["height"])
     vertex_labels = label_vertices(verts, parts)
     verts_uvs, faces_uvs = _uv_atlas(verts, faces, texture_size)
-    skin_type, target_ita = draw_skin_tone(rng, tuple(skin_types))
+    skin_type, target_ita = procedural_skin_tone(seed, tuple(skin_types))
     base = skin_colour(target_ita, rng)
     texture = np.tile(base.astype(np.float32), (texture_size, texture_size, 1))
     nonskin = np.zeros((texture_size, texture_size), dtype=bool)
