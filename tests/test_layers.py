@@ -1,4 +1,5 @@
-"""The core (models, losses, data, metrics, training loop) imports no orchestration library."""
+"""The core (models, losses, data, metrics, training loop, synth3d) imports no orchestration
+library."""
 
 import subprocess
 import sys
@@ -6,7 +7,8 @@ import sys
 CORE = ["dermml.models.unet", "dermml.losses.segmentation", "dermml.metrics.segmentation",
         "dermml.data.manifest", "dermml.data.datasets", "dermml.data.demo",
         "dermml.data.importers", "dermml.data.splits", "dermml.training.loop",
-        "dermml.tasks"]
+        "dermml.tasks", "dermml.synth3d.generate", "dermml.synth3d.blend",
+        "dermml.synth3d.views", "dermml.synth3d.raster", "dermml.synth3d.features"]
 FORBIDDEN = ["ray", "mlflow", "kfp", "kubernetes", "great_expectations"]
 
 

@@ -21,23 +21,12 @@ import pandas as pd
 from dermml import storage
 from dermml.data.images import encode_png
 from dermml.data.manifest import MANIFEST_FILENAME, write_manifest
+from dermml.synth3d.boxes import lesion_boxes
 from dermml.synth3d.views import ANATOMY, DEPTH, LESION, RenderedView
 
 DEPTH_SCALE = 10_000.0
 """depth PNG value per scene unit (metre): 0.1 mm steps, up to 6.5 m."""
 SOURCE = "synth3d"
-
-
-def lesion_boxes(mask: np.ndarray) -> list[list[float]]:
-    """COCO boxes [x, y, w, h] of the 8-connected components of a lesion mask."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    boxes = []
-    for rows, cols in ndimage.find_objects(labels)[:n]:
-        boxes.append([float(cols.start), float(rows.start), float(cols.stop - cols.start),
-                      float(rows.stop - rows.start)])
-    return boxes
 
 
 def depth_png(depth: np.ndarray) -> bytes:
