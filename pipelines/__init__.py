@@ -4,7 +4,8 @@
 platform config in force (KFP runs a pipeline body when it is decorated).
 """
 
+from pipelines.synthesis import build_synthesis_pipeline, synthesis_pipeline
 from pipelines.training import build_training_pipeline, training_pipeline
 
-PIPELINES = {"training": build_training_pipeline}
-SIGNATURES = {"training": training_pipeline}
+PIPELINES = {"training": build_training_pipeline, "synthesis": build_synthesis_pipeline}
+SIGNATURES = {"training": training_pipeline, "synthesis": synthesis_pipeline}
