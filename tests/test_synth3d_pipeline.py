@@ -62,3 +62,19 @@ def test_train_component_sets_the_mix_manifest(monkeypatch, tmp_path):
                                 manifest_uri="m.parquet", parent_run_id="",
                                 synthetic_manifest="s3://b/synth/manifest.parquet")
     assert "data.mix.synthetic_manifest=s3://b/synth/manifest.parquet" in seen["sets"]
+
+
+@pytest.mark.integration
+def test_synthesis_pipeline_runs_locally_end_to_end(tmp_path):
+    from dermml.data.demo import generate_demo
+    from dermml.data.manifest import read_manifest
+    from dermml.orchestration.kfp_local import run_local
+
+    lesions = generate_demo(str(tmp_path / "lesions"), n=12, size=64, seed=0)
+    outputs = run_local("synthesis", {
+        "lesions_uri": lesions, "out_uri": str(tmp_path / "synth"), "bodies": "procedural:1",
+        "views": 2, "size": 48, "blend": "paste", "validation_warn_only": True,
+        "overrides": ["paste.lesions_per_body=2", "bodies.texture_size=128",
+                      "bodies.edge=0.07", "paste.view_size=96"]})
+    manifest = read_manifest(str(tmp_path / "synth"))
+    assert len(manifest.df) == 2 and outputs

@@ -194,21 +194,32 @@ def interpolate_face_attributes(fragments: Fragments, face_values: torch.Tensor)
     face = fragments.face
     hit = face >= 0
     bary = fragments.bary_coords[0, :, :, 0]  # (H, W, 3)
-    values = face_values[face.clamp(min=0)]  # (H, W, 3, D)
-    out = (bary.unsqueeze(-1).to(values) * values).sum(dim=2)
+    values = face_values.index_select(0, face.clamp(min=0).reshape(-1))
+    values = values.view(*face.shape, 3, -1)  # (H, W, 3, D)
+    out = torch.einsum("hwk,hwkd->hwd", bary.to(values), values)
     return out * hit.unsqueeze(-1).to(out)
+
+
+def pixel_uvs(fragments: Fragments, textures: TexturesUV) -> torch.Tensor:
+    """(H, W, 2) UV of each pixel (0 on background); shared by every map of one UV layout."""
+    return interpolate_face_attributes(fragments, textures.verts_uvs[textures.faces_uvs])
+
+
+def sample_uv(uv: torch.Tensor, maps: torch.Tensor, foreground: torch.Tensor,
+              mode: str = "bilinear") -> torch.Tensor:
+    """(H, W, C) values of an (S, S, C) map at pixel UVs (pytorch3d's convention: v = 0 is the
+    bottom row, align_corners, border padding); 0 where ``foreground`` is False."""
+    grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)
+    texels = F.grid_sample(maps.permute(2, 0, 1).unsqueeze(0), grid.unsqueeze(0).to(maps),
+                           mode=mode, align_corners=True, padding_mode="border")
+    out = texels[0].permute(1, 2, 0)
+    return out * foreground.unsqueeze(-1).to(out)
 
 
 def sample_texture(fragments: Fragments, textures: TexturesUV, mode: str = "bilinear"
                    ) -> torch.Tensor:
-    """(H, W, C) texture colour at each pixel (pytorch3d's UV convention, border padding)."""
-    uv = interpolate_face_attributes(fragments, textures.verts_uvs[textures.faces_uvs])
-    grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)  # v = 0: bottom row
-    maps = textures.maps.permute(2, 0, 1).unsqueeze(0)
-    texels = F.grid_sample(maps, grid.unsqueeze(0).to(maps), mode=mode, align_corners=True,
-                           padding_mode="border")
-    out = texels[0].permute(1, 2, 0)
-    return out * fragments.foreground.unsqueeze(-1).to(out)
+    """(H, W, C) texture colour at each pixel."""
+    return sample_uv(pixel_uvs(fragments, textures), textures.maps, fragments.foreground, mode)
 
 
 def phong_shading(fragments: Fragments, meshes: Meshes, cameras: FoVPerspectiveCameras,
@@ -219,10 +230,8 @@ def phong_shading(fragments: Fragments, meshes: Meshes, cameras: FoVPerspectiveC
     points = interpolate_face_attributes(fragments, verts[faces])
     normals = F.normalize(interpolate_face_attributes(fragments, meshes.verts_normals()[faces]),
                           dim=-1, eps=1e-8)
-    dev = points.device
-
     def colour(c):
-        return torch.as_tensor(c, dtype=points.dtype, device=dev)
+        return torch.tensor(c, dtype=points.dtype, device=points.device)
 
     light_dir = F.normalize(colour(lights.location) - points, dim=-1, eps=1e-8)
     cos = (normals * light_dir).sum(-1)

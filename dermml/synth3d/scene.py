@@ -17,7 +17,8 @@ from dermml.synth3d.renderer import (
     RasterizationSettings,
     TexturesUV,
     look_at_view_transform,
-    sample_texture,
+    pixel_uvs,
+    sample_uv,
 )
 from dermml.synth3d.texture import texel_map
 
@@ -30,6 +31,9 @@ class View:
     fragments: Fragments
     eye: np.ndarray
     at: np.ndarray
+    uv: torch.Tensor | None = None
+    """Pixel UVs, computed on first use and shared by every texture sampled in this view."""
+    foreground: torch.Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -81,7 +85,10 @@ class BodyScene:
 
     def sample(self, view: View, image: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
         """(H, W, C) texture values seen at each pixel, unlit (how masks are rendered)."""
-        return sample_texture(view.fragments, self.textures(image), mode)
+        if view.uv is None:
+            view.uv = pixel_uvs(view.fragments, self.meshes.textures)
+            view.foreground = view.fragments.foreground
+        return sample_uv(view.uv, image, view.foreground, mode)
 
     def skin_mask(self, view: View) -> torch.Tensor:
         """(H, W) bool: body pixels whose texel is skin."""
