@@ -240,3 +240,21 @@ def test_a_lesion_manifest_without_masks_is_an_error_naming_it(tmp_path):
                                             r"mask_uri"):
         lesion_sources(uri)
     assert read_manifest(uri).df["mask_uri"].isna().all()
+
+
+def test_embree_and_numpy_ray_tests_agree(body):
+    scene = BodyScene(body, "cpu", "torch")
+    rng = np.random.default_rng(2)
+    hits = 0
+    for _ in range(12):
+        origin = rng.uniform([-1, 0, -1], [1, 2, 1])
+        direction = body.verts[rng.integers(len(body.verts))] - origin + rng.normal(0, 0.01, 3)
+        direction /= np.linalg.norm(direction)
+        embree = scene.first_hit(origin, direction)
+        numpy_hit = scene._first_hit_numpy(origin, direction, np.inf)
+        assert (embree is None) == (numpy_hit is None)
+        if embree is not None:
+            hits += 1
+            assert embree[1] == numpy_hit[1] and embree[0] == pytest.approx(numpy_hit[0],
+                                                                           abs=1e-4)
+    assert hits >= 9

@@ -69,6 +69,7 @@ class BodyScene:
         self.dilated_ids = torch.zeros(size, size, 1, device=self.device)
         self._skin_faces, self._skin_cdf = self._skin_face_sampler()
         self._tri = body.verts[body.faces].astype(np.float64)
+        self._embree = None
 
     # ------------------------------------------------------------------ textures and views
 
@@ -141,8 +142,22 @@ class BodyScene:
 
     def first_hit(self, origin: np.ndarray, direction: np.ndarray, max_t: float = np.inf
                   ) -> tuple[float, int] | None:
-        """(distance, face) of the nearest face a ray hits before ``max_t`` (Moller-Trumbore)."""
+        """(distance, face) of the nearest face a ray hits before ``max_t``: Embree through
+        trimesh when installed, else Moller-Trumbore over every face in numpy."""
         direction = direction / np.linalg.norm(direction)
+        if self._embree is None:
+            self._embree = _embree_intersector(self.body) or False
+        if self._embree:
+            locations, _, faces = self._embree.intersects_location(
+                origin[None], direction[None], multiple_hits=False)
+            if not len(faces):
+                return None
+            t = float(np.linalg.norm(locations[0] - origin))
+            return (t, int(faces[0])) if 1e-9 < t < max_t else None
+        return self._first_hit_numpy(origin, direction, max_t)
+
+    def _first_hit_numpy(self, origin: np.ndarray, direction: np.ndarray, max_t: float
+                         ) -> tuple[float, int] | None:
         v0, e1, e2 = self._tri[:, 0], self._tri[:, 1] - self._tri[:, 0], \
             self._tri[:, 2] - self._tri[:, 0]
         p = np.cross(direction, e2)
@@ -209,6 +224,15 @@ class BodyScene:
         rows = torch.from_numpy(self.texel_rows[indices]).to(self.device)
         cols = torch.from_numpy(self.texel_cols[indices]).to(self.device)
         return source[rows, cols]
+
+
+def _embree_intersector(body: Body):
+    try:
+        import trimesh
+        from trimesh.ray.ray_pyembree import RayMeshIntersector
+    except ImportError:
+        return None
+    return RayMeshIntersector(trimesh.Trimesh(body.verts, body.faces, process=False))
 
 
 def sample_image(image: torch.Tensor, xy: torch.Tensor, origin: tuple[float, float] = (0, 0),
