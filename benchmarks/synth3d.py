@@ -14,6 +14,11 @@ rejection tests, Phong shading, unlit masks, background), without writing files:
 
     python benchmarks/synth3d.py [--sizes 256,512] [--views 20] [--backends torch,embree]
         [--device cpu|cuda] [--lesions 4] [--blend-steps 10] [--views-per-body 20]
+        [--processes 2] [--threads 1]
+
+On CPU the stage runs one single-threaded Ray task per core, so the default measures that:
+``--processes`` processes (default: the number of cores) with ``--threads`` torch threads each
+(default 1) render at the same time, and the views/second of all of them are added up.
 
 Needs torch, trimesh, embreex, xatlas, manifold3d, scipy, pandas/pyarrow (for the demo lesion
 manifest); no Ray or MLflow.
@@ -99,6 +104,35 @@ def blend_seconds_per_step(scene, cfg, placements) -> float:
     return (time.perf_counter() - started) / max(steps, 1)
 
 
+def _render_cell(job) -> tuple[float, float, dict, int]:
+    args, backend, lesions_uri, sizes = job
+    torch.set_num_threads(args.threads)
+    cfg, body, scene, placements = build_scene(args, backend, lesions_uri)
+    out = []
+    for size in sizes:
+        rate, cpu, rejected = views_per_second(scene, cfg, size, args.views, placements)
+        out.append((rate, cpu, dict(rejected), len(body.faces)))
+    return out
+
+
+def render_rates(args, backend: str, lesions_uri: str, sizes: list[int]):
+    """Per size: (summed views/s of all processes, CPU-s/view, rejections, faces)."""
+    job = (args, backend, lesions_uri, sizes)
+    if args.processes <= 1 or args.device == "cuda":
+        per_process = [_render_cell(job)]
+    else:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+            per_process = pool.map(_render_cell, [job] * args.processes)
+    results = []
+    for k in range(len(sizes)):
+        cells = [p[k] for p in per_process]
+        results.append((sum(c[0] for c in cells), float(np.mean([c[1] for c in cells])),
+                        cells[0][2], cells[0][3]))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256,512")
@@ -113,10 +147,11 @@ def main() -> None:
     parser.add_argument("--blend-steps", type=int, default=10,
                         help="deep-blending steps timed per lesion (reference: 400)")
     parser.add_argument("--views-per-body", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="render-only: processes rendering at once (CPU)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     from dermml.data.demo import generate_demo
     from dermml.synth3d.raster import pytorch3d_available
@@ -129,25 +164,26 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         lesions_uri = generate_demo(f"{tmp}/lesions", n=16, size=128, seed=0)
-        print(f"device {args.device}, torch threads {torch.get_num_threads()}, "
-              f"texture {args.texture_size}, edge {args.edge} m, {args.views} views per cell")
+        print(f"device {args.device}, {args.processes} process(es) x {args.threads} torch "
+              f"thread(s), texture {args.texture_size}, edge {args.edge} m, {args.views} views "
+              f"per process and cell, load average before {os.getloadavg()[0]:.1f}")
         rates: dict[tuple[str, int], float] = {}
-        scene = cfg = placements = None
         for backend in backends:
-            cfg, body, scene, placements = build_scene(args, backend, lesions_uri)
-            for size in sizes:
-                rate, cpu, rejected = views_per_second(scene, cfg, size, args.views, placements)
+            for size, (rate, cpu, rejected, faces) in zip(
+                    sizes, render_rates(args, backend, lesions_uri, sizes), strict=True):
                 rates[backend, size] = rate
                 print(f"render only  {backend:9s} {size:4d}^2  {rate:7.2f} views/s  "
-                      f"{cpu:.3f} CPU-s/view  (faces {len(body.faces)}, rejected draws "
-                      f"{dict(rejected)}, load average {os.getloadavg()[0]:.1f})")
+                      f"{cpu:.3f} CPU-s/view  (faces {faces}, rejected draws {rejected}, "
+                      f"load average {os.getloadavg()[0]:.1f})")
         base = "embree" if "embree" in backends else backends[0]
         for size in sizes:
             for backend in backends:
                 if backend != base:
                     print(f"ratio {backend}/{base} at {size}^2: "
                           f"{rates[backend, size] / rates[base, size]:.2f}")
-        # Deep blending with the first backend (the built-in one by default).
+        # Deep blending with the first backend (the built-in one by default), one process with
+        # all cores' threads (one body blends in one task).
+        torch.set_num_threads(max(args.threads, args.processes))
         cfg, body, scene, placements = build_scene(args, backends[0], lesions_uri)
         per_step = blend_seconds_per_step(scene, cfg, placements)
         print(f"deep blending ({backends[0]}, {cfg.paste.view_size}^2 blend view, fallback "

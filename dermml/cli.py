@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, synth3d, train, evaluate, "
-                  "registry, serve, pipeline, demo).", no_args_is_help=True,
+app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, synth3d, train, "
+                  "evaluate, registry, serve, pipeline, demo).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.",
                        no_args_is_help=True)

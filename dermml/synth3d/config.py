@@ -54,7 +54,8 @@ class BodiesConfig(Section):
         try:
             n = int(count or 1)
         except ValueError:
-            raise ValueError(f"bodies {self.source!r}: write procedural:N, e.g. procedural:4")
+            raise ValueError(f"bodies {self.source!r}: write procedural:N, e.g. "
+                             "procedural:4") from None
         if n < 1:
             raise ValueError(f"bodies {self.source!r}: N must be at least 1")
         return n

@@ -86,7 +86,8 @@ def vgg16_features(path: str) -> FeatureNet:
     for conv, key in zip(convs, keys, strict=False):
         conv.weight.data.copy_(state[f"{key}.weight"])
         conv.bias.data.copy_(state[f"{key}.bias"])
-    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:12]
+    with open(path, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:12]
     return FeatureNet(blocks, f"vgg16:{digest}")
 
 
