@@ -1,6 +1,10 @@
-"""Container images of the components; override at compile time with $DERMML_IMAGE(_GPU)."""
+"""The image flavour each component needs. The platform config names the image of each flavour
+(``images`` in configs/platform/*.yaml); ``dermml.orchestration.k8s.place`` puts it on the step
+when a pipeline is built."""
 
-import os
+from dermml.orchestration.platform import image_flavour
 
-CPU_IMAGE = os.environ.get("DERMML_IMAGE", "ghcr.io/dermml/dermml:0.1.0")
-GPU_IMAGE = os.environ.get("DERMML_IMAGE_GPU", "ghcr.io/dermml/dermml-gpu:0.1.0")
+CPU_IMAGE = image_flavour("cpu")
+"""Slim image: data, validation, tracking, registration."""
+GPU_IMAGE = image_flavour("gpu")
+"""CUDA torch and pytorch3d: training, scoring (evaluate, promote), synthesis."""

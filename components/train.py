@@ -1,4 +1,5 @@
-"""Training component: Ray Train on the GPU pool (placement is set in the pipeline)."""
+"""Training component: Ray Train in this pod, or a KubeRay RayJob when the platform config the
+pipeline was compiled with says so (``platform``: its JSON; empty for local runs)."""
 
 from typing import NamedTuple
 
@@ -9,10 +10,11 @@ from components.image import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_model(task: str, config: str, overrides: list, manifest_uri: str,
-                parent_run_id: str, synthetic_manifest: str = ""
+                parent_run_id: str, platform: str = "", synthetic_manifest: str = ""
                 ) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
     from collections import namedtuple
 
+    from dermml.orchestration.platform import platform_from_json
     from dermml.orchestration.tracking import failing_parent
     from dermml.training.run import resolve_config, train
 
@@ -21,5 +23,6 @@ def train_model(task: str, config: str, overrides: list, manifest_uri: str,
         if synthetic_manifest:  # mixed in through the task's data.mix settings
             sets.append(f"data.mix.synthetic_manifest={synthetic_manifest}")
         cfg = resolve_config(task, config or None, sets)
-        outcome = train(task, cfg, parent_run_id=parent_run_id, progress=False)
+        outcome = train(task, cfg, parent_run_id=parent_run_id, progress=False,
+                        platform=platform_from_json(platform))
     return namedtuple("TrainOutputs", ["run_id", "model_uri"])(outcome.run_id, outcome.model_uri)

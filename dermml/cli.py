@@ -215,6 +215,10 @@ def train_cmd(
         help="Backbone/encoder weights: imagenet (published weights through the Hugging Face "
              "hub cache, HF_HOME; HF_HUB_OFFLINE=1 reads the cache only) or a local "
              ".pth/.pt/.safetensors file; the same as --set model.pretrained=...")] = None,
+    platform: Annotated[str | None, typer.Option(
+        help="Platform config (configs/platform/*.yaml): the workers must fit its pools, and "
+             "with ray_job.enabled the training runs as a KubeRay RayJob; without it, "
+             "training runs here")] = None,
 ):
     """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
     from dermml.orchestration.tracking import ui_command
@@ -222,6 +226,9 @@ def train_cmd(
 
     if pretrained:
         set_ = [*(set_ or []), f"model.pretrained={pretrained}"]
+    if platform and (folds or wl_train or sl_train):
+        raise ValueError("--platform places a single training run; cross-validation and weak "
+                         "labels train here (drop --platform, or --folds/--wl-train/--sl-train)")
     cfg = resolve_config(task, config, set_, resume_run_id=resume)
     if folds:
         from dermml.training.schemes import cross_validate
@@ -239,7 +246,13 @@ def train_cmd(
         typer.echo(json.dumps({"run_id": wl.run_id, "model_uri": wl.model_uri,
                                "rounds": wl.rounds}, indent=2))
     else:
-        outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume)
+        placed = None
+        if platform:
+            from dermml.orchestration.platform import load_platform
+
+            placed = load_platform(platform)
+        outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume,
+                        platform=placed)
         typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
                                "metrics": outcome.metrics}, indent=2))
     typer.echo(f"MLflow UI: {ui_command()}")
@@ -266,8 +279,9 @@ def evaluate_cmd(
                           "--compare sampler=ddim,steps=25 (repeat; k=v,k=v)")] = None,
 ):
     """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
+    from dermml.config import parse_params
     from dermml.evaluation.run import compare_settings, evaluate
-    from dermml.orchestration.kfp_local import parse_params
+    from dermml.registry.gate import record_evaluation
 
     if compare:
         base = parse_params(param or [])
@@ -279,6 +293,7 @@ def evaluate_cmd(
         return
     result = evaluate(model_uri, data, [s for s in splits.split(",") if s],
                       n_resamples=resamples, alpha=alpha, params=parse_params(param or []))
+    record_evaluation(result)  # on a registered version: what the promotion gate compares
     typer.echo(result.table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     typer.echo(f"MLflow run: {result.run_id}  dataset version: {result.dataset_version}")
 
@@ -294,7 +309,8 @@ def predict_cmd(
     out: Annotated[str, typer.Option(help="Folder for masks / label maps and predictions.csv")],
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v")]
         = None,
-    sampler: Annotated[str | None, typer.Option(help="Diffusion models: ddpm or ddim")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        help="Diffusion models: ddpm, ddim or dpm")] = None,
     steps: Annotated[int | None, typer.Option(help="Diffusion models: sampling steps")] = None,
     ensemble: Annotated[int | None, typer.Option(help="Diffusion models: samples averaged")]
         = None,
@@ -303,8 +319,8 @@ def predict_cmd(
     import base64
 
     from dermml import storage
+    from dermml.config import parse_params
     from dermml.data.images import load_image
-    from dermml.orchestration.kfp_local import parse_params
     from dermml.orchestration.tracking import load_python_model
     from dermml.registry.gate import champion_uri
     from dermml.serving.pyfunc import request_frame
@@ -414,14 +430,16 @@ def pipeline_run(
                                                                       "key=value")] = None,
 ):
     """Run a pipeline; `--local` executes every component here, against the same MLflow."""
-    from dermml.orchestration.kfp_local import PipelineFailed, parse_params, run_local
+    from dermml.config import parse_params
+    from dermml.orchestration.kfp_local import PipelineFailed, run_local
+    from pipelines import get_pipeline
 
     if not local:
         typer.secho("`pipeline run` executes locally (--local); to run on a cluster use "
                     "`dermml pipeline submit NAME --host URL`", fg="red", err=True)
         raise typer.Exit(2)
     try:
-        outputs = run_local(name, parse_params(param or []))
+        outputs = run_local(get_pipeline(name), parse_params(param or []))
     except PipelineFailed as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         raise typer.Exit(1) from None
@@ -433,14 +451,21 @@ def pipeline_run(
 def pipeline_compile(
     name: Annotated[str, typer.Argument(help="Pipeline name, e.g. training")],
     out: Annotated[Path, typer.Option(help="Output YAML file")],
-    platform: Annotated[str | None, typer.Option(help="Platform config (pools, secrets, env); "
-                                                      "default configs/platform/default.yaml")]
+    platform: Annotated[str | None, typer.Option(help="Platform config (images, pools, "
+                                                      "secrets, env, RayJob); default "
+                                                      "configs/platform/default.yaml")]
+        = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", help="Pipeline parameter k=v, compiled in as its default (e.g. task=segdiff "
+                        "config=configs/segdiff/ph2.yaml); training must fit the platform")]
         = None,
 ):
     """Write the KFP IR YAML of a pipeline, with Kubernetes placement from the platform config."""
+    from dermml.config import parse_params
     from dermml.orchestration.kfp_local import compile_pipeline
+    from pipelines import get_pipeline
 
-    compile_pipeline(name, str(out), platform)
+    compile_pipeline(get_pipeline(name), str(out), platform, parse_params(param or []))
     typer.echo(f"wrote {out}")
 
 
@@ -457,7 +482,8 @@ ExperimentOpt = Annotated[str, typer.Option(help="KFP experiment")]
 NamespaceOpt = Annotated[str, typer.Option(help="Kubernetes namespace of the run")]
 SaOpt = Annotated[str, typer.Option(help="Service account the pipeline pods run as")]
 RootOpt = Annotated[str | None, typer.Option(help="Pipeline root, e.g. s3://bucket/kfp")]
-PlatformOpt = Annotated[str | None, typer.Option(help="Platform config (pools, secrets, env)")]
+PlatformOpt = Annotated[str | None, typer.Option(help="Platform config (images, pools, secrets, "
+                                                       "env, RayJob)")]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="Pipeline parameter k=v")]
 
 
@@ -470,11 +496,13 @@ def pipeline_submit(
     platform: PlatformOpt = None, param: ParamOpt = None,
 ):
     """Upload the pipeline to a KFP instance and start a run."""
+    from dermml.config import parse_params
     from dermml.orchestration.kfp_client import submit
-    from dermml.orchestration.kfp_local import parse_params
+    from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
-    typer.echo(json.dumps(submit(name, target, parse_params(param or [])), indent=2))
+    typer.echo(json.dumps(submit(get_pipeline(name), target, parse_params(param or [])),
+                          indent=2))
 
 
 @pipeline_app.command("schedule")
@@ -489,11 +517,12 @@ def pipeline_schedule(
     max_concurrency: Annotated[int, typer.Option(help="Concurrent runs at most")] = 1,
 ):
     """Create a recurring run (cron) of the pipeline on a KFP instance."""
+    from dermml.config import parse_params
     from dermml.orchestration.kfp_client import schedule
-    from dermml.orchestration.kfp_local import parse_params
+    from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
-    result = schedule(name, target, parse_params(param or []), cron,
+    result = schedule(get_pipeline(name), target, parse_params(param or []), cron,
                       max_concurrency=max_concurrency)
     typer.echo(json.dumps(result, indent=2))
 
@@ -509,8 +538,9 @@ def demo_cmd(
 ):
     """The whole job end to end on embedded defaults, then one real HTTP prediction."""
     from dermml.quickstart import run_demo
+    from pipelines import get_pipeline
 
-    run_demo(n=n, size=size, epochs=epochs, port=port)
+    run_demo(get_pipeline("training"), n=n, size=size, epochs=epochs, port=port)
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -21,10 +21,30 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and why."""
 
 
+class Moved(NamedTuple):
+    """A key that left its config section: where it lives now, and the new names of its keys."""
+
+    to: str
+    """Where the key lives now (a config file and why), as the error tells the user."""
+    keys: dict[str, str] = {}
+    """Old sub-key -> its key there."""
+
+    def message(self, key: str, subs: list[str]) -> str:
+        """The error for old key ``key`` (dotted), given with sub-keys ``subs`` (or whole)."""
+        given = ", ".join(f"{key}.{sub}" for sub in subs) if subs else key
+        pairs = [(sub, self.keys[sub]) for sub in subs if sub in self.keys] if subs else \
+            list(self.keys.items())
+        there = "; there: " + ", ".join(f"{key}.{old} -> {new}" for old, new in pairs) \
+            if pairs else ""
+        return f"{given}: moved to {self.to}{there}"
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are validated on set."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    moved: ClassVar[dict[str, Moved]] = {}
+    """Keys this section no longer has -> where they went: giving one is an error saying so."""
 
 
 def dermml_home() -> Path:
@@ -51,16 +71,29 @@ def shipped_config(*parts: str) -> Path | None:
     return None
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML (numbers, lists, bools)."""
+def parse_key_value(item: str, flag: str = "--set",
+                    example: str = "train.epochs=5") -> tuple[str, Any]:
+    """``key=value`` -> (key, value), the value parsed as YAML (numbers, lists, bools; text
+    that is not YAML stays text): the one parser of ``--set``, ``--param`` and suite overrides."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=5")
+        raise ConfigError(f"{flag} {item!r}: expected key=value, e.g. {flag} {example}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return key.strip(), value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3)."""
+    key, value = parse_key_value(item)
+    return key.split("."), value
+
+
+def parse_params(items: list[str], flag: str = "--param") -> dict[str, Any]:
+    """``["epochs=3", "overrides=[a=1]"]`` -> {"epochs": 3, "overrides": ["a=1"]}."""
+    return dict(parse_key_value(item, flag, "name=value") for item in items)
 
 
 def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
@@ -79,6 +112,9 @@ def _set_nested(data: dict, path: list[str], value: Any, model_cls: type[BaseMod
     node = data
     for i, part in enumerate(path):
         fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {}
+        moved = getattr(cls, "moved", {}).get(part) if fields else None
+        if part not in fields and moved is not None:
+            raise ConfigError(f"--set {moved.message('.'.join(path[: i + 1]), path[i + 1:i + 2])}")
         if part not in fields:
             dotted = ".".join(path)
             valid = _valid_keys(model_cls)
@@ -111,6 +147,9 @@ def validation_problems(exc: ValidationError) -> list[str]:
             lines.append(f"{loc}: unknown key")
         elif not loc:  # a model validator: its message names the keys
             lines.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict | list):
+            # A section's validator (a platform pool): its message says what is wrong there.
+            lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return lines
@@ -138,10 +177,10 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
 def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
                 overrides: list[str] | None = None, base: dict | None = None) -> T:
     """Build ``model_cls`` from defaults, then ``base``, then a YAML file, then ``--set`` items."""
-    data: dict = dict(base or {})
+    data: dict = _moved_keys(model_cls, dict(base or {}), drop=True)
     source = "defaults"
     if path:
-        data = _deep_merge(data, read_yaml_mapping(path))
+        data = _deep_merge(data, _moved_keys(model_cls, read_yaml_mapping(path), source=path))
         source = str(path)
     for item in overrides or []:
         keys, value = parse_override(item)
@@ -150,6 +189,27 @@ def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
         return model_cls.model_validate(_keep_section_defaults(model_cls, data))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def _moved_keys(model: type[BaseModel], data: dict, drop: bool = False, source: Any = "",
+                prefix: str = "") -> dict:
+    """``data`` checked for keys that moved out of their section (``Section.moved``): an error
+    naming the new home, or with ``drop`` (a resumed run's stored config) left out."""
+    out = dict(data)
+    for key, value in data.items():
+        moved = getattr(model, "moved", {}).get(key)
+        if moved is not None and key not in model.model_fields:
+            if not drop:
+                subs = list(value) if isinstance(value, dict) else []
+                raise ConfigError(f"{source}: {moved.message(prefix + key, subs)}")
+            del out[key]
+            continue
+        field = model.model_fields.get(key)
+        section = field.annotation if field is not None else None
+        if isinstance(value, dict) and isinstance(section, type) and issubclass(section,
+                                                                                BaseModel):
+            out[key] = _moved_keys(section, value, drop, source, f"{prefix}{key}.")
+    return out
 
 
 def _keep_section_defaults(model: type[BaseModel], given: dict,

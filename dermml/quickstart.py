@@ -19,7 +19,7 @@ from dermml.data.manifest import read_manifest
 from dermml.data.run import demo_dataset_uri
 from dermml.metrics.segmentation import segmentation_scores
 from dermml.orchestration import tracking
-from dermml.orchestration.kfp_local import run_local
+from dermml.orchestration.kfp_local import PipelineDef, run_local
 
 CHAMPION_URI = "models:/dermml-segmentation@champion"
 
@@ -33,18 +33,19 @@ def free_port(preferred: int) -> int:
         return s.getsockname()[1]
 
 
-def run_demo(n: int = 200, size: int = 64, epochs: int = 20, seed: int = 0,
-             port: int = 5055) -> float:
-    """Run the demo; returns the Dice of the served prediction."""
+def run_demo(pipeline: PipelineDef, n: int = 200, size: int = 64, epochs: int = 20,
+             seed: int = 0, port: int = 5055) -> float:
+    """Run the demo with the training ``pipeline`` (the CLI hands it over, from
+    ``pipelines.PIPELINES``); returns the Dice of the served prediction."""
     from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
 
     print(f"[1/3] training pipeline (KFP local) with DERMML_HOME={dermml_home()}", flush=True)
     demo_config = shipped_config("segmentation", "demo.yaml")
     config = str(demo_config) if demo_config else ""
-    outputs = run_local("training", {"demo_n": n, "demo_size": size, "seed": seed,
-                                     "config": config,
-                                     "overrides": [f"train.epochs={epochs}",
-                                                   f"data.image_size={size}"]})
+    outputs = run_local(pipeline, {"demo_n": n, "demo_size": size, "seed": seed,
+                                   "config": config,
+                                   "overrides": [f"train.epochs={epochs}",
+                                                 f"data.image_size={size}"]})
     manifest = read_manifest(demo_dataset_uri(str(dermml_home() / "data"), n, size, seed))
     sample = manifest.split("test").iloc[0]
     image = load_image(manifest.resolve(sample["image_uri"]))

@@ -1,11 +1,22 @@
 """KFP pipelines: wiring of components, nothing else.
 
-``PIPELINES`` maps names to builders; a builder returns the pipeline graph built under the
-platform config in force (KFP runs a pipeline body when it is decorated).
+``PIPELINES`` maps names to ``PipelineDef``s (the pipeline function and a builder that returns
+the graph built under the platform config in force: KFP runs a pipeline body when it is
+decorated). The CLI looks a pipeline up here and hands it to the KFP adapter.
 """
 
+from dermml.orchestration.kfp_local import PipelineDef
 from pipelines.synthesis import build_synthesis_pipeline, synthesis_pipeline
 from pipelines.training import build_training_pipeline, training_pipeline
 
-PIPELINES = {"training": build_training_pipeline, "synthesis": build_synthesis_pipeline}
-SIGNATURES = {"training": training_pipeline, "synthesis": synthesis_pipeline}
+PIPELINES = {"training": PipelineDef("training", training_pipeline, build_training_pipeline,
+                                     trains=True),
+             "synthesis": PipelineDef("synthesis", synthesis_pipeline,
+                                      build_synthesis_pipeline)}
+
+
+def get_pipeline(name: str) -> PipelineDef:
+    """The pipeline called ``name``; an unknown name is an error listing the known ones."""
+    if name not in PIPELINES:
+        raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(PIPELINES)}")
+    return PIPELINES[name]

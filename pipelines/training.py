@@ -19,6 +19,7 @@ from components import (
     validate_data,
 )
 from dermml.orchestration.k8s import place
+from dermml.orchestration.platform import platform_json
 
 
 class TrainingOutputs(NamedTuple):
@@ -45,7 +46,8 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                             warn_only=validation_warn_only)
     trained = train_model(task=task, config=config, overrides=overrides,
                           manifest_uri=checked.outputs["Output"],
-                          parent_run_id=parent.output, synthetic_manifest=synthetic_views)
+                          parent_run_id=parent.output, platform=platform_json(),
+                          synthetic_manifest=synthetic_views)
     registered = register_model(model_uri=trained.outputs["model_uri"], task=task,
                                 parent_run_id=parent.output)
     evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],

@@ -54,7 +54,7 @@ def test_shipped_configs_load_and_build_their_models():
     DermoSegDiff presets are 321M parameters: their model is checked in its own tests)."""
     from pathlib import Path
 
-    from dermml.orchestration.k8s import load_platform
+    from dermml.orchestration.platform import load_platform
     from dermml.tasks import get_task, task_names
     from dermml.validation.suite import load_suite
 
@@ -91,7 +91,7 @@ def test_an_installed_package_finds_shipped_configs_from_the_image_workdir_or_en
     configs = tmp_path / "app" / "configs"
     shutil.copytree(repo / "configs", configs)
     probe = ("from dermml.validation.suite import load_suite\n"
-             "from dermml.orchestration.k8s import load_platform\n"
+             "from dermml.orchestration.platform import load_platform\n"
              "from dermml.config import shipped_config\n"
              "print(load_suite('segdiff').name, load_platform().pools['gpu'].node_selector,"
              " shipped_config('segmentation', 'demo.yaml'))\n")
@@ -120,6 +120,6 @@ def test_a_partial_section_keeps_the_task_defaults_of_the_rest_of_the_section():
     assert (cfg.model.arch, cfg.model.encoder, cfg.model.aspp) == ("unet", "tu-inception_v3",
                                                                    False)
     assert (cfg.data.image_size, cfg.data.batch_size) == (256, 3)
-    # Plain mappings are replaced, not merged (a node selector must be exactly what was given).
-    seg = resolve_config("segmentation", None, ["ray.kubernetes.worker_node_selector={pool: a}"])
-    assert seg.ray.kubernetes.worker_node_selector == {"pool": "a"}
+    # Plain mappings are replaced, not merged (per-class settings are exactly what was given).
+    cfg = resolve_config("attributes", None, ["postprocess={1: {closing_radius: 3}}"])
+    assert list(cfg.postprocess) == [1] and cfg.postprocess[1].closing_radius == 3

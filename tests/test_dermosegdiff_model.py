@@ -17,6 +17,7 @@ from dermml.models.diffusion import (
     mask_to_diffusion,
     sample,
 )
+from dermml.models.schedulers import get_sampler
 
 # Parameters of the reference DermoSegDiff(dim_x=128, dim_g=64, dim_x_mults=[1..6],
 # dim_g_mults=[1, 2, 4, ..., 32], resnet_block_groups=8), counted on the reference code.
@@ -120,7 +121,7 @@ def test_tiny_model_overfits_one_demo_image_and_samples_its_lesion_mask():
 
     model.eval()
     members, _ = sample(lambda x_t, t: model(x_t, t, image.expand(len(x_t), -1, -1, -1)),
-                        (5, 1, 32, 32), diffusion, "ddim", steps=10,
+                        (5, 1, 32, 32), get_sampler("ddim").build(diffusion, 0.0), steps=10,
                         generator=torch.Generator().manual_seed(1))
     probability, predicted = ensemble_masks(list(members.unsqueeze(1)))
     assert probability.shape == mask.shape

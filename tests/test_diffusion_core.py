@@ -1,4 +1,4 @@
-"""Noise schedules, the forward process, DDPM/DDIM steps, ensembling, EMA and the boundary-aware
+"""Noise schedules, the forward process, DDPM/DDIM steps, ensembling and the boundary-aware
 loss of DermoSegDiff, checked against closed forms computed here independently."""
 
 import math
@@ -6,11 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from dermml.losses.diffusion import boundary_proximity, boundary_weight_map, diffusion_loss
 from dermml.models.diffusion import (
-    EMA,
     GaussianDiffusion,
     beta_schedule,
     diffusion_to_mask,
@@ -18,6 +16,7 @@ from dermml.models.diffusion import (
     mask_to_diffusion,
     sample,
 )
+from dermml.models.schedulers import SAMPLERS, DDIMScheduler, get_sampler
 
 T = 10
 START, END = 0.0004, 0.08
@@ -109,50 +108,124 @@ def test_masks_map_to_diffusion_space_and_back():
                                torch.tensor([0.0, 0.5, 1.0]))
 
 
-# ------------------------------------------------------------------------------ DDPM and DDIM
+# --------------------------------------------------------------------- DDPM, DDIM and DPM steps
+
+SCHEDULES = ["linear", "quadratic", "cosine", "sigmoid"]
+
+
+def reference_ddpm_step(d: GaussianDiffusion, eps: torch.Tensor, x_t: torch.Tensor, t: int,
+                        noise: torch.Tensor, clip_x0: bool = False) -> torch.Tensor:
+    """DermML's hand-written DDPM step before schedulers (equal to the reference DermoSegDiff
+    step): the posterior mean at the predicted x_0 plus exp(½ clipped log-variance) z, no noise
+    at t = 0."""
+    x0 = d.predict_x0_from_eps(x_t, t, eps)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    mean, _, log_var = d.q_posterior(x0, x_t, t)
+    return mean + (t > 0) * (0.5 * log_var).exp() * noise
+
+
+def reference_ddim_step(d: GaussianDiffusion, eps: torch.Tensor, x_t: torch.Tensor, t: int,
+                        t_prev: int, eta: float, noise: torch.Tensor) -> torch.Tensor:
+    """Song et al. eq. 12 with x_0 clipped to [-1, 1] and ε re-derived from it."""
+    a_t = d.alphas_cumprod[t].to(x_t.dtype)
+    a_prev = d.alphas_cumprod[t_prev].to(x_t.dtype) if t_prev >= 0 else torch.tensor(1.0)
+    x0 = ((x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    sigma = eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).sqrt()
+    return a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).sqrt() * eps + sigma * noise
+
+
+def scheduler(name: str, d: GaussianDiffusion, eta: float = 0.0):
+    return get_sampler(name).build(d, eta)
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_ddpm_scheduler_step_equals_the_reference_step_unclipped(kind):
+    """diffusers' DDPMScheduler with our float64 tables is the reference's step to 7e-7 at
+    every timestep of the task's schedules; like the reference it does not clip x_0."""
+    d = GaussianDiffusion(beta_schedule(kind, 250))
+    ddpm = scheduler("ddpm", d)
+    ddpm.set_timesteps(250)
+    assert [int(t) for t in ddpm.timesteps] == list(range(249, -1, -1))
+    g = torch.Generator().manual_seed(0)
+    worst, clipping_shows = 0.0, False
+    for t in range(249, -1, -1):
+        x_t, eps = torch.randn(4, 1, 16, 16, generator=g), torch.randn(4, 1, 16, 16, generator=g)
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t))
+        ours = ddpm.step(eps, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+        expected = reference_ddpm_step(d, eps, x_t, t, noise)
+        worst = max(worst, float((ours - expected).abs().max()))
+        clipped = reference_ddpm_step(d, eps, x_t, t, noise, clip_x0=True)
+        clipping_shows |= not torch.allclose(ours, clipped, atol=1e-4)
+    assert worst <= 7e-7, f"{kind}: the DDPM step is {worst:.2e} from the reference"
+    assert clipping_shows  # the draws predict x_0 outside [-1, 1]: clipping would differ
+
+
+@pytest.mark.parametrize("kind", SCHEDULES)
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_scheduler_step_clips_x0_and_follows_eq_12(kind, eta):
+    d = GaussianDiffusion(beta_schedule(kind, 250))
+    ddim = scheduler("ddim", d, eta)
+    ddim.set_timesteps(25)
+    ts = [int(t) for t in ddim.timesteps]
+    g = torch.Generator().manual_seed(1)
+    for t, t_prev in zip(ts, [*ts[1:], -1], strict=True):
+        x_t, eps = torch.randn(3, 1, 8, 8, generator=g), torch.randn(3, 1, 8, 8, generator=g)
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t))
+        out = ddim.step(eps, t, x_t, generator=torch.Generator().manual_seed(t))
+        assert out.pred_original_sample.abs().max() <= 1
+        torch.testing.assert_close(out.prev_sample,
+                                   reference_ddim_step(d, eps, x_t, t, t_prev, eta, noise),
+                                   rtol=1e-5, atol=1e-5)
+
 
 def test_ddim_timesteps_are_evenly_spaced_descending_to_zero():
-    d = GaussianDiffusion(beta_schedule("linear", 50))
-    assert d.ddim_timesteps(50) == list(range(49, -1, -1))
-    assert d.ddim_timesteps(5) == [49, 37, 24, 12, 0]
-    assert d.ddim_timesteps(1) == [49]
+    ddim = DDIMScheduler(GaussianDiffusion(beta_schedule("linear", 50)).alphas_cumprod)
+    for k, expected in ((50, list(range(49, -1, -1))), (5, [49, 37, 24, 12, 0]), (1, [49])):
+        ddim.set_timesteps(k)
+        assert ddim.timesteps.tolist() == expected
     with pytest.raises(ValueError, match=r"DDIM steps must be in \[1, 50\]"):
-        d.ddim_timesteps(51)
+        ddim.set_timesteps(51)
+    with pytest.raises(ValueError, match="timestep 48 is not one of"):
+        ddim.step(torch.zeros(1), 48, torch.zeros(1))
 
 
 def test_ddim_with_eta_one_and_all_steps_is_the_ddpm_step():
     d = GaussianDiffusion(beta_schedule("linear", 20))
+    ddpm, ddim = scheduler("ddpm", d), DDIMScheduler(d.alphas_cumprod, eta=1.0, clip_x0=False)
+    ddpm.set_timesteps(20)
+    ddim.set_timesteps(20)
     like = torch.zeros(1, dtype=torch.float64)
-    ts = d.ddim_timesteps(20)
-    for t, t_prev in zip(ts, [*ts[1:], -1], strict=True):
-        sigma = d.ddim_sigma(t, t_prev, 1.0, like)
-        torch.testing.assert_close(sigma.flatten() ** 2, d.posterior_variance[t:t + 1],
+    for t in range(19, -1, -1):
+        torch.testing.assert_close(ddim.sigma(t, t - 1, like) ** 2, d.posterior_variance[t],
                                    rtol=1e-10, atol=1e-15)
         x_t = torch.randn(2, 1, 4, 4, dtype=torch.float64)
         eps = torch.randn_like(x_t)
-        ddpm = d.ddpm_step(eps, x_t, t, generator=torch.Generator().manual_seed(t))
-        ddim = d.ddim_step(eps, x_t, t, t_prev, eta=1.0,
-                           generator=torch.Generator().manual_seed(t))
-        torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
+        a = ddpm.step(eps, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+        b = ddim.step(eps, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
 def test_ddpm_adds_no_noise_at_the_last_step():
     d = GaussianDiffusion(beta_schedule("linear", 20))
+    ddpm = scheduler("ddpm", d)
+    ddpm.set_timesteps(20)
     x_t, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
-    a = d.ddpm_step(eps, x_t, 0, generator=torch.Generator().manual_seed(0))
-    b = d.ddpm_step(eps, x_t, 0, generator=torch.Generator().manual_seed(1))
+    a = ddpm.step(eps, 0, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
+    b = ddpm.step(eps, 0, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, d.predict_x0_from_eps(x_t, 0, eps))
-    mixed = d.ddpm_step(eps, x_t, torch.tensor([0, 5, 0]), generator=torch.Generator())
-    torch.testing.assert_close(mixed[[0, 2]], a[[0, 2]])
 
 
 def test_ddpm_step_is_the_reference_epsilon_form_of_algorithm_2():
     d = GaussianDiffusion(beta_schedule("linear", 20))
+    ddpm = scheduler("ddpm", d)
+    ddpm.set_timesteps(20)
     x_t = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     eps = torch.randn_like(x_t)
     t = 7
-    step = d.ddpm_step(eps, x_t, t, generator=torch.Generator().manual_seed(3))
+    step = ddpm.step(eps, t, x_t, generator=torch.Generator().manual_seed(3)).prev_sample
     z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(3), dtype=x_t.dtype)
     beta, a_bar = d.betas[t], d.alphas_cumprod[t]
     mean = (x_t - beta / (1 - a_bar).sqrt() * eps) / (1 - beta).sqrt()
@@ -160,21 +233,53 @@ def test_ddpm_step_is_the_reference_epsilon_form_of_algorithm_2():
     assert d.posterior_log_variance_clipped[0] == d.posterior_log_variance_clipped[1]
 
 
+def test_dpm_visits_k_distinct_timesteps_from_t_minus_one_and_ends_at_the_clean_data():
+    d = GaussianDiffusion(beta_schedule("linear", 250))
+    dpm = scheduler("dpm", d)
+    for k in (10, 20, 250):
+        dpm.set_timesteps(k)
+        ts = dpm.timesteps.tolist()
+        assert len(ts) == k and ts[0] == 249 and ts == sorted(set(ts), reverse=True)
+        assert float(dpm.sigmas[-1]) == 0.0  # the last step lands on x_0
+
+
+# ---------------------------------------------------------------------------- sampling loop
+
 def _toy_eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)
+
+
+def _sample(name: str, d: GaussianDiffusion, model_fn, shape, steps: int | None = None,
+            eta: float = 0.0, **kwargs):
+    spec = get_sampler(name)
+    return sample(model_fn, shape, spec.build(d, eta), spec.steps(steps, d.timesteps), **kwargs)
 
 
 def test_ddim_with_eta_zero_is_deterministic_given_the_initial_noise():
     d = GaussianDiffusion(beta_schedule("linear", 50))
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    runs = [sample(_toy_eps_model, x_T.shape, d, "ddim", 10, eta=0.0, x_T=x_T,
-                   generator=torch.Generator().manual_seed(seed))[0] for seed in (1, 2)]
-    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
-    other = sample(_toy_eps_model, x_T.shape, d, "ddim", 10, x_T=torch.randn_like(x_T))[0]
-    assert not torch.allclose(other, runs[0])
-    noisy = [sample(_toy_eps_model, x_T.shape, d, "ddim", 10, eta=1.0, x_T=x_T,
+    runs = [_sample("ddim", d, _toy_eps_model, x_T.shape, 10, x_T=x_T,
                     generator=torch.Generator().manual_seed(seed))[0] for seed in (1, 2)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    other = _sample("ddim", d, _toy_eps_model, x_T.shape, 10, x_T=torch.randn_like(x_T))[0]
+    assert not torch.allclose(other, runs[0])
+    noisy = [_sample("ddim", d, _toy_eps_model, x_T.shape, 10, eta=1.0, x_T=x_T,
+                     generator=torch.Generator().manual_seed(seed))[0] for seed in (1, 2)]
     assert not torch.allclose(noisy[0], noisy[1])
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_each_sampler_is_reproducible_from_its_seed(name):
+    d = GaussianDiffusion(beta_schedule("linear", 30))
+
+    def run(seed: int) -> torch.Tensor:
+        return _sample(name, d, _toy_eps_model, (2, 1, 8, 8), None if name == "ddpm" else 6,
+                       eta=0.5, generator=torch.Generator().manual_seed(seed))[0]
+
+    first = run(7)
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(run(7), first, rtol=0, atol=0)
+    assert not torch.allclose(run(8), first)
 
 
 def test_samplers_recover_x0_from_an_exact_noise_predictor_and_record_the_trajectory():
@@ -185,15 +290,45 @@ def test_samplers_recover_x0_from_an_exact_noise_predictor_and_record_the_trajec
         a = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
-    x, trajectory = sample(oracle, x0.shape, d, "ddpm", generator=torch.Generator(),
-                           trajectory_every=10)
+    x, trajectory = _sample("ddpm", d, oracle, x0.shape, generator=torch.Generator(),
+                            trajectory_every=10)
     torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
     assert len(trajectory) == 1 + 5 and torch.equal(trajectory[-1], x)
-    x, trajectory = sample(oracle, x0.shape, d, "ddim", 7, trajectory_every=3)
+    x, trajectory = _sample("ddim", d, oracle, x0.shape, 7, trajectory_every=3)
     torch.testing.assert_close(x, x0, atol=1e-5, rtol=0)
     assert len(trajectory) == 1 + 2 + 1  # x_T, after steps 3 and 6, and the final x_0
-    with pytest.raises(ValueError, match="DDPM samples all 50 steps"):
-        sample(oracle, x0.shape, d, "ddpm", steps=10)
+    x, _ = _sample("dpm", d, oracle, x0.shape, 10)
+    torch.testing.assert_close(x, x0, atol=1e-4, rtol=0)
+
+
+def test_ddim_and_dpm_clip_x0_to_the_mask_range_and_ddpm_does_not():
+    d = GaussianDiffusion(beta_schedule("linear", 50))
+    far = 3 * torch.sign(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)))
+
+    def oracle(x, t):  # predicts an x_0 outside [-1, 1]
+        a = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        return (x - a.sqrt() * far) / (1 - a).sqrt()
+
+    unclipped, _ = _sample("ddpm", d, oracle, far.shape, generator=torch.Generator())
+    torch.testing.assert_close(unclipped, far, atol=1e-4, rtol=0)
+    for name in ("ddim", "dpm"):
+        x, _ = _sample(name, d, oracle, far.shape, 10, generator=torch.Generator())
+        torch.testing.assert_close(x, far.sign(), atol=1e-4, rtol=0, msg=name)
+
+
+def test_sampler_registry_resolves_step_counts_and_refuses_what_a_sampler_cannot_run():
+    assert list(SAMPLERS) == ["ddpm", "ddim", "dpm"]
+    ddpm, ddim, dpm = (get_sampler(n) for n in ("ddpm", "ddim", "dpm"))
+    assert (ddpm.steps(None, 250), ddpm.steps(250, 250)) == (250, 250)
+    assert (ddim.steps(None, 250), ddim.steps(25, 250)) == (250, 25)
+    assert (dpm.steps(None, 250), dpm.steps(None, 12), dpm.steps(15, 250)) == (20, 12, 15)
+    with pytest.raises(ValueError, match="DDPM always runs all 50 steps; use sampler=ddim or"
+                                         " dpm for fewer"):
+        ddpm.steps(10, 50)
+    with pytest.raises(ValueError, match="steps=51 is more than the model's 50"):
+        dpm.steps(51, 50)
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; choose ddpm, ddim, dpm"):
+        get_sampler("euler")
 
 
 def test_ensemble_averages_members_and_thresholds_the_mean_like_the_reference():
@@ -234,67 +369,6 @@ def test_reference_presets_keep_the_learning_rate_constant_as_the_reference_does
         assert (train.optimizer, train.lr, train.betas) == ("adam", 1e-4, (0.7, 0.99))
         assert train.scheduler == "constant" and train.warmup_epochs == 0
         assert {lr_factor(s, 10_000, 0, train.scheduler) for s in (0, 1, 5_000, 9_999)} == {1.0}
-
-
-# ---------------------------------------------------------------------------------------- EMA
-
-def _perturb(model: nn.Module, step: int) -> None:
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * (step + 1))
-
-
-def test_ema_copies_the_model_until_update_after_step_then_lags_with_the_warmup_decay():
-    model = nn.Linear(3, 2)
-    ema = EMA(model, beta=0.9, update_after_step=3, update_every=1, power=1.0)
-    assert not ema.ema_model.training
-    for step in range(4):
-        _perturb(model, step)
-        ema.update()
-        torch.testing.assert_close(ema.ema_model.weight, model.weight)
-    _perturb(model, 4)
-    ema.update()  # step 4: like ema-pytorch, the first averaging update starts from a copy
-    torch.testing.assert_close(ema.ema_model.weight, model.weight)
-    before = ema.ema_model.weight.clone()
-    _perturb(model, 5)
-    ema.update()  # step 5: decay = 1 - (1 + 2) ** -1
-    decay = 1 - 3 ** -1.0
-    assert ema.current_decay(5) == pytest.approx(decay)
-    torch.testing.assert_close(ema.ema_model.weight, decay * before + (1 - decay) * model.weight)
-    assert not torch.allclose(ema.ema_model.weight, model.weight)
-    assert EMA(model, beta=0.9, update_after_step=3, power=1.0).current_decay(10**6) == 0.9
-
-
-def test_ema_updates_only_every_update_every_steps():
-    model = nn.Linear(2, 2)
-    ema = EMA(model, update_after_step=100, update_every=2)
-    _perturb(model, 0)
-    ema.update()  # step 0: copies
-    _perturb(model, 1)
-    ema.update()  # step 1: skipped
-    assert not torch.allclose(ema.ema_model.weight, model.weight)
-    ema.update(step=10)  # the trainer's step replaces the counter
-    torch.testing.assert_close(ema.ema_model.weight, model.weight)
-    assert ema.step == 11
-
-
-def test_ema_state_dict_round_trips_with_its_step_counter():
-    torch.manual_seed(0)
-    model = nn.Linear(3, 2)
-    ema = EMA(model, update_after_step=2, update_every=1)
-    for step in range(6):
-        _perturb(model, step)
-        ema.update()
-    restored = EMA(nn.Linear(3, 2), update_after_step=2, update_every=1)
-    restored.load_state_dict(ema.state_dict())
-    assert restored.step == ema.step == 6 and restored.initted
-    torch.testing.assert_close(restored.ema_model.weight, ema.ema_model.weight)
-    restored.model.load_state_dict(model.state_dict())
-    _perturb(model, 6)
-    _perturb(restored.model, 6)
-    ema.update()
-    restored.update()
-    torch.testing.assert_close(restored.ema_model.weight, ema.ema_model.weight)
 
 
 # ------------------------------------------------------------------------- boundary-aware loss

@@ -93,8 +93,13 @@ def test_gpu_image_builds_pytorch3d_on_the_runtime_os_and_pins_its_dependencies(
     assert "pip check" in text
 
 
-def test_component_images_match_the_make_images_tags():
-    from components.image import CPU_IMAGE, GPU_IMAGE
+def test_platform_images_match_the_make_images_tags():
+    from dermml.orchestration.platform import load_platform
+
+    for name in ("default.yaml", "local.yaml"):
+        images = load_platform(ROOT / "configs" / "platform" / name).images
+        assert images == load_platform(ROOT / "configs" / "platform" / "default.yaml").images
+    CPU_IMAGE, GPU_IMAGE = images["cpu"], images["gpu"]  # noqa: N806
 
     out = subprocess.run(["make", "-n", "images"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout

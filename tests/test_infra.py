@@ -350,29 +350,31 @@ def test_local_services_are_where_the_local_chart_profile_looks_for_them():
     assert f"/data/{bucket}" in init["command"]
 
 
-# vCPU and GiB of the instance types a GPU node group may use; the kubelet keeps ~0.1 CPU and
+# vCPU and GiB of the instance types a node group may use; the kubelet keeps ~0.1 CPU and
 # ~1 GiB of them (EKS AMI defaults for these sizes).
 INSTANCE_CAPACITY = {"g5.xlarge": (4, 16), "g5.2xlarge": (8, 32), "g6.xlarge": (4, 16),
-                     "g4dn.xlarge": (4, 16), "g4dn.2xlarge": (8, 32)}
+                     "g4dn.xlarge": (4, 16), "g4dn.2xlarge": (8, 32), "m6i.2xlarge": (8, 32)}
 
 
-def test_gpu_stage_and_rayjob_worker_requests_fit_one_node_of_the_eks_gpu_group():
-    """Requests larger than a node keep a pod Pending, and the autoscaler never adds a node."""
-    from kubernetes.utils.quantity import parse_quantity
+def test_platform_pools_are_the_eks_node_groups_and_their_pods_fit_one_node():
+    """The platform config's node sizes are the EKS groups' instance types (they are what the
+    fit check of task presets compares with), and a pipeline step or RayJob worker asking for
+    more than a node offers would stay Pending while the autoscaler never adds a node."""
+    from dermml.orchestration.platform import load_platform, parse_quantity
 
-    from dermml.orchestration.k8s import load_platform
-    from dermml.tasks.base import RayKubernetesConfig
-
-    config = load_yaml(INFRA / "eks" / "cluster.yaml")
-    selector = gpu_worker_group()["nodeSelector"]
-    (gpu,) = [g for g in config["managedNodeGroups"]
-              if selector.items() <= g.get("labels", {}).items()]
-    vcpus, gib = INSTANCE_CAPACITY[gpu["instanceType"]]
-    cpu_free, memory_free = vcpus - 0.1, (gib - 1) * 2**30
-    pool = load_platform(ROOT / "configs" / "platform" / "default.yaml").pool_for("train")
-    ray = RayKubernetesConfig()
-    for what, cpu, memory in (("platform gpu pool", pool.cpu_request, pool.memory_request),
-                              ("RayJob worker", ray.worker_cpu, ray.worker_memory)):
-        assert parse_quantity(cpu) <= cpu_free, f"{what}: cpu {cpu} > {cpu_free}"
-        assert parse_quantity(memory) <= memory_free, f"{what}: memory {memory}"
-    assert parse_quantity(pool.memory_limit) <= memory_free
+    platform = load_platform(ROOT / "configs" / "platform" / "default.yaml")
+    groups = load_yaml(INFRA / "eks" / "cluster.yaml")["managedNodeGroups"]
+    assert platform.ray_job.worker_pool == platform.stages["train"]  # RayJob workers: gpu pool
+    for name, pool in platform.pools.items():
+        (group,) = [g for g in groups
+                    if pool.node_selector.items() <= g.get("labels", {}).items()]
+        vcpus, gib = INSTANCE_CAPACITY[group["instanceType"]]
+        assert pool.node is not None, name
+        assert pool.node.instance_type == group["instanceType"], name
+        assert (pool.node.cpu, parse_quantity(pool.node.memory)) == (vcpus, gib * 2**30), name
+        assert pool.node.gpus == int(group.get("tags", {}).get(
+            f"k8s.io/cluster-autoscaler/node-template/resources/{GPU}", 0)), name
+        cpu_free, memory_free = vcpus - 0.1, (gib - 1) * 2**30
+        assert parse_quantity(pool.cpu_request) <= cpu_free, f"{name}: cpu {pool.cpu_request}"
+        for memory in (pool.memory_request, pool.memory_limit):
+            assert parse_quantity(memory) <= memory_free, f"{name}: memory {memory}"

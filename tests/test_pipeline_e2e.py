@@ -19,6 +19,9 @@ from dermml.metrics.segmentation import segmentation_scores
 from dermml.orchestration import tracking
 from dermml.orchestration.kfp_local import PipelineFailed, compile_pipeline, run_local
 from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
+from pipelines import get_pipeline
+
+TRAINING = get_pipeline("training")
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +43,7 @@ def runs_of(client: MlflowClient, parent_run_id: str) -> dict[str, list]:
 
 
 def test_pipeline_trains_registers_promotes_and_serves(tracking_server, demo_data, tmp_path):
-    outputs = run_local("training", pipeline_params(demo_data))
+    outputs = run_local(TRAINING, pipeline_params(demo_data))
     assert outputs["promoted"] is True and outputs["model_version"] == "1"
 
     client = MlflowClient(tracking_server)
@@ -112,7 +115,7 @@ def test_bad_data_stops_the_pipeline_before_training(tracking_server, demo_data,
     manifest = str(data / "manifest.parquet")
 
     with pytest.raises(PipelineFailed, match="failed at stage 'validate-data'"):
-        run_local("training", pipeline_params(manifest, epochs=1))
+        run_local(TRAINING, pipeline_params(manifest, epochs=1))
 
     client = MlflowClient(tracking_server)
     experiment = client.get_experiment_by_name("dermml/segmentation")
@@ -132,7 +135,7 @@ def test_bad_data_stops_the_pipeline_before_training(tracking_server, demo_data,
 
 
 def test_compiled_pipeline_yaml_holds_every_stage(tmp_path):
-    out = compile_pipeline("training", str(tmp_path / "training.yaml"))
+    out = compile_pipeline(TRAINING, str(tmp_path / "training.yaml"))
     text = Path(out).read_text()
     for component in ("prepare-data", "validate-data", "train-model", "register-model",
                       "evaluate-model", "promote-model", "start-pipeline-run",
@@ -145,7 +148,7 @@ def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
     """The same pipeline, another task: no special case anywhere but the parameter."""
     overrides = ["data.image_size=32", "data.batch_size=8", "model.backbone=resnet10t",
                  "train.epochs=3", "train.lr=0.003", "ray.enabled=false"]
-    outputs = run_local("training", {"task": "classification", "manifest_uri": demo_data,
+    outputs = run_local(TRAINING, {"task": "classification", "manifest_uri": demo_data,
                                      "overrides": overrides})
     assert outputs["model_version"] == "1" and outputs["promoted"] is True
     client = MlflowClient(tracking.tracking_uri())
@@ -160,7 +163,7 @@ def test_pipeline_task_parameter_trains_evaluates_and_registers_segdiff(demo_dat
     """The diffusion task through the same pipeline: its suite, the shared evaluation (HD95
     included) with the model's default sampler, registry and gate."""
     demo = str(Path(__file__).resolve().parents[1] / "configs" / "segdiff" / "demo.yaml")
-    outputs = run_local("training", {"task": "segdiff", "manifest_uri": demo_data,
+    outputs = run_local(TRAINING, {"task": "segdiff", "manifest_uri": demo_data,
                                      "config": demo,
                                      "overrides": ["train.epochs=2", "ray.enabled=false",
                                                    "serving.steps=4", "serving.ensemble=1"]})
@@ -191,7 +194,7 @@ def test_make_demo_job_runs_end_to_end_on_embedded_defaults(capsys):
     """`make demo` runs `dermml demo`: pipeline, serve the champion, one HTTP prediction."""
     from dermml.quickstart import run_demo
 
-    dice = run_demo(n=40, size=32, epochs=3, port=5155)
+    dice = run_demo(TRAINING, n=40, size=32, epochs=3, port=5155)
     out = capsys.readouterr().out
     assert 0.0 <= dice <= 1.0
     assert "Dice vs ground truth" in out and f"{dice:.3f}" in out

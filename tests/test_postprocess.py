@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from dermml.data.manifest import ATTRIBUTES
-from dermml.models.postprocess import (
+from dermml.tasks.postprocess import (
     ATTRIBUTE_POSTPROCESS,
     PostprocessConfig,
     postprocess_binary,

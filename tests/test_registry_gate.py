@@ -119,3 +119,27 @@ def test_loaded_models_run_where_dermml_device_says(monkeypatch):
     monkeypatch.setenv("DERMML_DEVICE", "tpu-please")
     with pytest.raises(ValueError, match="DERMML_DEVICE='tpu-please'"):
         serving_device()
+
+
+def test_evaluation_is_stored_for_the_gate_only_when_the_caller_records_it(models, demo_data,
+                                                                         monkeypatch):
+    """``evaluate`` returns its result; ``record_evaluation`` stores it on the version (and
+    never a result under non-default serving params)."""
+    from dataclasses import replace
+
+    from dermml.data.manifest import read_manifest
+    from dermml.evaluation.run import evaluate
+    from dermml.registry.gate import record_evaluation, stored_score
+
+    home, weak, _ = models
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    name, version = model_name("segmentation"), register(weak, "segmentation")
+    ds = read_manifest(demo_data).version
+    result = evaluate(f"models:/{name}/{version}", demo_data, ["val"], n_resamples=0)
+    assert stored_score(name, version, ds, "val", "dice") is None
+    assert not record_evaluation(replace(result, params={"threshold": 0.3}))
+    assert stored_score(name, version, ds, "val", "dice") is None
+    assert record_evaluation(result)
+    assert stored_score(name, version, ds, "val", "dice") == pytest.approx(
+        result.metrics["val"]["dice"])
+    assert not record_evaluation(replace(result, model_uri=weak))  # runs:/ URI: no version

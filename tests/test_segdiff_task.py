@@ -82,20 +82,24 @@ def test_ddpm_and_ddim_are_compared_on_the_same_test_set_in_one_run(trained, dem
     monkeypatch.setenv("DERMML_HOME", str(home))
     result = CliRunner().invoke(app, [
         "evaluate", outcome.model_uri, "--data", demo_data, "--splits", "test",
-        "--param", "ensemble=2", "--compare", "sampler=ddpm", "--compare", "sampler=ddim,steps=10"])
+        "--param", "ensemble=2", "--compare", "sampler=ddpm", "--compare", "sampler=ddim,steps=10",
+        "--compare", "sampler=dpm,steps=10"])
     assert result.exit_code == 0, result.output
     assert "sampler=ddpm" in result.output and "sampler=ddim,steps=10" in result.output
+    assert "sampler=dpm,steps=10" in result.output
     client = MlflowClient(tracking.tracking_uri())
     experiment = client.get_experiment_by_name("dermml/segdiff")
     (run,) = client.search_runs([experiment.experiment_id], "tags.`dermml.stage` = 'compare'")
     metrics = run.data.metrics
-    for label in ("ensemble_2_sampler_ddpm", "ensemble_2_sampler_ddim_steps_10"):
+    for label in ("ensemble_2_sampler_ddpm", "ensemble_2_sampler_ddim_steps_10",
+                  "ensemble_2_sampler_dpm_steps_10"):
         assert 0.0 < metrics[f"{label}_dice"] <= 1.0
         assert 0.0 <= metrics[f"{label}_precision"] <= 1.0 and f"{label}_hd95" in metrics
         assert metrics[f"{label}_seconds_per_image"] > 0
-    # 10 DDIM steps instead of 250 DDPM steps: clearly faster per image.
-    assert metrics["ensemble_2_sampler_ddim_steps_10_seconds_per_image"] < \
-        metrics["ensemble_2_sampler_ddpm_seconds_per_image"] / 3
+    # 10 DDIM or DPM-Solver++ steps instead of all T DDPM steps: clearly faster per image.
+    for fast in ("ddim", "dpm"):
+        assert metrics[f"ensemble_2_sampler_{fast}_steps_10_seconds_per_image"] < \
+            metrics["ensemble_2_sampler_ddpm_seconds_per_image"] / 3
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/compare.csv" in artifacts
 
@@ -111,10 +115,37 @@ def test_sampler_params_the_model_cannot_run_are_a_bad_request(trained, demo_dat
     image = load_image(manifest.resolve(manifest.split("test").iloc[0]["image_uri"]))
     T = model.cfg.diffusion.timesteps
     for params, message in (({"sampler": "ddpm", "steps": 5}, "DDPM always runs all"),
-                            ({"sampler": "ddim", "steps": T + 1}, "more than the model")):
+                            ({"sampler": "ddim", "steps": T + 1}, "more than the model"),
+                            ({"sampler": "dpm", "steps": T + 1}, "more than the model")):
         with pytest.raises(MlflowException, match=message) as err:
             model.predict(None, request_frame([image]), params)
         assert err.value.get_http_status_code() == 400
+
+
+def test_every_sampler_gives_masks_and_the_same_seed_the_same_masks(trained, demo_data,
+                                                                      monkeypatch):
+    from dermml.data.datasets import image_to_tensor, resize_image
+    from dermml.models.schedulers import SAMPLERS
+    from dermml.orchestration.tracking import load_python_model
+
+    home, outcome = trained
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    served = load_python_model(outcome.model_uri)
+    task, cfg = get_task("segdiff"), served.cfg
+    manifest = read_manifest(demo_data)
+    image = load_image(manifest.resolve(manifest.split("test").iloc[0]["image_uri"]))
+    x = image_to_tensor(resize_image(image, cfg.data.image_size))[None]
+    for name in SAMPLERS:
+        steps = None if name == "ddpm" else 5
+        first, again, other = (task.sample_masks(served.model, x, cfg, name, steps, 2, 0.5,
+                                                 seed)[0] for seed in (3, 3, 4))
+        assert first.shape == (1, 1, *x.shape[2:]) and 0 <= first.min() <= first.max() <= 1
+        assert torch.equal(first, again), name
+        assert not torch.allclose(first, other), name
+    (mask,) = served.predict_images([image], {"sampler": "dpm", "steps": 5, "ensemble": 2})
+    (again,) = served.predict_images([image], {"sampler": "dpm", "steps": 5, "ensemble": 2})
+    assert mask.shape == image.shape[:2] and set(np.unique(mask)) <= {0, 1}
+    assert 0 < mask.mean() < 1 and np.array_equal(mask, again)
 
 
 def test_resume_restores_ema_weights_and_step_counter(demo_data, tmp_path):

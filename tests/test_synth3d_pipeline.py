@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from dermml.orchestration.kfp_local import compile_pipeline
+from pipelines import get_pipeline
 
 
 def _docs(path) -> tuple[dict, dict]:
@@ -20,7 +21,7 @@ def _executor(spec: dict, task: str) -> str:
 
 def test_synthesis_pipeline_validates_lesions_synthesises_on_the_gpu_pool_and_validates(
         tmp_path):
-    spec, platform = _docs(compile_pipeline("synthesis", str(tmp_path / "s.yaml")))
+    spec, platform = _docs(compile_pipeline(get_pipeline("synthesis"), str(tmp_path / "s.yaml")))
     tasks = spec["root"]["dag"]["tasks"]
     assert {"validate-data", "synthesize-views", "validate-data-2"} <= set(tasks)
     assert set(tasks["synthesize-views"]["dependentTasks"]) == {"validate-data",
@@ -39,7 +40,7 @@ def test_synthesis_pipeline_validates_lesions_synthesises_on_the_gpu_pool_and_va
 
 
 def test_training_pipeline_mixes_synthetic_views_in_through_the_train_component(tmp_path):
-    spec, _ = _docs(compile_pipeline("training", str(tmp_path / "t.yaml")))
+    spec, _ = _docs(compile_pipeline(get_pipeline("training"), str(tmp_path / "t.yaml")))
     assert "synthetic_views" in spec["root"]["inputDefinitions"]["parameters"]
     train_inputs = spec["root"]["dag"]["tasks"]["train-model"]["inputs"]["parameters"]
     assert train_inputs["synthetic_manifest"]["componentInputParameter"] == "synthetic_views"
@@ -71,7 +72,7 @@ def test_synthesis_pipeline_runs_locally_end_to_end(tmp_path):
     from dermml.orchestration.kfp_local import run_local
 
     lesions = generate_demo(str(tmp_path / "lesions"), n=12, size=64, seed=0)
-    outputs = run_local("synthesis", {
+    outputs = run_local(get_pipeline("synthesis"), {
         "lesions_uri": lesions, "out_uri": str(tmp_path / "synth"), "bodies": "procedural:1",
         "views": 2, "size": 48, "blend": "paste", "validation_warn_only": True,
         "overrides": ["paste.lesions_per_body=2", "bodies.texture_size=128",

@@ -16,8 +16,9 @@ from PIL import Image
 
 from dermml.data.manifest import read_manifest, write_manifest
 from dermml.data.phash import perceptual_hash
-from dermml.validation import checks
-from dermml.validation.checks import facts_frame, sample_facts
+from dermml.validation import pool
+from dermml.validation.facts import FACT_COLUMNS, sample_facts
+from dermml.validation.pool import facts_frame
 
 
 def write_noise_dataset(root: Path, n: int, size: int, seed: int = 0) -> str:
@@ -82,14 +83,14 @@ def test_facts_stream_with_a_bounded_number_of_rows_in_flight(demo_data):
             pulled += 1
             yield one
 
-    stream = checks.stream_fact_tuples(rows(), total=100_000, processes=2)
+    stream = pool.stream_fact_tuples(rows(), total=100_000, processes=2)
     first = next(stream)
     assert first[0] == "x" and first[FACT_INDEX["image_ok"]] is True
-    assert pulled <= (4 * 2 + 2) * checks._BATCH  # a window of batches, not the whole input
+    assert pulled <= (4 * 2 + 2) * pool._BATCH  # a window of batches, not the whole input
     stream.close()
 
 
-FACT_INDEX = {name: i for i, name in enumerate(checks.FACT_COLUMNS)}
+FACT_INDEX = {name: i for i, name in enumerate(FACT_COLUMNS)}
 
 
 def test_facts_memory_does_not_grow_with_image_count_or_size(tmp_path):
@@ -115,7 +116,7 @@ def test_validation_of_an_s3_manifest_in_worker_processes(s3_endpoint, demo_data
     from dermml import storage
     from dermml.validation.run import validate
 
-    monkeypatch.setattr(checks, "_BATCH", 8)  # 90 rows: enough batches for the process pool
+    monkeypatch.setattr(pool, "_BATCH", 8)  # 90 rows: enough batches for the process pool
     root = Path(demo_data).parent
     for sub in ("images", "masks"):  # what the segmentation suite reads
         storage.upload_dir(str(root / sub), f"s3://dermml/validation-demo/{sub}")

@@ -31,6 +31,10 @@ class EvaluationResult:
     """split -> metric -> value."""
     intervals: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     """split -> metric -> (low, high) bootstrap percentile interval."""
+    model_uri: str = ""
+    """The model evaluated (``runs:/`` or ``models:/``)."""
+    params: dict = field(default_factory=dict)
+    """Serving params the model predicted with (empty: as it serves by default)."""
 
     def flat_metrics(self) -> dict[str, float]:
         """``{split}_{metric}`` -> value for every finite metric (NaN: undefined, e.g. the
@@ -53,9 +57,11 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
              parent_run_id: str | None = None, n_resamples: int = 1000,
              alpha: float = 0.05, seed: int = 0,
              params: dict | None = None) -> EvaluationResult:
-    """Evaluate ``model_uri`` on each split of ``manifest_uri``; log metrics, CIs, plots."""
-    from dermml.registry.gate import record_evaluation
+    """Evaluate ``model_uri`` on each split of ``manifest_uri``; log metrics, CIs, plots.
 
+    The result is returned, not stored on the model version: the caller records it for the
+    promotion gate (``dermml.registry.gate.record_evaluation``).
+    """
     splits = splits or ["test"]
     manifest = read_manifest(manifest_uri)  # an unreadable manifest fails before loading
     model = tracking.load_python_model(model_uri)
@@ -69,7 +75,8 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
         mlflow.set_tag("dermml.model_uri", model_uri)
         mlflow.log_params({"n_resamples": n_resamples, "alpha": alpha, "splits": ",".join(splits),
                            **{f"serving.{k}": v for k, v in (params or {}).items()}})
-        result = EvaluationResult(run.info.run_id, task.name, manifest.version)
+        result = EvaluationResult(run.info.run_id, task.name, manifest.version,
+                                  model_uri=model_uri, params=dict(params or {}))
         for split, rows in split_rows.items():
             images = [load_image(manifest.resolve(u)) for u in rows["image_uri"]]
             predictions = model.predict_images(images, params)
@@ -88,8 +95,6 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
         table = result.table()
         tracking.log_table_csv(table, "evaluation/metrics.csv")
         mlflow.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/metrics.md")
-        if not params:  # gate scores are for the model as it serves by default
-            record_evaluation(model_uri, manifest.version, result.metrics, run.info.run_id)
     return result
 
 

@@ -1,4 +1,8 @@
-"""KFP adapter: run pipelines with ``kfp.local`` (SubprocessRunner) and compile them to YAML."""
+"""KFP adapter: run pipelines with ``kfp.local`` (SubprocessRunner) and compile them to YAML.
+
+The adapter takes a pipeline as a ``PipelineDef`` handed over by its caller (the CLI looks it up
+in ``pipelines.PIPELINES``); nothing in ``dermml`` imports ``pipelines/``, the layer above it.
+"""
 
 from __future__ import annotations
 
@@ -7,45 +11,84 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from dermml.config import ConfigError, dermml_home
-from dermml.orchestration.k8s import PlatformConfig, load_platform, using_platform
-
-
-def get_pipeline(name: str):
-    """Build pipeline ``name`` under the platform config in force."""
-    from pipelines import PIPELINES
-
-    if name not in PIPELINES:
-        raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(PIPELINES)}")
-    return PIPELINES[name]()
+from dermml.config import ConfigError, dermml_home, shipped_config
+from dermml.orchestration.platform import (
+    LOCAL,
+    PlatformConfig,
+    check_training_fits,
+    load_platform,
+    using_platform,
+)
 
 
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """``["epochs=3", "overrides=[a=1]"]`` -> values parsed as YAML."""
-    params = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--param {item!r}: expected key=value")
-        params[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return params
+@dataclass(frozen=True)
+class PipelineDef:
+    """A pipeline as the adapters take it: defined in ``pipelines/``, handed over by the CLI."""
+
+    name: str
+    """Short name, e.g. ``training``; uploaded to KFP as ``dermml-<name>``."""
+    function: Callable[..., Any]
+    """The pipeline function: its parameters and their defaults are the pipeline's."""
+    build: Callable[[], Any]
+    """Returns the pipeline graph, built now under the platform config in force (KFP runs a
+    pipeline body when it is decorated, and ``place`` reads the platform then)."""
+    trains: bool = False
+    """Its parameters ``task``, ``config`` and ``overrides`` configure a train stage: compiling
+    and submitting check that the training fits the platform's pools."""
 
 
-def _check_params(name: str, params: dict[str, Any]) -> None:
-    from pipelines import SIGNATURES
-
-    if name not in SIGNATURES:
-        raise KeyError(f"unknown pipeline {name!r}; known pipelines: {', '.join(SIGNATURES)}")
-    signature = inspect.signature(SIGNATURES[name])
+def check_params(pipeline: PipelineDef, params: dict[str, Any]) -> None:
+    """Refuse parameters the pipeline does not have, naming the ones it has."""
+    signature = inspect.signature(pipeline.function)
     unknown = sorted(set(params) - set(signature.parameters))
     if unknown:
-        raise ConfigError(f"pipeline {name!r} has no parameter(s) {unknown}; parameters: "
-                          f"{', '.join(signature.parameters)}")
+        raise ConfigError(f"pipeline {pipeline.name!r} has no parameter(s) {unknown}; "
+                          f"parameters: {', '.join(signature.parameters)}")
+
+
+def _config_here(config: str) -> str | None:
+    """A pipeline's task config file as this machine sees it: the path itself, else the same
+    file among the shipped configs (``configs/segdiff/ph2.yaml`` or the image's
+    ``/app/configs/segdiff/ph2.yaml``), else None."""
+    path = Path(config)
+    if path.is_file():
+        return str(path)
+    if "configs" in path.parts:
+        parts = path.parts[len(path.parts) - path.parts[::-1].index("configs"):]
+        shipped = shipped_config(*parts) if parts else None
+        if shipped is not None and shipped.is_file():
+            return str(shipped)
+    return None
+
+
+def check_training_fit(pipeline: PipelineDef, params: dict[str, Any],
+                       platform: PlatformConfig) -> None:
+    """Refuse a training pipeline whose task (its ``task``, ``config`` and ``overrides``
+    parameters, or their defaults) asks for more per Ray worker than ``platform``'s pools have,
+    before anything is compiled or submitted (``check_training_fits`` says what to change)."""
+    if not pipeline.trains:
+        return
+    from dermml.training.run import resolve_config
+
+    defaults = {name: p.default for name, p in
+                inspect.signature(pipeline.function).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    given = {**defaults, **params}
+    task, config = str(given.get("task") or ""), str(given.get("config") or "")
+    overrides = [str(o) for o in given.get("overrides") or []]
+    here = _config_here(config) if config else None
+    if config and here is None:
+        warnings.warn(f"config {config} is not on this machine: whether task {task!r} fits "
+                      f"{platform.source} is checked when the train stage starts", stacklevel=2)
+        return
+    source = f"task {task!r}" + (f" with config {config}" if config else " (its defaults)") + \
+        (f" and overrides {overrides}" if overrides else "")
+    check_training_fits(platform, resolve_config(task, here, overrides).ray, source)
 
 
 def local_environment() -> None:
@@ -69,33 +112,42 @@ def _failure_message(name: str, kfp_message: str) -> str:
             "above, and the pipeline's MLflow run is marked FAILED")
 
 
-def run_local(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Execute pipeline ``name`` locally; every component runs as a subprocess here."""
+def run_local(pipeline: PipelineDef, params: dict[str, Any]) -> dict[str, Any]:
+    """Execute ``pipeline`` locally; every component runs as a subprocess here."""
     import kfp.local
 
-    _check_params(name, params)
+    check_params(pipeline, params)
     local_environment()
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(dermml_home() / "kfp"), raise_on_error=True)
     # Cluster placement and env (MLflow URI, secrets) must not leak into local runs.
-    with warnings.catch_warnings(), using_platform(PlatformConfig()):
+    with warnings.catch_warnings(), using_platform(LOCAL):
         # kfp warns that base_image is not used locally: expected, components run in this venv.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         # ... and that CPU/memory requests are ignored locally: they are for the cluster.
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         try:
-            task = get_pipeline(name)(**params)  # built inside the local platform
+            task = pipeline.build()(**params)  # built inside the local platform
         except RuntimeError as exc:
-            raise PipelineFailed(_failure_message(name, str(exc))) from None
+            raise PipelineFailed(_failure_message(pipeline.name, str(exc))) from None
     outputs = getattr(task, "outputs", None) or {}
     return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
 
 
-def compile_pipeline(name: str, out: str, platform: str | None = None) -> str:
-    """Write the IR YAML with the platform config's placement (default: the shipped one)."""
+def compile_pipeline(pipeline: PipelineDef, out: str, platform: str | None = None,
+                     params: dict[str, Any] | None = None) -> str:
+    """Write the IR YAML with the platform config's placement (default: the shipped one).
+
+    ``params`` become the compiled pipeline's parameter defaults; they (or the pipeline's own
+    defaults) must fit the platform (``check_training_fit``).
+    """
     from kfp import compiler
 
+    params = params or {}
+    check_params(pipeline, params)
+    placed = load_platform(platform)
+    check_training_fit(pipeline, params, placed)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    with using_platform(load_platform(platform)):
-        compiler.Compiler().compile(get_pipeline(name), out)
+    with using_platform(placed):
+        compiler.Compiler().compile(pipeline.build(), out, pipeline_parameters=params or None)
     return out

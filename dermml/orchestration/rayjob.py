@@ -5,6 +5,9 @@ entrypoint is ``dermml train TASK --resume RUN_ID``: the job reads the config ba
 and trains in it. Checkpoints live under ``ray.storage_path`` (S3 on a cluster) named after the
 run, so a worker lost on a spot node (Ray ``FailureConfig``) or a resubmitted job
 (``backoffLimit``) resumes from the last checkpoint.
+
+Where the job runs comes from the platform config (``platform.PlatformConfig``: ``ray_job``, the
+worker pool, images, secrets); what it trains and what each worker needs, from the task config.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import shlex
 import time
 from typing import Any
 
-from dermml.tasks.base import RayKubernetesConfig, TaskConfig
+from dermml.config import ConfigError
+from dermml.orchestration.platform import PlatformConfig, Pool, check_training_fits
+from dermml.tasks.base import TaskConfig
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
                  "AWS_DEFAULT_REGION", "DERMML_HOME", "DERMML_GIT_COMMIT")
@@ -37,22 +42,27 @@ def job_name(task: str, run_id: str) -> str:
 
 
 def entrypoint(task: str, run_id: str) -> str:
-    return shlex.join(["dermml", "train", task, "--resume", run_id,
-                       "--set", "ray.kubernetes.enabled=false"])
+    """The job's command: train in the run (no --platform: the job trains where it is)."""
+    return shlex.join(["dermml", "train", task, "--resume", run_id])
 
 
 def _env() -> list[dict[str, str]]:
     return [{"name": k, "value": os.environ[k]} for k in FORWARDED_ENV if k in os.environ]
 
 
-def _container(name: str, k8s: RayKubernetesConfig, cpu: str, memory: str,
-               gpus: int = 0) -> dict[str, Any]:
+def _secret_env(platform: PlatformConfig) -> list[dict[str, Any]]:
+    return [{"name": env, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
+            for secret in platform.secrets for key, env in secret.keys.items()]
+
+
+def _container(name: str, platform: PlatformConfig, cpu: str, memory: str, gpus: int = 0,
+               gpu_resource: str = "nvidia.com/gpu") -> dict[str, Any]:
     resources: dict[str, Any] = {"cpu": cpu, "memory": memory}
     if gpus:
-        resources["nvidia.com/gpu"] = str(gpus)
-    return {"name": name, "image": k8s.image,
-            "env": [{"name": "HOME", "value": HOME}, *_env()],
-            "envFrom": [{"secretRef": {"name": s}} for s in k8s.secrets],
+        resources[gpu_resource] = str(gpus)
+    job = platform.ray_job
+    return {"name": name, "image": platform.image(job.image, "ray_job.image"),
+            "env": [{"name": "HOME", "value": HOME}, *_env(), *_secret_env(platform)],
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             # Read-only root FS as in the chart: Ray writes its session files under /tmp, its
             # auth token under $HOME and its object store in /dev/shm, all emptyDirs.
@@ -62,72 +72,82 @@ def _container(name: str, k8s: RayKubernetesConfig, cpu: str, memory: str,
                              {"name": "dshm", "mountPath": "/dev/shm"}]}
 
 
-def pod_labels(k8s: RayKubernetesConfig) -> dict[str, str]:
-    """Labels of every RayJob pod: the chart's Ray pod selector (release ``k8s.helm_release``),
-    so the chart's default-deny and Ray NetworkPolicies cover these pods too (Ray traffic among
-    them, MLflow, S3 and DNS, nothing else)."""
-    return {"app.kubernetes.io/name": "dermml", "app.kubernetes.io/instance": k8s.helm_release,
+def pod_labels(platform: PlatformConfig) -> dict[str, str]:
+    """Labels of every RayJob pod: the chart's Ray pod selector (release
+    ``ray_job.helm_release``), so the chart's default-deny and Ray NetworkPolicies cover these
+    pods too (Ray traffic among them, MLflow, S3 and DNS, nothing else)."""
+    return {"app.kubernetes.io/name": "dermml",
+            "app.kubernetes.io/instance": platform.ray_job.helm_release,
             "app.kubernetes.io/part-of": "dermml", "app.kubernetes.io/component": "ray"}
 
 
-def _pod(container: dict, k8s: RayKubernetesConfig, gpu_pool: bool) -> dict[str, Any]:
+def _pod(container: dict, platform: PlatformConfig, pool: Pool | None) -> dict[str, Any]:
+    """A pod template; placed on ``pool`` (node selector, tolerations) when given."""
+    job = platform.ray_job
     spec: dict[str, Any] = {
-        "serviceAccountName": k8s.service_account, "containers": [container],
+        "serviceAccountName": job.service_account, "containers": [container],
         "securityContext": {"runAsNonRoot": True, "runAsUser": 10001,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "volumes": [{"name": "ray-tmp", "emptyDir": {"sizeLimit": "20Gi"}},
                     {"name": "home", "emptyDir": {"sizeLimit": "1Gi"}},
                     {"name": "dshm", "emptyDir": {"medium": "Memory",
-                                                  "sizeLimit": k8s.shm_size}}]}
-    if gpu_pool:
-        spec["nodeSelector"] = dict(k8s.worker_node_selector)
-        spec["tolerations"] = [dict(t) for t in k8s.worker_tolerations]
-    return {"metadata": {"labels": pod_labels(k8s)}, "spec": spec}
+                                                  "sizeLimit": job.shm_size}}]}
+    if pool is not None:
+        if pool.node_selector:
+            spec["nodeSelector"] = dict(pool.node_selector)
+        if pool.tolerations:
+            spec["tolerations"] = [t.model_dump(exclude_none=True) for t in pool.tolerations]
+    return {"metadata": {"labels": pod_labels(platform)}, "spec": spec}
 
 
 def check_config(cfg: TaskConfig) -> None:
     """Refuse a RayJob whose checkpoints would die with its pods."""
     if cfg.ray.enabled and not cfg.ray.storage_path.startswith("s3://"):
-        from dermml.config import ConfigError
-
         raise ConfigError(
             f"ray.storage_path: {cfg.ray.storage_path or '(empty: a local folder)'} is lost with "
             "the RayJob's pods, so a lost worker or a resubmitted job could not resume; set "
             "ray.storage_path=s3://BUCKET/ray")
 
 
-def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str) -> dict[str, Any]:
-    """The RayJob for training ``task`` in MLflow run ``run_id``."""
+def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str,
+                    platform: PlatformConfig) -> dict[str, Any]:
+    """The RayJob for training ``task`` in MLflow run ``run_id``, placed by ``platform``."""
     check_config(cfg)
-    k8s = cfg.ray.kubernetes
+    check_training_fits(platform.model_copy(update={"ray_job": platform.ray_job.model_copy(
+        update={"enabled": True})}), cfg.ray)
+    job = platform.ray_job
     spec: dict[str, Any] = {
         "entrypoint": entrypoint(task, run_id),
         "submissionMode": "K8sJobMode",
-        "backoffLimit": k8s.backoff_limit,
-        "activeDeadlineSeconds": k8s.active_deadline_seconds,
-        "submitterPodTemplate": _pod(_container("submitter", k8s, "500m", "1G"), k8s, False),
+        "backoffLimit": job.backoff_limit,
+        "activeDeadlineSeconds": job.active_deadline_seconds,
+        "submitterPodTemplate": _pod(_container("submitter", platform, "500m", "1G"),
+                                     platform, None),
     }
-    if k8s.cluster_selector:
-        spec["clusterSelector"] = dict(k8s.cluster_selector)
+    if job.cluster_selector:
+        spec["clusterSelector"] = dict(job.cluster_selector)
     else:
         spec["shutdownAfterJobFinishes"] = True
         spec["ttlSecondsAfterFinished"] = 600
-        gpus = k8s.worker_gpus if cfg.ray.use_gpu else 0
+        pool = platform.pool_named(job.worker_pool, "ray_job.worker_pool")
+        gpus = pool.accelerator_limit if cfg.ray.use_gpu else 0
         workers = cfg.ray.num_workers
+        worker = _container("ray-worker", platform, pool.cpu_request, pool.memory_request, gpus,
+                            pool.accelerator_type or "nvidia.com/gpu")
         spec["rayClusterSpec"] = {
             "headGroupSpec": {
                 "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-                "template": _pod(_container("ray-head", k8s, k8s.head_cpu, k8s.head_memory),
-                                 k8s, False)},
+                "template": _pod(_container("ray-head", platform, job.head_cpu,
+                                            job.head_memory), platform, None)},
             "workerGroupSpecs": [{
                 "groupName": "gpu-workers" if gpus else "cpu-workers",
                 "replicas": workers, "minReplicas": workers, "maxReplicas": workers,
                 "rayStartParams": {},
-                "template": _pod(_container("ray-worker", k8s, k8s.worker_cpu,
-                                            k8s.worker_memory, gpus), k8s, bool(gpus))}],
+                # CPU-only workers keep the pool's pod size but may run on any node.
+                "template": _pod(worker, platform, pool if gpus else None)}],
         }
     return {"apiVersion": "ray.io/v1", "kind": "RayJob",
-            "metadata": {"name": job_name(task, run_id), "namespace": k8s.namespace,
+            "metadata": {"name": job_name(task, run_id), "namespace": job.namespace,
                          "labels": {"app.kubernetes.io/part-of": "dermml",
                                     "dermml.io/task": task, "dermml.io/mlflow-run": run_id}},
             "spec": spec}
@@ -170,10 +190,11 @@ def wait_rayjob(name: str, namespace: str, poll_seconds: float = 15.0,
     raise RayJobFailed(f"RayJob {namespace}/{name} did not finish in {timeout:.0f}s")
 
 
-def train_as_rayjob(task: str, cfg: TaskConfig, run_id: str, api_client=None) -> dict[str, Any]:
-    """Submit the training RayJob for ``run_id`` and wait for it."""
-    manifest = rayjob_manifest(task, cfg, run_id)
+def train_as_rayjob(task: str, cfg: TaskConfig, run_id: str, platform: PlatformConfig,
+                    api_client=None) -> dict[str, Any]:
+    """Submit the training RayJob for ``run_id`` (placed by ``platform``) and wait for it."""
+    manifest = rayjob_manifest(task, cfg, run_id, platform)
     name = submit_rayjob(manifest, api_client)
-    k8s = cfg.ray.kubernetes
-    return wait_rayjob(name, k8s.namespace, k8s.poll_seconds, k8s.active_deadline_seconds,
+    job = platform.ray_job
+    return wait_rayjob(name, job.namespace, job.poll_seconds, job.active_deadline_seconds,
                        api_client)

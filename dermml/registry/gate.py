@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from mlflow.tracking import MlflowClient
 
+from dermml.evaluation.run import EvaluationResult, evaluate
 from dermml.orchestration import tracking
 from dermml.tasks import get_task
 
@@ -74,21 +75,26 @@ def register(model_uri: str, task: str, description: str = "") -> str:
     return str(version)
 
 
-def record_evaluation(model_uri: str, dataset_version: str, metrics: dict[str, dict[str, float]],
-                      eval_run_id: str) -> None:
-    """Store split metrics on the model version behind ``model_uri`` (no-op for run URIs)."""
-    ref = parse_model_uri(model_uri)
+def record_evaluation(result: EvaluationResult) -> bool:
+    """Store the split metrics of ``result`` on the model version it evaluated, for the gate.
+
+    Nothing is stored (False) for a ``runs:/`` URI, or for a result under serving params: gate
+    scores are for the model as it serves by default.
+    """
+    ref = None if result.params else parse_model_uri(result.model_uri)
     if ref is None:
-        return
+        return False
     name, version = ref
+    dataset_version, eval_run_id = result.dataset_version, result.run_id
     client = _client()
-    for split, values in metrics.items():
+    for split, values in result.metrics.items():
         for metric, value in values.items():
             client.set_model_version_tag(name, version, _eval_key(dataset_version, split, metric),
                                          repr(float(value)))
         client.set_model_version_tag(name, version,
                                      f"dermml.eval_run.{dataset_version[:12]}.{split}",
                                      eval_run_id)
+    return True
 
 
 def stored_score(name: str, version: str, dataset_version: str, split: str,
@@ -112,13 +118,12 @@ class GateDecision:
 def _score(name: str, version: str, manifest_uri: str, split: str, metric: str,
            parent_run_id: str | None) -> float:
     from dermml.data.manifest import read_manifest
-    from dermml.evaluation.run import evaluate
 
     dataset_version = read_manifest(manifest_uri).version
     score = stored_score(name, version, dataset_version, split, metric)
     if score is None:
-        evaluate(f"models:/{name}/{version}", manifest_uri, [split], parent_run_id,
-                 n_resamples=200)
+        record_evaluation(evaluate(f"models:/{name}/{version}", manifest_uri, [split],
+                                   parent_run_id, n_resamples=200))
         score = stored_score(name, version, dataset_version, split, metric)
     if score is None:
         raise RuntimeError(f"{name} v{version}: evaluation produced no {metric!r}")

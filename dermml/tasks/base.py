@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from dermml.config import ConfigError, Section
+from dermml.config import ConfigError, Moved, Section
 from dermml.data.augment import AugmentConfig
 from dermml.data.manifest import Manifest, read_manifest
 from dermml.data.sampling import MixConfig, ProgressiveResizeConfig
@@ -55,53 +55,31 @@ class DataConfig(Section):
     """Train at growing sizes (validation stays at image_size); empty = fixed size."""
 
 
-class RayKubernetesConfig(Section):
-    """Training as a KubeRay RayJob, submitted by the pipeline's train component."""
-
-    enabled: bool = False
-    """Submit a RayJob (per-job RayCluster, or an existing one via cluster_selector)."""
-    namespace: str = "dermml"
-    """Namespace of the RayJob."""
-    helm_release: str = "dermml"
-    """Release of charts/dermml in that namespace: its NetworkPolicies select the RayJob's pods
-    by this release's labels."""
-    cluster_selector: dict[str, str] = {}
-    """Labels of an existing RayCluster to run on (e.g. ray.io/cluster: dermml-ray); empty
-    creates a RayCluster for the job and deletes it afterwards."""
-    image: str = "ghcr.io/dermml/dermml-gpu:0.1.0"
-    """Image of the head and worker pods."""
-    service_account: str = "dermml-ray"
-    """Service account of the Ray pods."""
-    head_cpu: str = "2"
-    """Head pod CPU (the head runs no training: num-cpus 0)."""
-    head_memory: str = "8Gi"
-    """Head pod memory."""
-    worker_cpu: str = "3"
-    """CPU per worker pod. The defaults fit one worker per node of the GPU pool in
-    infra/eks/cluster.yaml (g5.xlarge: 4 vCPU, 16 GiB, less what the kubelet reserves)."""
-    worker_memory: str = "12Gi"
-    """Memory per worker pod."""
-    shm_size: str = "2Gi"
-    """Size of /dev/shm (Ray's object store and DataLoader workers; counts as memory)."""
-    worker_gpus: int = 1
-    """nvidia.com/gpu per worker pod."""
-    worker_node_selector: dict[str, str] = {"dermml.io/pool": "gpu"}
-    """Node labels of the GPU pool."""
-    worker_tolerations: list[dict[str, str]] = [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    """Tolerations of the GPU pool's taint."""
-    secrets: list[str] = ["dermml-s3", "dermml-mlflow"]
-    """Secrets exposed to the Ray pods as env (envFrom)."""
-    backoff_limit: int = 2
-    """Resubmissions of a failed job; each resumes from the run's last checkpoint."""
-    active_deadline_seconds: int = 86400
-    """Give up after this long."""
-    poll_seconds: float = 15.0
-    """How often the component checks the job."""
+PLATFORM_KEYS = {
+    "enabled": "ray_job.enabled", "namespace": "ray_job.namespace",
+    "helm_release": "ray_job.helm_release", "cluster_selector": "ray_job.cluster_selector",
+    "image": "images.gpu (ray_job.image names the flavour)",
+    "service_account": "ray_job.service_account", "head_cpu": "ray_job.head_cpu",
+    "head_memory": "ray_job.head_memory", "shm_size": "ray_job.shm_size",
+    "worker_cpu": "pools.<ray_job.worker_pool>.cpu_request",
+    "worker_memory": "pools.<ray_job.worker_pool>.memory_request",
+    "worker_gpus": "pools.<ray_job.worker_pool>.accelerator_limit",
+    "worker_node_selector": "pools.<ray_job.worker_pool>.node_selector",
+    "worker_tolerations": "pools.<ray_job.worker_pool>.tolerations", "secrets": "secrets",
+    "backoff_limit": "ray_job.backoff_limit",
+    "active_deadline_seconds": "ray_job.active_deadline_seconds",
+    "poll_seconds": "ray_job.poll_seconds"}
+"""The former ``ray.kubernetes.*`` task keys and their keys in the platform config."""
 
 
 class RayConfig(Section):
-    """How training is distributed (Ray Train) — configuration, not code."""
+    """How training is distributed (Ray Train) and what each worker needs. Where the workers
+    run (images, pools, RayJobs) is the platform config's (configs/platform/*.yaml)."""
+
+    moved: ClassVar[dict[str, Moved]] = {"kubernetes": Moved(
+        "the platform config, as where training runs is not a task setting "
+        "(configs/platform/*.yaml; pass yours with --platform to `dermml train` and `dermml "
+        "pipeline compile/submit/schedule`)", PLATFORM_KEYS)}
 
     enabled: bool = True
     """Train through Ray Train's TorchTrainer; false runs the same loop in-process."""
@@ -117,8 +95,6 @@ class RayConfig(Section):
     """Where Ray keeps checkpoints (local path or s3://); empty = $DERMML_HOME/ray_results."""
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the run fails."""
-    kubernetes: RayKubernetesConfig = RayKubernetesConfig()
-    """Run as a KubeRay RayJob (from a pipeline pod)."""
 
 
 class ServingConfig(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import mlflow
 
@@ -16,6 +17,9 @@ from dermml.tasks.base import TaskConfig, read_task_manifest
 from dermml.training.checkpoint import FolderCheckpointer
 from dermml.training.loop import FitResult
 from dermml.training.setup import build_parts, default_device, run_loop
+
+if TYPE_CHECKING:
+    from dermml.orchestration.platform import PlatformConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +43,29 @@ def resolve_config(task_name: str, config_path: str | None = None,
 
 
 def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
-          resume_run_id: str | None = None, progress: bool = True) -> TrainOutcome:
-    """Train ``task_name`` with ``cfg`` (through Ray unless ``cfg.ray.enabled`` is false)."""
+          resume_run_id: str | None = None, progress: bool = True,
+          platform: PlatformConfig | None = None) -> TrainOutcome:
+    """Train ``task_name`` with ``cfg`` (through Ray unless ``cfg.ray.enabled`` is false).
+
+    ``platform`` (the train stage's, or ``dermml train --platform``): the workers must fit its
+    pools, and with ``ray_job.enabled`` training is submitted as a KubeRay RayJob. None trains
+    here.
+    """
     task = get_task(task_name)
+    as_rayjob = platform is not None and platform.ray_job.enabled
+    if platform is not None:
+        from dermml.orchestration.platform import check_training_fits
+
+        check_training_fits(platform, cfg.ray, f"task {task_name!r}")
+    if as_rayjob:
+        from dermml.orchestration.rayjob import check_config
+
+        check_config(cfg)
     if not cfg.data.manifest:
         raise ValueError("no training data: set data.manifest (e.g. --set data.manifest=DIR)")
     manifest = read_task_manifest(cfg)
     for split in (cfg.data.train_split, cfg.data.val_split):
         manifest.split(*split.split(","))  # fails early, naming the empty split
-    if cfg.ray.kubernetes.enabled:
-        from dermml.orchestration.rayjob import check_config
-
-        check_config(cfg)
     if resume_run_id is None:
         cfg = task.prepare(cfg, manifest)  # class names/weights: logged and stored with model
     check_training_files(task, cfg, manifest)
@@ -61,14 +76,13 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
                             system_metrics=True) as run:
         run_id = run.info.run_id
         if resume_run_id is None:
-            # ray.kubernetes.* apply to a RayJob only (config.yaml keeps them all).
-            tracking.log_config(cfg, skip_prefixes=() if cfg.ray.kubernetes.enabled
-                                else ("ray.kubernetes.",))
+            # Placement (pools, images, RayJob) is the platform config's, not logged here.
+            tracking.log_config(cfg)
             counts = manifest.df["split"].value_counts().to_dict()
             tracking.log_dataset(manifest.uri, manifest.version, counts, context="training")
             mlflow.log_param("seed", cfg.train.seed)
-        if cfg.ray.kubernetes.enabled:
-            return _train_as_rayjob(task_name, cfg, run_id)
+        if as_rayjob:
+            return _train_as_rayjob(task_name, cfg, run_id, platform)
         # The checkpoint location is derived from the MLflow run, so rerunning with
         # --resume RUN_ID continues from the last checkpoint of that run.
         if cfg.ray.enabled:
@@ -103,13 +117,14 @@ def check_training_files(task, cfg: TaskConfig, manifest) -> None:
             f"{manifest.uri} --write-clean CLEAN` and train on CLEAN")
 
 
-def _train_as_rayjob(task_name: str, cfg: TaskConfig, run_id: str) -> TrainOutcome:
+def _train_as_rayjob(task_name: str, cfg: TaskConfig, run_id: str,
+                     platform: PlatformConfig) -> TrainOutcome:
     """The RayJob trains inside this run (``--resume``); read back what it logged."""
     from mlflow.tracking import MlflowClient
 
     from dermml.orchestration.rayjob import train_as_rayjob
 
-    train_as_rayjob(task_name, cfg, run_id)
+    train_as_rayjob(task_name, cfg, run_id, platform)
     run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
     if "dermml.model_uri" not in run.data.tags:
         raise RuntimeError(f"RayJob for run {run_id} succeeded but logged no model")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from dermml.validation.checks import Problem, ValidationReport
+from dermml.validation.report import Problem, ValidationReport
 from dermml.validation.suite import GX_SEVERITY, ExpectationSpec, SuiteConfig
 from dermml.validation.table import classes_table
 

@@ -21,7 +21,8 @@ import pandas as pd
 from dermml import storage
 from dermml.data.manifest import Manifest, read_manifest, write_manifest
 from dermml.orchestration import tracking
-from dermml.validation.checks import Problem, ValidationReport, validate_manifest
+from dermml.validation.checks import validate_manifest
+from dermml.validation.report import Problem, ValidationReport
 from dermml.validation.suite import SuiteConfig, load_suite
 
 REPORT_FILE = "validation.json"

@@ -1,0 +1,349 @@
+"""The platform config: where and how things run on Kubernetes, owned here and nowhere else.
+
+A platform config (``configs/platform/*.yaml``) names the container images, the node pools (node
+selector, tolerations, pod size, accelerators, and the size of one node), which pool each
+pipeline stage runs on, the Secrets and plain env every pod gets, and how training runs as a
+KubeRay RayJob. A task config says only what to train and what its Ray workers need
+(``ray.num_workers``, ``ray.use_gpu``, ``ray.cpus_per_worker``);
+``check_training_fits`` refuses a task whose workers no node of the platform could take.
+
+``k8s.place`` applies this config to pipeline steps, ``rayjob.rayjob_manifest`` to RayJobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from pydantic import PrivateAttr, model_validator
+
+from dermml.config import ConfigError, Section, load_config, shipped_config
+
+IMAGE_MARKER = "<platform image: {}>"
+"""What a component declares as its base image: the image *flavour* it needs (``cpu``: slim;
+``gpu``: CUDA torch and pytorch3d). ``k8s.place`` replaces it by the platform's image of that
+flavour; unreplaced it is no valid image reference, so it can never be pulled."""
+
+_BINARY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "k": 10**3,
+            "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def parse_quantity(value: str | float | int, what: str = "quantity") -> Decimal:
+    """A Kubernetes quantity (``500m``, ``3``, ``12Gi``, ``1G``) as a number (cores, bytes)."""
+    text = str(value).strip()
+    number, factor = text, Decimal(1)
+    for suffix, scale in (*_BINARY.items(), *_DECIMAL.items()):
+        if text.endswith(suffix) and suffix != text:
+            number, factor = text[: -len(suffix)], Decimal(scale)
+            break
+    try:
+        return Decimal(number) * factor
+    except InvalidOperation:
+        raise ConfigError(f"{what}: {value!r} is not a Kubernetes quantity (e.g. 500m, 3, "
+                          "12Gi)") from None
+
+
+def image_flavour(name: str) -> str:
+    """The base image a component declares: ``IMAGE_MARKER`` for flavour ``name``."""
+    return IMAGE_MARKER.format(name)
+
+
+def flavour_of(image: str | None) -> str | None:
+    """The flavour behind an ``image_flavour`` marker, or None for a real image reference."""
+    prefix, suffix = IMAGE_MARKER.split("{}")
+    if image and image.startswith(prefix) and image.endswith(suffix):
+        return image[len(prefix): len(image) - len(suffix)]
+    return None
+
+
+class Toleration(Section):
+    """A Kubernetes toleration."""
+
+    key: str
+    """Taint key, e.g. nvidia.com/gpu."""
+    operator: str = "Exists"
+    """Exists or Equal."""
+    value: str | None = None
+    """Taint value (operator Equal only)."""
+    effect: str | None = "NoSchedule"
+    """NoSchedule, PreferNoSchedule or NoExecute."""
+
+
+class NodeSize(Section):
+    """What one node of a pool has: its instance type's vCPUs, memory and accelerators."""
+
+    cpu: float
+    """vCPUs of one node (g5.xlarge: 4). Ray in a pod without a CPU limit sees all of them."""
+    memory: str
+    """Memory of one node (g5.xlarge: 16Gi); the kubelet keeps ~1Gi of it."""
+    gpus: int = 0
+    """Accelerators of one node."""
+    instance_type: str = ""
+    """The cloud instance type (g5.xlarge), named in messages."""
+
+    def describe(self) -> str:
+        gpus = f", {self.gpus} GPU{'s' if self.gpus != 1 else ''}" if self.gpus else ""
+        kind = f" ({self.instance_type})" if self.instance_type else ""
+        return f"{self.cpu:g} vCPUs, {self.memory}{gpus}{kind}"
+
+
+class Pool(Section):
+    """A node pool and the size of the pods placed on it."""
+
+    node_selector: dict[str, str] = {}
+    """Node labels the pod must match."""
+    tolerations: list[Toleration] = []
+    """Taints the pod tolerates (GPU pools are tainted)."""
+    cpu_request: str = "1"
+    """CPU request of a pod (a RayJob worker pod gets it as request and limit)."""
+    memory_request: str = "2Gi"
+    """Memory request of a pod (a RayJob worker pod gets it as request and limit)."""
+    cpu_limit: str | None = None
+    """CPU limit of a pipeline step (unset: none)."""
+    memory_limit: str | None = "8Gi"
+    """Memory limit of a pipeline step."""
+    accelerator_type: str | None = None
+    """Accelerator resource, e.g. nvidia.com/gpu."""
+    accelerator_limit: int = 0
+    """Accelerators per pod."""
+    node: NodeSize | None = None
+    """Size of one node of the pool; unset (unknown, e.g. kind): task needs are checked against
+    the pod size only. Pod requests and limits must fit it."""
+
+    def describe_node(self) -> str:
+        return self.node.describe() if self.node else "of unknown size (no node set)"
+
+    @model_validator(mode="after")
+    def _pods_fit_the_node(self) -> Pool:
+        node = self.node
+        if node is None:
+            return self
+        for key, value, room in (
+                ("cpu_request", self.cpu_request, Decimal(str(node.cpu))),
+                ("cpu_limit", self.cpu_limit, Decimal(str(node.cpu))),
+                ("memory_request", self.memory_request, parse_quantity(node.memory, "memory")),
+                ("memory_limit", self.memory_limit, parse_quantity(node.memory, "memory")),
+                ("accelerator_limit", self.accelerator_limit, Decimal(node.gpus))):
+            if value is not None and parse_quantity(value, key) > room:
+                raise ValueError(f"{key} {value} is more than one node of the pool has "
+                                 f"({node.describe()}): no node could take the pod; lower "
+                                 f"{key}, or set node to the pool's real node size")
+        return self
+
+
+class SecretEnv(Section):
+    """An existing Secret whose keys become env vars of every pod."""
+
+    name: str
+    """Secret name."""
+    keys: dict[str, str]
+    """Secret key -> env var name."""
+
+
+class RayJobConfig(Section):
+    """Training as a KubeRay RayJob, submitted by the train stage (or ``dermml train
+    --platform FILE``): the job trains inside the stage's MLflow run."""
+
+    enabled: bool = False
+    """Submit training as a RayJob; false trains in the train stage's own pod (local Ray, or
+    the cluster at the task's ``ray.address``)."""
+    namespace: str = "dermml"
+    """Namespace of the RayJob."""
+    helm_release: str = "dermml"
+    """Release of charts/dermml in that namespace: its NetworkPolicies select the RayJob's pods
+    by this release's labels."""
+    cluster_selector: dict[str, str] = {}
+    """Labels of an existing RayCluster to run on (e.g. ray.io/cluster: dermml-ray); empty
+    creates a RayCluster for the job and deletes it afterwards."""
+    image: str = "gpu"
+    """Image flavour of the head and worker pods (a key of ``images``)."""
+    service_account: str = "dermml-ray"
+    """Service account of the Ray pods."""
+    worker_pool: str = "gpu"
+    """Pool of the worker pods: node selector, tolerations, accelerators, and its cpu_request and
+    memory_request as each worker's request and limit. Workers of CPU-only training
+    (ray.use_gpu=false) keep that size but get no GPU, node selector or tolerations."""
+    head_cpu: str = "2"
+    """Head pod CPU (the head runs no training: num-cpus 0; no node selector)."""
+    head_memory: str = "8Gi"
+    """Head pod memory."""
+    shm_size: str = "2Gi"
+    """Size of /dev/shm (Ray's object store and DataLoader workers; counts as memory)."""
+    backoff_limit: int = 2
+    """Resubmissions of a failed job; each resumes from the run's last checkpoint."""
+    active_deadline_seconds: int = 86400
+    """Give up after this long."""
+    poll_seconds: float = 15.0
+    """How often the train stage checks the job."""
+
+
+class PlatformConfig(Section):
+    """Where and how pipeline steps and training run on Kubernetes."""
+
+    images: dict[str, str] = {"cpu": "ghcr.io/dermml/dermml:0.1.0",
+                              "gpu": "ghcr.io/dermml/dermml-gpu:0.1.0"}
+    """Image of each flavour a component or the RayJob asks for (cpu: slim; gpu: CUDA torch and
+    pytorch3d). ``$DERMML_IMAGE`` / ``$DERMML_IMAGE_GPU``, when set, replace cpu / gpu."""
+    pools: dict[str, Pool] = {"cpu": Pool()}
+    """Named node pools."""
+    stages: dict[str, str] = {}
+    """Stage name -> pool name; unlisted stages use ``default_pool``."""
+    default_pool: str = "cpu"
+    """Pool of stages not listed in ``stages``."""
+    secrets: list[SecretEnv] = []
+    """Secrets exposed as env to pipeline steps and Ray pods (S3, MLflow credentials)."""
+    env: dict[str, str] = {}
+    """Plain env vars of pipeline steps (MLFLOW_TRACKING_URI, DERMML_S3_ENDPOINT, DERMML_HOME)."""
+    data_pvc: str | None = None
+    """PersistentVolumeClaim mounted at ``data_mount_path`` (alternative to S3)."""
+    data_mount_path: str = "/data"
+    """Where ``data_pvc`` is mounted."""
+    ray_job: RayJobConfig = RayJobConfig()
+    """Training as a KubeRay RayJob."""
+
+    _source: str = PrivateAttr("the platform config")
+
+    @property
+    def source(self) -> str:
+        """Where this config came from (its file), for messages."""
+        return self._source
+
+    def pool_named(self, name: str, what: str) -> Pool:
+        if name not in self.pools:
+            raise KeyError(f"{what} names pool {name!r}, which is not defined; pools: "
+                           f"{', '.join(self.pools)}")
+        return self.pools[name]
+
+    def pool_for(self, stage: str) -> Pool:
+        return self.pool_named(self.stages.get(stage, self.default_pool), f"stage {stage!r}")
+
+    def image(self, flavour: str, what: str) -> str:
+        """The image of ``flavour``; an unknown flavour is an error naming ``what`` asked."""
+        if flavour not in self.images:
+            raise ConfigError(f"{self.source}: {what} needs the {flavour!r} image, but images "
+                              f"has only {', '.join(self.images) or 'none'}; add images."
+                              f"{flavour}: REGISTRY/IMAGE:TAG")
+        return self.images[flavour]
+
+
+LOCAL = PlatformConfig()
+"""The platform of local runs (``kfp.local``): no pools, env or secrets applied, no RayJob, no
+fit checks; steps run in this venv."""
+
+_active: PlatformConfig | None = None
+
+
+def load_platform(path: str | os.PathLike | None = None) -> PlatformConfig:
+    """The platform config at ``path``, ``$DERMML_PLATFORM``, or the shipped default."""
+    path = path or os.environ.get("DERMML_PLATFORM") or shipped_config("platform",
+                                                                       "default.yaml")
+    platform = load_config(PlatformConfig, path)
+    images = {flavour: os.environ[var] for flavour, var in (("cpu", "DERMML_IMAGE"),
+                                                             ("gpu", "DERMML_IMAGE_GPU"))
+              if os.environ.get(var)}
+    if images:
+        platform = platform.model_copy(update={"images": {**platform.images, **images}})
+    platform._source = str(path)
+    return platform
+
+
+def active_platform() -> PlatformConfig:
+    """The platform pipelines are being built under (default: the shipped one)."""
+    return _active if _active is not None else load_platform()
+
+
+@contextlib.contextmanager
+def using_platform(platform: PlatformConfig) -> Iterator[PlatformConfig]:
+    """Build pipelines with ``platform`` in force."""
+    global _active
+    previous, _active = _active, platform
+    try:
+        yield platform
+    finally:
+        _active = previous
+
+
+def platform_json() -> str:
+    """The platform in force, for a component that applies it at run time (the train stage
+    submits RayJobs and checks the fit); empty for local runs."""
+    platform = active_platform()
+    return "" if platform is LOCAL else platform.model_dump_json()
+
+
+def platform_from_json(text: str) -> PlatformConfig | None:
+    """The inverse of ``platform_json`` (None for a local run)."""
+    if not text:
+        return None
+    platform = PlatformConfig.model_validate_json(text)
+    platform._source = "the platform config compiled into the pipeline"
+    return platform
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def _n(value: Decimal | float) -> str:
+    return f"{float(value):g}"
+
+
+def check_training_fits(platform: PlatformConfig, ray: Any,
+                        source: str = "task config") -> None:
+    """Refuse training whose Ray workers no pod of the platform could hold (a ConfigError that
+    names the task's value, the pool and its node size, and what to change).
+
+    ``ray`` is a task's ``ray`` section: ``enabled``, ``address``, ``num_workers``, ``use_gpu``
+    and ``cpus_per_worker`` are what its workers need. A RayJob puts each worker in a pod of
+    ``ray_job.worker_pool`` (Ray offers that pod's CPUs); otherwise the train stage's pod runs
+    every worker (Ray offers its CPU limit or, without one, every vCPU of its node). Training on
+    an existing Ray cluster (``ray.address``, ``ray_job.cluster_selector``) is not checked: its
+    size is the cluster's.
+    """
+    job = platform.ray_job
+    if not ray.enabled or (job.cluster_selector if job.enabled else ray.address):
+        return  # in-process (one process, CPU fallback) or a cluster of its own size
+    workers, per_worker = int(ray.num_workers), Decimal(str(ray.cpus_per_worker))
+    if job.enabled:
+        name = job.worker_pool
+        pool = platform.pool_named(name, "ray_job.worker_pool")
+        pod = f"each Ray worker is a RayJob pod of pool {name!r}"
+        cpus: Decimal | None = parse_quantity(pool.cpu_request, f"pools.{name}.cpu_request")
+        offer = f"pools.{name}.cpu_request"
+        cpu_need, most = per_worker, cpus
+        cpu_what = f"ray.cpus_per_worker={ray.cpus_per_worker:g}"
+        gpu_need = 1 if ray.use_gpu else 0
+        gpu_fix = "set ray.use_gpu=false, or point ray_job.worker_pool at a GPU pool"
+    else:
+        name = platform.stages.get("train", platform.default_pool)
+        pool = platform.pool_for("train")
+        pod = f"the train stage runs its Ray workers in one pod of pool {name!r}"
+        cpus, offer = None, ""
+        if pool.cpu_limit:
+            cpus = parse_quantity(pool.cpu_limit, f"pools.{name}.cpu_limit")
+            offer = f"pools.{name}.cpu_limit"
+        elif pool.node:
+            cpus, offer = Decimal(str(pool.node.cpu)), "every vCPU of the node: no cpu_limit"
+        cpu_need, most = per_worker * workers, (cpus / workers if cpus is not None else None)
+        cpu_what = (f"ray.cpus_per_worker={ray.cpus_per_worker:g} x ray.num_workers={workers} "
+                    f"= {_n(cpu_need)} CPUs")
+        gpu_need = workers if ray.use_gpu else 0
+        gpu_fix = ("set ray.use_gpu=false" if pool.accelerator_limit < 1 else
+                   f"set ray.num_workers={pool.accelerator_limit} or ray.use_gpu=false")
+    pod += f" (nodes: {pool.describe_node()})"
+    if cpus is not None and cpu_need > cpus:
+        raise ConfigError(
+            f"{source}: {cpu_what} does not fit {platform.source}: {pod}, where Ray has "
+            f"{_n(cpus)} CPUs ({offer}). Lower ray.cpus_per_worker to {_n(most)} or less "
+            "(--set ray.cpus_per_worker=N; in a pipeline --param "
+            "'overrides=[\"ray.cpus_per_worker=N\"]'), or use a platform config whose pool "
+            f"{name!r} has larger nodes (pools.{name}.node, cpu_request)")
+    if gpu_need > pool.accelerator_limit:
+        raise ConfigError(
+            f"{source}: ray.use_gpu=true with ray.num_workers={workers} needs {gpu_need} GPU(s) "
+            f"in a pod, which does not fit {platform.source}: {pod}, which gets "
+            f"{pool.accelerator_limit} (pools.{name}.accelerator_limit). "
+            f"{gpu_fix[0].upper()}{gpu_fix[1:]}, or use a platform config whose pool {name!r} "
+            "has GPUs")
