@@ -22,6 +22,7 @@ from PIL import Image
 
 from dermml.synth3d.anatomy import ANATOMY_LABELS
 from dermml.synth3d.renderer import Meshes, TexturesUV
+from dermml.synth3d.skin_tone import measure_skin_tone
 
 BODYTEX_OBJ = "model_highres_0_normalized.obj"
 BODYTEX_NONSKIN = "model_highres_0_normalized_mask.png"
@@ -255,8 +256,6 @@ def load_body(obj_path: str, body_id: str | None = None, texture: str | None = N
                 np.clip(uvs, 0, 1), mesh.faces_uvs, tex, nonskin_mask, vertex_labels,
                 source=obj_path)
     body.check()
-    from dermml.synth3d.texture import measure_skin_tone  # the texture module builds on Body
-
     body.skin_type, body.ita = measure_skin_tone(body.texture, body.nonskin)
     return body
 

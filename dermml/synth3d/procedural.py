@@ -18,8 +18,13 @@ import numpy as np
 
 from dermml.synth3d.anatomy import ANATOMY_ID
 from dermml.synth3d.bodies import Body
-from dermml.synth3d.skin_tone import FITZPATRICK_TYPES, draw_skin_tone, skin_colour
-from dermml.synth3d.texture import measure_skin_tone, texel_map
+from dermml.synth3d.skin_tone import (
+    FITZPATRICK_TYPES,
+    draw_skin_tone,
+    measure_skin_tone,
+    skin_colour,
+)
+from dermml.synth3d.texture import texel_map
 
 
 @dataclass(frozen=True)

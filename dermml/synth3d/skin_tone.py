@@ -80,3 +80,14 @@ def draw_skin_tone(rng: np.random.Generator,
     name = types[int(rng.integers(len(types)))]
     low, high = ITA_RANGES[name]
     return name, float(rng.uniform(low + 0.5, high - 0.5))
+
+
+def measure_skin_tone(texture: np.ndarray, nonskin: np.ndarray) -> tuple[str | None, float | None]:
+    """(Fitzpatrick type, ITA) of the median skin texel; texels near black (unused atlas space)
+    are left out. (None, None) when the texture shows no skin."""
+    skin = (~nonskin) & (texture.sum(axis=-1) > 0.15)
+    if skin.sum() < 16:
+        return None, None
+    colour = np.median(texture[skin], axis=0)
+    ita = ita_from_lab(srgb_to_lab(colour))
+    return fitzpatrick_from_ita(ita), round(float(ita), 2)

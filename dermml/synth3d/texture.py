@@ -1,5 +1,5 @@
-"""Texture space: which face and point of the mesh each texel shows (the texel map), seam
-padding of the UV charts, and skin-tone measurement of a texture."""
+"""Texture space: which face and point of the mesh each texel shows (the texel map) and seam
+padding of the UV charts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from dermml.synth3d.bodies import Body
 from dermml.synth3d.raster import rasterize_screen
-from dermml.synth3d.skin_tone import fitzpatrick_from_ita, ita_from_lab, srgb_to_lab
 
 SEAM_PADDING = 2
 """Texels around each UV chart that take the colour of the nearest chart texel, so bilinear
@@ -67,14 +66,3 @@ def texel_map(body: Body, padding: int = SEAM_PADDING) -> TexelMap:
         face_np[pad] = face_np[near_r[pad], near_c[pad]]
         bary_np[pad] = bary_np[near_r[pad], near_c[pad]]
     return TexelMap(face_np, bary_np.astype(np.float32), in_chart)
-
-
-def measure_skin_tone(texture: np.ndarray, nonskin: np.ndarray) -> tuple[str | None, float | None]:
-    """(Fitzpatrick type, ITA) of the median skin texel; texels near black (unused atlas space)
-    are left out. (None, None) when the texture shows no skin."""
-    skin = (~nonskin) & (texture.sum(axis=-1) > 0.15)
-    if skin.sum() < 16:
-        return None, None
-    colour = np.median(texture[skin], axis=0)
-    ita = ita_from_lab(srgb_to_lab(colour))
-    return fitzpatrick_from_ita(ita), round(float(ita), 2)
