@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from dermml.synth3d.config import BlendConfig
 from dermml.synth3d.features import CONTENT_LAYER, FeatureNet
 from dermml.synth3d.paste import PLACEMENT_FOV, Placement
-from dermml.synth3d.scene import BodyScene
+from dermml.synth3d.renderer import Fragments
+from dermml.synth3d.scene import BodyScene, View
 
 _LAPLACIAN = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
 
@@ -82,9 +83,20 @@ def _crop_box(mask: torch.Tensor, pad: int) -> tuple[int, int, int, int]:
             max(int(cols.min()) - pad, 0), min(int(cols.max()) + pad + 1, w))
 
 
-def _nchw(image: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+def _nchw(image: torch.Tensor, box: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    if box is not None:
+        r0, r1, c0, c1 = box
+        image = image[r0:r1, c0:c1]
+    return image.permute(2, 0, 1).unsqueeze(0)
+
+
+def _cropped(view: View, box: tuple[int, int, int, int]) -> View:
+    """The view's fragments inside ``box`` (rows r0:r1, columns c0:c1)."""
     r0, r1, c0, c1 = box
-    return image[r0:r1, c0:c1].permute(2, 0, 1).unsqueeze(0)
+    frags = view.fragments
+    return View(view.cameras, Fragments(frags.pix_to_face[:, r0:r1, c0:c1],
+                                        frags.bary_coords[:, r0:r1, c0:c1],
+                                        frags.zbuf[:, r0:r1, c0:c1]), view.eye, view.at)
 
 
 def deep_blend_lesion(scene: BodyScene, placement: Placement, pasted: torch.Tensor,
@@ -110,12 +122,13 @@ def deep_blend_lesion(scene: BodyScene, placement: Placement, pasted: torch.Tens
         if not bool(mask.any()):
             continue
         box = _crop_box(mask, cfg.crop_pad)
+        crop = _cropped(view, box)  # only the loss's crop is textured (and back-propagated)
         texture = base.index_put((rows, cols), params)
-        blended = _nchw(scene.sample(view, texture), box)
+        blended = _nchw(scene.sample(crop, texture))
         with torch.no_grad():
-            original = _nchw(scene.sample(view, scene.original), box)
-            pasted_view = _nchw(scene.sample(view, pasted), box)
-            dilated = _nchw(scene.sample(view, scene.dilated), box)
+            original = _nchw(scene.sample(crop, scene.original))
+            pasted_view = _nchw(scene.sample(crop, pasted))
+            dilated = _nchw(scene.sample(crop, scene.dilated))
             mask_crop = _nchw(mask[..., None].float(), box)
         composite = blended * mask_crop + original * (1 - mask_crop)
         loss = blend_loss(composite, original, pasted_view, dilated, mask_crop, features, cfg)
