@@ -181,21 +181,37 @@ def main() -> None:
                 if backend != base:
                     print(f"ratio {backend}/{base} at {size}^2: "
                           f"{rates[backend, size] / rates[base, size]:.2f}")
-        # Deep blending with the first backend (the built-in one by default), one process with
-        # all cores' threads (one body blends in one task).
-        torch.set_num_threads(max(args.threads, args.processes))
-        cfg, body, scene, placements = build_scene(args, backends[0], lesions_uri)
-        per_step = blend_seconds_per_step(scene, cfg, placements)
-        print(f"deep blending ({backends[0]}, {cfg.paste.view_size}^2 blend view, fallback "
-              f"features unless a VGG16 file is set): {per_step:.3f} s/step, "
+        # Deep blending: each process blends its own body's lesions (one Ray task per body).
+        per_step = blend_rate(args, backends[0], lesions_uri)
+        print(f"deep blending ({backends[0]}, {args.paste_view}^2 blend view, fallback "
+              f"features unless a VGG16 file is set): {per_step:.3f} s/step per process, "
               f"{per_step * 400:.1f} s per lesion at 400 steps (extrapolated)")
         for size in sizes:
-            render = args.views_per_body / rates[backends[0], size]
-            blend = per_step * 400 * args.lesions
-            rate = args.views_per_body / (render + blend)
+            # Per body: its blending, then its views; bodies run side by side, one per process.
+            per_view = args.processes / rates[backends[0], size]
+            body_seconds = per_step * 400 * args.lesions + args.views_per_body * per_view
+            rate = args.processes * args.views_per_body / body_seconds
             print(f"with deep blending {backends[0]} {size:4d}^2: {rate:.4f} views/s for "
                   f"{args.lesions} lesions x 400 steps + {args.views_per_body} views per body "
                   f"(ratio to render only {rate / rates[backends[0], size]:.4f})")
+
+
+def _blend_cell(job) -> float:
+    args, backend, lesions_uri = job
+    torch.set_num_threads(args.threads)
+    cfg, _, scene, placements = build_scene(args, backend, lesions_uri)
+    return blend_seconds_per_step(scene, cfg, placements)
+
+
+def blend_rate(args, backend: str, lesions_uri: str) -> float:
+    """Mean seconds per deep-blending step, ``--processes`` processes blending at once."""
+    job = (args, backend, lesions_uri)
+    if args.processes <= 1 or args.device == "cuda":
+        return _blend_cell(job)
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+        return float(np.mean(pool.map(_blend_cell, [job] * args.processes)))
 
 
 if __name__ == "__main__":
