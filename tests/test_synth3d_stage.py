@@ -200,3 +200,18 @@ def test_segmentation_training_data_reads_the_synthetic_manifest(tracked_run):
     dataset = SegmentationDataset(manifest, manifest.df, 32)
     image, mask = dataset[0][:2]
     assert tuple(image.shape[-2:]) == (32, 32) and float(mask.max()) == 1.0
+
+
+@pytest.mark.integration
+def test_synth3d_writes_to_and_resumes_on_s3(s3_endpoint, lesions_uri):
+    out = "s3://dermml/synth3d"
+    first = synth3d(out, lesions_uri, "--no-track")
+    assert first.exit_code == 0, first.output
+    manifest = read_manifest(out)
+    assert len(manifest.df) == 4
+    from dermml import storage
+
+    assert storage.exists(storage.join(out, "bodies", "p0000", "body.json"))
+    again = synth3d(out, lesions_uri, "--no-track")
+    counts = json.loads(again.output[again.output.index("{"):])["counts"]
+    assert counts["views_skipped"] == 4

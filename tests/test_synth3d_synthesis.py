@@ -258,3 +258,25 @@ def test_embree_and_numpy_ray_tests_agree(body):
             assert embree[1] == numpy_hit[1] and embree[0] == pytest.approx(numpy_hit[0],
                                                                            abs=1e-4)
     assert hits >= 9
+
+
+def test_vgg16_features_load_from_a_local_torchvision_state_dict(tmp_path):
+    from torch import nn
+
+    from dermml.synth3d.features import _vgg_blocks, vgg16_features
+
+    # torchvision's vgg16().features numbering: convolutions at these indices (up to conv4_3).
+    convs = [m for b in _vgg_blocks((64, 128, 256, 512), (2, 2, 3, 3)) for m in b
+             if isinstance(m, nn.Conv2d)]
+    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21]
+    state = {}
+    for conv, index in zip(convs, indices, strict=True):
+        state[f"features.{index}.weight"] = torch.randn_like(conv.weight)
+        state[f"features.{index}.bias"] = torch.randn_like(conv.bias)
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    net = vgg16_features(str(path))
+    assert net.name.startswith("vgg16:")
+    assert torch.equal(net.blocks[0][0].weight, state["features.0.weight"])
+    assert torch.equal(net.blocks[3][1].weight, state["features.17.weight"])  # after the pool
+    assert [f.shape[1] for f in net(torch.rand(1, 3, 32, 32))] == [64, 128, 256, 512]

@@ -64,8 +64,9 @@ class BodiesConfig(Section):
 class PasteConfig(Section):
     """Placing lesions in body textures (DermSynth3D's SelectAndPaste)."""
 
-    lesions_per_body: int = Field(50, ge=1)
-    """Lesions pasted into each body's texture (blend.yaml num_paste)."""
+    lesions_per_body: int = Field(50, ge=1, le=255)
+    """Lesions pasted into each body's texture (blend.yaml num_paste); ids are stored as 8-bit
+    values in the texture's lesion mask, as DermSynth3D's."""
     view_size: int = Field(512, ge=32)
     """Side of the view a lesion is placed and blended through, pixels (gen_data --view_size)."""
     distance: Range = (0.4, 0.6)
