@@ -173,7 +173,7 @@ class Synth3DConfig(Section):
     blend: BlendConfig = BlendConfig()
     views: ViewsConfig = ViewsConfig()
     backend: Literal["auto", "torch", "embree", "pytorch3d"] = "auto"
-    """Rasterizer: auto = pytorch3d where importable, else the built-in torch one."""
+    """Rasterizer: auto = pytorch3d where importable and on a GPU, else the built-in torch one."""
     device: str = "auto"
     """torch device; auto = cuda when available."""
     seed: int = 0

@@ -186,7 +186,7 @@ def prepare_body(cfg: Synth3DConfig, job: BodyJob, out: str, lesions: list[Lesio
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     body = make_body(cfg, job)
-    scene = BodyScene(body, device, _backend(cfg))
+    scene = BodyScene(body, device, _backend(cfg, device))
     result.seconds["body"] = time.perf_counter() - started
     started = time.perf_counter()
     rng = np.random.default_rng([cfg.seed, job.index, 1])
@@ -228,10 +228,10 @@ def prepare_body(cfg: Synth3DConfig, job: BodyJob, out: str, lesions: list[Lesio
               lesion_ids, record, rows)
 
 
-def _backend(cfg: Synth3DConfig) -> str:
+def _backend(cfg: Synth3DConfig, device: torch.device) -> str:
     from dermml.synth3d.raster import resolve_backend
 
-    return resolve_backend(cfg.backend)
+    return resolve_backend(cfg.backend, device)
 
 
 # ----------------------------------------------------------------------- rendering views
@@ -246,7 +246,7 @@ def render_body_views(cfg: Synth3DConfig, job: BodyJob, out: str, result: BodyRe
     body, lesion_ids, record = load_saved_body(out, job.body_id)
     result.body = record
     device = resolve_device(cfg.device)
-    scene = BodyScene(body, device, _backend(cfg))
+    scene = BodyScene(body, device, _backend(cfg, device))
     scene.lesion_ids = torch.from_numpy(lesion_ids.astype(np.float32))[..., None].to(device)
     ids_at_texels = lesion_ids[scene.texel_rows, scene.texel_cols]
     lesion_texels = [np.nonzero(ids_at_texels == int(k))[0] for k in record["lesions"]]
