@@ -210,6 +210,53 @@ def manifest_dataset(manifest_uri: str, version: str):
                        digest=version[:DATASET_DIGEST_LENGTH])
 
 
+def log_params(params: dict[str, Any]) -> None:
+    """Params of the active run."""
+    import mlflow
+
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Finite metrics of the active run, as floats (NaN/inf, e.g. an undefined precision, are
+    left out: MLflow would store them but charts and comparisons break on them)."""
+    import mlflow
+
+    values = {k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}
+    if values:
+        mlflow.log_metrics(values, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tags of the active run."""
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def log_files(paths: list[str], artifact_path: str) -> None:
+    """Each existing file of ``paths`` into ``artifact_path`` of the active run."""
+    import mlflow
+
+    for path in paths:
+        if os.path.isfile(path):
+            mlflow.log_artifact(path, artifact_path)
+
+
+def log_folder(folder: str, artifact_path: str) -> None:
+    """A whole local folder (e.g. Data Docs) into ``artifact_path``, if it exists."""
+    import mlflow
+
+    if os.path.isdir(folder):
+        mlflow.log_artifacts(folder, artifact_path)
+
+
 def log_image(image: np.ndarray, artifact_file: str) -> None:
     import mlflow
 
