@@ -182,9 +182,7 @@ def synthesize(cfg: Synth3DConfig, out: str, *, use_ray: bool = True, ray_addres
 
     with tracking.stage_run(TASK, "synthesize", parent_run_id) as run:
         tracking.log_config(cfg)
-        import mlflow
-
-        mlflow.log_params({"out": out, "n_bodies": len(jobs), "ray": use_ray})
+        tracking.log_params({"out": out, "n_bodies": len(jobs), "ray": use_ray})
         outcome, results = _synthesize(cfg, out, jobs, lesions, use_ray, ray_address, progress)
         outcome.run_id = run.info.run_id
         log_outcome(outcome, results, out)
@@ -206,15 +204,13 @@ def _synthesize(cfg, out, jobs, lesions, use_ray, ray_address, progress):
 def log_outcome(outcome: SynthesisOutcome, results: list[BodyResult], out: str) -> None:
     """Counts, the dataset version, body records, a grid of views with their masks and the
     distributions of scene parameters and skin tones."""
-    import mlflow
-
     from dermml.orchestration import tracking
 
-    mlflow.log_metrics({k: float(v) for k, v in outcome.counts.items()})
+    tracking.log_metrics(outcome.counts)
     tracking.log_dataset(outcome.manifest_uri, outcome.version, context="synthesis")
     features = sorted({r.body.get("blend_features") or "" for r in results} - {""})
-    mlflow.set_tags({"synth3d.blend_features": ",".join(features) or "none",
-                     "synth3d.out": out})
+    tracking.set_tags({"synth3d.blend_features": ",".join(features) or "none",
+                       "synth3d.out": out})
     bodies = pd.DataFrame([{k: v for k, v in r.body.items() if k != "params"} for r in results])
     if not bodies.empty:
         tracking.log_table_csv(bodies, "bodies.csv")
@@ -228,7 +224,7 @@ def log_outcome(outcome: SynthesisOutcome, results: list[BodyResult], out: str) 
 
         plt.close(fig)
     data_csv = storage.join(out, "data.csv")
-    mlflow.log_text(storage.read_bytes(data_csv).decode(), "data.csv")
+    tracking.log_text(storage.read_bytes(data_csv).decode(), "data.csv")
 
 
 _ANATOMY_PALETTE = (np.random.default_rng(7).uniform(40, 255, (17, 3))).astype(np.uint8)
