@@ -280,3 +280,12 @@ def test_vgg16_features_load_from_a_local_torchvision_state_dict(tmp_path):
     assert torch.equal(net.blocks[0][0].weight, state["features.0.weight"])
     assert torch.equal(net.blocks[3][1].weight, state["features.17.weight"])  # after the pool
     assert [f.shape[1] for f in net(torch.rand(1, 3, 32, 32))] == [64, 128, 256, 512]
+
+
+def test_a_body_where_no_lesion_fits_reports_its_views_as_given_up(tmp_path, lesions_uri):
+    cfg = tiny_config(lesions_uri, paste={"max_depth_change": 1e-6, "attempts_per_lesion": 2})
+    result = run_body(cfg, BodyJob(0, "p0000", None, "train", (0, 1)), str(tmp_path),
+                      lesion_sources(lesions_uri))
+    assert not result.records and result.views_failed == 2
+    assert result.view_rejections["body_without_lesions"] == 2
+    assert result.placement_rejections["gave_up"] == cfg.paste.lesions_per_body

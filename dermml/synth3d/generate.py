@@ -252,12 +252,19 @@ def render_body_views(cfg: Synth3DConfig, job: BodyJob, out: str, result: BodyRe
     lesion_texels = [np.nonzero(ids_at_texels == int(k))[0] for k in record["lesions"]]
     lesion_texels = [t for t in lesion_texels if len(t)]
     backgrounds = Backgrounds(cfg.views.backgrounds)
+    hopeless = not lesion_texels and cfg.views.min_lesion_pixels > 0
     started = time.perf_counter()
     for k in job.views:
         file_id = view_id(job.body_id, k)
         if (existing is not None and file_id in existing) or \
                 storage.exists(storage.join(out, "params", f"{file_id}.json")):
             result.views_skipped += 1
+            if progress is not None:
+                progress(1)
+            continue
+        if hopeless:  # no lesion could be placed on this body: no view can show one
+            result.views_failed += 1
+            result.view_rejections["body_without_lesions"] += 1
             if progress is not None:
                 progress(1)
             continue

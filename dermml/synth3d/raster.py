@@ -97,7 +97,8 @@ def _edge_coefficients(face_xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """(F, 3, 3) coefficients (a, b, c) with bary_k = a*x + b*y + c, and (F,) signed area."""
     x, y = face_xy[..., 0].double(), face_xy[..., 1].double()
     # bary_0 is the edge function of edge (1, 2), and so on, divided by the signed area.
-    i, j = torch.tensor([1, 2, 0]), torch.tensor([2, 0, 1])
+    i = torch.tensor([1, 2, 0], device=face_xy.device)
+    j = torch.tensor([2, 0, 1], device=face_xy.device)
     a = y[:, i] - y[:, j]
     b = x[:, j] - x[:, i]
     c = x[:, i] * y[:, j] - x[:, j] * y[:, i]
