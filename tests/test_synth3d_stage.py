@@ -74,6 +74,8 @@ def test_synth3d_logs_counts_samples_and_distributions_to_mlflow(tracked_run, mo
     client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     run = client.get_run(run_id)
     assert run.data.metrics["views_written"] == 4
+    assert sum(v for k, v in run.data.metrics.items()
+               if k.startswith("bodies_skin_type.")) == 2
     assert any(k.startswith("rejected_") for k in run.data.metrics) or \
         run.data.metrics["lesions_placed"] == 4
     assert run.data.params["blend.method"] == "paste" and run.data.params["seed"] == "0"

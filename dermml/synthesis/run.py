@@ -160,6 +160,8 @@ def summarise(results: list[BodyResult]) -> dict[str, float]:
         "lesions_placed": sum(len(r.body.get("lesions", {})) for r in results)}
     counts.update({f"rejected_placements.{k}": v for k, v in sorted(placements.items())})
     counts.update({f"rejected_views.{k}": v for k, v in sorted(views.items())})
+    tones = Counter(r.body.get("skin_type") or "unknown" for r in results)
+    counts.update({f"bodies_skin_type.{k}": v for k, v in sorted(tones.items())})
     for stage in ("body", "paste", "blend", "views"):
         seconds = sum(r.seconds.get(stage, 0.0) for r in results)
         if seconds:
