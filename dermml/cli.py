@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, train, evaluate, "
-                  "registry, serve, pipeline, demo).", no_args_is_help=True,
+app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, synth3d, train, "
+                  "evaluate, registry, serve, pipeline, demo).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.",
                        no_args_is_help=True)
@@ -151,6 +151,47 @@ def validate_cmd(
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(1) from None
     typer.echo(outcome.report.summary())
+
+
+# ----------------------------------------------------------------------------- synth3d
+@app.command("synth3d")
+@cli_errors
+def synth3d_cmd(
+    out: Annotated[str, typer.Option(help="Output folder or s3:// prefix (rerun to resume)")],
+    lesions: Annotated[str | None, typer.Option(help="Segmentation manifest of the lesions to "
+                                                     "paste (needs masks)")] = None,
+    bodies: Annotated[str | None, typer.Option(
+        help="Folder of meshes (3DBodyTex <id>/model_highres_0_normalized.obj, or any OBJ "
+             "with a texture) or procedural:N")] = None,
+    views: Annotated[int | None, typer.Option(help="Views per body")] = None,
+    size: Annotated[int | None, typer.Option(help="View size in pixels")] = None,
+    blend: Annotated[str | None, typer.Option(help="paste, poisson or deep")] = None,
+    lesions_per_body: Annotated[int | None, typer.Option(help="Lesions pasted per body")]
+        = None,
+    backgrounds: Annotated[str | None, typer.Option(help="Folder of background images "
+                                                         "(default: procedural rooms)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same views")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML settings (see docs/synth3d.md)")]
+        = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Setting key=value, e.g. "
+                                                   "blend.steps=100")] = None,
+    ray: Annotated[bool, typer.Option(help="Run one Ray task per body (--no-ray: in this "
+                                           "process)")] = True,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow")] = True,
+    parent_run_id: Annotated[str | None, typer.Option(help="Parent MLflow run")] = None,
+):
+    """DermSynth3D: paste lesions into 3D body textures, blend them, render annotated views."""
+    from dermml.synthesis.run import resolve_config, synthesize
+
+    flags = {"lesions": lesions, "bodies.source": bodies, "views.per_body": views,
+             "views.size": size, "blend.method": blend, "paste.lesions_per_body":
+             lesions_per_body, "views.backgrounds": backgrounds, "seed": seed}
+    sets = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    cfg = resolve_config(config, sets)
+    outcome = synthesize(cfg, out, use_ray=ray, parent_run_id=parent_run_id, track=track)
+    typer.echo(json.dumps({"manifest": outcome.manifest_uri, "version": outcome.version,
+                           "views": outcome.n_views, "run_id": outcome.run_id,
+                           "counts": outcome.counts}, indent=2))
 
 
 # ----------------------------------------------------------------------------- train

@@ -127,7 +127,7 @@ def ddpm_scheduler(diffusion: GaussianDiffusion, eta: float = 0.0) -> Scheduler:
         thresholding=False, timestep_spacing="leading", steps_offset=0)
     # diffusers keeps its tables in float32 (ᾱ a cumprod of T float32 alphas), which moves a
     # step up to 1e-4 from the reference's (float64 tables cast per step); the same float64
-    # tables keep it within 5e-7 (tests/test_diffusion_core.py checks every schedule).
+    # tables keep it within 5e-7 (tests/models/test_diffusion_core.py checks every schedule).
     scheduler.betas, scheduler.alphas = diffusion.betas, diffusion.alphas
     scheduler.alphas_cumprod = diffusion.alphas_cumprod
     return scheduler

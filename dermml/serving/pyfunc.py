@@ -60,7 +60,7 @@ def _record_requested_params() -> None:
     import mlflow.pyfunc as pyfunc_module
 
     enforce = getattr(pyfunc_module, "_enforce_params_schema", None)
-    if enforce is None:  # another MLflow: serve anyway; tests/test_serving.py says what broke
+    if enforce is None:  # another MLflow: serve anyway; tests/serving/test_serving.py tells
         logging.getLogger(__name__).warning(
             "mlflow.pyfunc._enforce_params_schema not found (mlflow %s): params the signature "
             "lacks are ignored, not refused", mlflow.__version__)
