@@ -196,7 +196,7 @@ STAGES = ["start-pipeline-run", "prepare-data", "validate-data", "train-model",
           "register-model", "evaluate-model", "promote-model", "finish-pipeline-run"]
 
 
-def dermml_command(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+def dermml_command(*args: str, timeout: float = 540) -> subprocess.CompletedProcess:
     """``dermml ARGS`` in a subprocess, its stdout and stderr together as a person sees them."""
     return subprocess.run([sys.executable, "-m", "dermml.cli", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

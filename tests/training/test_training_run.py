@@ -1,4 +1,4 @@
-"""What a training run records in MLflow and prints on the console (in-process, ray off)."""
+"""What a training run records in MLflow and prints on the console; what it reads, and how often."""
 
 import re
 
