@@ -191,6 +191,12 @@ def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
+def stored_config(model_cls: type[T], data: dict) -> T:
+    """A config stored by an earlier DermML (a logged model's bundle, a run's config): keys
+    that have since moved out of their section are left out, so old models keep loading."""
+    return model_cls.model_validate(_moved_keys(model_cls, dict(data), drop=True))
+
+
 def _moved_keys(model: type[BaseModel], data: dict, drop: bool = False, source: Any = "",
                 prefix: str = "") -> dict:
     """``data`` checked for keys that moved out of their section (``Section.moved``): an error

@@ -246,6 +246,13 @@ def manifest_dataset(manifest_uri: str, version: str):
                        digest=version[:DATASET_DIGEST_LENGTH])
 
 
+def get_run(run_id: str):
+    """The MLflow run ``run_id`` (tags, metrics, params, status) from the tracking server."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri()).get_run(run_id)
+
+
 def log_params(params: dict[str, Any]) -> None:
     """Params of the active run."""
     import mlflow

@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import mlflow
-
 from dermml.config import dermml_home, load_config
 from dermml.orchestration import tracking
 from dermml.orchestration.training_hooks import log_loss_curve, training_hooks
@@ -33,12 +31,19 @@ class TrainOutcome:
 
 def resolve_config(task_name: str, config_path: str | None = None,
                    overrides: list[str] | None = None,
-                   resume_run_id: str | None = None) -> TaskConfig:
-    """Defaults < the resumed run's config (when no file is given) < file < overrides."""
+                   resume_run_id: str | None = None,
+                   synthetic_manifest: str = "") -> TaskConfig:
+    """Defaults < the resumed run's config (when no file is given) < file < overrides.
+
+    ``synthetic_manifest`` (e.g. the synthesis pipeline's output) is mixed into training
+    through the task's ``mix`` settings."""
     task = get_task(task_name)
     base: dict = {"task": task_name}
     if resume_run_id and not config_path:
         base = tracking.config_from_run(resume_run_id)
+    overrides = list(overrides or [])
+    if synthetic_manifest:
+        overrides.append(f"mix.synthetic_manifest={synthetic_manifest}")
     return load_config(task.config_cls, config_path, overrides, base=base)
 
 
@@ -77,7 +82,7 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
             tracking.log_config(cfg)
             counts = manifest.df["split"].value_counts().to_dict()
             tracking.log_dataset(manifest.uri, manifest.version, counts, context="training")
-            mlflow.log_param("seed", cfg.train.seed)
+            tracking.log_params({"seed": cfg.train.seed})
         if as_rayjob:
             return _train_as_rayjob(task_name, cfg, run_id, platform)
         # The checkpoint location is derived from the MLflow run, so rerunning with
@@ -90,22 +95,20 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
         else:
             result = _fit_in_process(inputs, run_id, progress)
         metrics = _final_metrics(result)
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         log_loss_curve(tracking.RunLog(run_id, tracking_uri), task.gate_metric)
         model_uri = _log_model_and_preview(inputs, result)
-        mlflow.set_tag("dermml.model_uri", model_uri)
+        tracking.set_tags({"dermml.model_uri": model_uri})
     return TrainOutcome(run_id=run_id, model_uri=model_uri, metrics=metrics)
 
 
 def _train_as_rayjob(task_name: str, cfg: TaskConfig, run_id: str,
                      platform: PlatformConfig) -> TrainOutcome:
     """The RayJob trains inside this run (``--resume``); read back what it logged."""
-    from mlflow.tracking import MlflowClient
-
     from dermml.orchestration.rayjob import train_as_rayjob
 
     train_as_rayjob(task_name, cfg, run_id, platform)
-    run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    run = tracking.get_run(run_id)
     if "dermml.model_uri" not in run.data.tags:
         raise RuntimeError(f"RayJob for run {run_id} succeeded but logged no model")
     return TrainOutcome(run_id, run.data.tags["dermml.model_uri"], dict(run.data.metrics))

@@ -79,3 +79,14 @@ def test_synthesis_pipeline_runs_locally_end_to_end(tmp_path):
                       "bodies.edge=0.07", "paste.view_size=96"]})
     manifest = read_manifest(str(tmp_path / "synth"))
     assert len(manifest.df) == 2 and outputs
+
+
+def test_synthetic_views_reach_the_mix_settings_of_every_task(tmp_path):
+    """The train component hands the synthesis output to resolve_config, which must put it
+    where the task reads it (a wrong key, data.mix..., failed the pipeline's train step)."""
+    from dermml.training.run import resolve_config
+
+    for task in ("segmentation", "classification", "attributes", "segdiff"):
+        cfg = resolve_config(task, None, ["data.manifest=m.parquet"],
+                             synthetic_manifest="s3://bucket/synthetic/manifest.parquet")
+        assert cfg.mix.synthetic_manifest == "s3://bucket/synthetic/manifest.parquet", task
