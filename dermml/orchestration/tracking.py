@@ -351,6 +351,10 @@ class RunLog:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
                                                     for k, v in metrics.items()])
 
+    def tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of metric ``key``; a step logged twice (an epoch trained again after
         a restart) keeps its latest value."""
