@@ -179,9 +179,15 @@ def test_refuses_to_overwrite_existing_dataset(tmp_path):
     assert (tmp_path / "manifest.parquet").read_bytes() == before
 
 
-def test_progress_bar_is_shown_when_asked(tmp_path, capsys):
+def test_progress_bar_is_shown_when_asked_and_on_a_terminal_only(tmp_path, capsys,
+                                                                  monkeypatch):
     generate_demo(str(tmp_path / "quiet"), n=2, size=32)
     assert "demo data" not in capsys.readouterr().err
+    generate_demo(str(tmp_path / "log"), n=2, size=32, progress=True)  # stderr is no terminal
+    assert "demo data" not in capsys.readouterr().err
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     generate_demo(str(tmp_path / "loud"), n=2, size=32, progress=True)
     assert "demo data" in capsys.readouterr().err
 

@@ -47,14 +47,14 @@ def test_training_pipeline_mixes_synthetic_views_in_through_the_train_component(
 
 
 def test_train_component_sets_the_mix_manifest(monkeypatch, tmp_path):
-    """The component adds data.mix.synthetic_manifest, as `dermml train --set` would."""
+    """The component hands the synthetic set to resolve_config (which puts it under mix:)."""
     import dermml.training.run as training_run
     from components.train import train_model
 
     seen = {}
 
-    def fake_resolve(task, config, sets):
-        seen["sets"] = sets
+    def fake_resolve(task, config, sets, synthetic_manifest=""):
+        seen["sets"], seen["synthetic"] = sets, synthetic_manifest
         raise RuntimeError("stop")
 
     monkeypatch.setattr(training_run, "resolve_config", fake_resolve)
@@ -62,7 +62,8 @@ def test_train_component_sets_the_mix_manifest(monkeypatch, tmp_path):
         train_model.python_func(task="segmentation", config="", overrides=[],
                                 manifest_uri="m.parquet", parent_run_id="",
                                 synthetic_manifest="s3://b/synth/manifest.parquet")
-    assert "data.mix.synthetic_manifest=s3://b/synth/manifest.parquet" in seen["sets"]
+    assert seen["synthetic"] == "s3://b/synth/manifest.parquet"
+    assert "data.manifest=m.parquet" in seen["sets"]
 
 
 @pytest.mark.integration

@@ -492,7 +492,13 @@ def test_a_column_missing_from_the_manifest_file_fails_required_columns(demo_dat
     assert validate(str(path), "segmentation", track=False, progress=False).report.passed
 
 
-def test_validation_shows_a_progress_bar_per_sample(demo_data, capsys):
+def test_validation_shows_a_progress_bar_per_sample_on_a_terminal(demo_data, capsys,
+                                                                   monkeypatch):
+    import sys
+
+    validate(demo_data, "segmentation", track=False, warn_only=True, progress=True)
+    assert "validating" not in capsys.readouterr().err  # a log file gets no bar
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     validate(demo_data, "segmentation", track=False, warn_only=True, progress=True)
     err = capsys.readouterr().err
     n = len(read_manifest(demo_data).df)
