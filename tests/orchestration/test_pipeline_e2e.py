@@ -147,6 +147,7 @@ def test_compiled_pipeline_yaml_holds_every_stage(tmp_path):
     assert "ghcr.io/dermml/dermml-gpu" in text and "ghcr.io/dermml/dermml:" in text
 
 
+@pytest.mark.slow  # the same pipeline as the segmentation test, another task: `make test-slow`
 def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
     """The same pipeline, another task: no special case anywhere but the parameter."""
     overrides = ["data.image_size=32", "data.batch_size=8", "model.backbone=resnet10t",
@@ -162,6 +163,7 @@ def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the same pipeline as the segmentation test, another task: `make test-slow`
 def test_pipeline_task_parameter_trains_evaluates_and_registers_segdiff(demo_data):
     """The diffusion task through the same pipeline: its suite, the shared evaluation (HD95
     included) with the model's default sampler, registry and gate."""

@@ -15,6 +15,7 @@ from dermml.training.run import resolve_config
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow  # local-checkpoint resume is in make test; S3 storage: `make test-slow`
 def test_killed_worker_resumes_from_s3_checkpoint(demo_data, s3_endpoint, tmp_path,
                                                   monkeypatch):
     monkeypatch.setenv("DERMML_FAULT_KILL_AT_EPOCH", "1")
