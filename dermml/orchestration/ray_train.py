@@ -26,14 +26,25 @@ STATE_FILE = "state.pt"
 
 
 class RayCheckpointer:
-    """Reports every epoch to Ray Train; rank 0 attaches the training state as a checkpoint."""
+    """Reports every epoch to Ray Train; rank 0 attaches the training state as a checkpoint.
+
+    ``start_state`` (an object ref of a state's bytes) is where a new run starts when Ray has no
+    checkpoint of its own: a Tune trial restored from its, or another trial's, checkpoint.
+    """
+
+    def __init__(self, start_state: Any = None):
+        self.start_state = start_state
 
     def load(self) -> dict | None:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            if self.start_state is None:
+                return None
+            import ray
+
+            return state_from_bytes(ray.get(self.start_state))
         with checkpoint.as_directory() as folder:
             return state_from_bytes(Path(folder, STATE_FILE).read_bytes())
 
@@ -76,7 +87,7 @@ def train_worker(config: dict[str, Any]) -> None:
         hooks = training_hooks(config["mlflow_run_id"], cfg.train.epochs, task.gate_metric,
                                uri=config["tracking_uri"])
     run_loop(task, cfg, parts, device, hooks=hooks,
-             checkpointer=_with_fault_injection(RayCheckpointer()))
+             checkpointer=_with_fault_injection(RayCheckpointer(config.get("start_state"))))
 
 
 def _shard_custom_sampler(loader, world_size: int, rank: int, seed: int) -> None:
@@ -159,8 +170,14 @@ def _input_error(exc: BaseException) -> BaseException | None:
 
 
 def fit_with_ray(task_name: str, cfg: TaskConfig, run_name: str, tracking_uri: str = "",
-                 mlflow_run_id: str = "") -> FitResult:
-    """Train with ``TorchTrainer``; the run named ``run_name`` resumes if it exists already."""
+                 mlflow_run_id: str = "", callbacks: list | None = None,
+                 start_state: Any = None, gpus_per_worker: float | None = None) -> FitResult:
+    """Train with ``TorchTrainer``; the run named ``run_name`` resumes if it exists already.
+
+    Hooks for Ray Tune trials (``orchestration/ray_tune.py``): ``callbacks`` (Ray Train
+    ``UserCallback``s, run by the controller on every report), ``start_state`` (see
+    ``RayCheckpointer``) and ``gpus_per_worker`` (a fraction of a GPU per worker).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -171,15 +188,21 @@ def fit_with_ray(task_name: str, cfg: TaskConfig, run_name: str, tracking_uri: s
         fs, key = storage._filesystem(path)  # same endpoint/credentials as every other s3 read
         fs_kwargs = {"storage_filesystem": fs}
         path = key
+    loop_config = {"task": task_name, "cfg": cfg.model_dump(), "tracking_uri": tracking_uri,
+                   "mlflow_run_id": mlflow_run_id}
+    if start_state is not None:
+        loop_config["start_state"] = start_state
+    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu and gpus_per_worker is not None:
+        resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"task": task_name, "cfg": cfg.model_dump(),
-                           "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=path, **fs_kwargs,
+            name=run_name, storage_path=path, **fs_kwargs, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
     )
