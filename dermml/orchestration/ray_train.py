@@ -129,6 +129,15 @@ def storage_path(cfg: TaskConfig) -> str:
     return cfg.ray.storage_path or str(dermml_home() / "ray_results")
 
 
+def ray_storage(path: str) -> tuple[str, dict[str, Any]]:
+    """A storage path as Ray's RunConfig takes it: ``s3://`` paths as a key plus the pyarrow
+    filesystem with DermML's endpoint and credentials (the same as every other s3 read)."""
+    if path.startswith("s3://"):
+        fs, key = storage._filesystem(path)
+        return key, {"storage_filesystem": fs}
+    return path, {}
+
+
 def ensure_ray(address: str = "") -> None:
     import ray
 
@@ -182,12 +191,7 @@ def fit_with_ray(task_name: str, cfg: TaskConfig, run_name: str, tracking_uri: s
     from ray.train.torch import TorchTrainer
 
     ensure_ray(cfg.ray.address)
-    path = storage_path(cfg)
-    fs_kwargs: dict[str, Any] = {}
-    if path.startswith("s3://"):
-        fs, key = storage._filesystem(path)  # same endpoint/credentials as every other s3 read
-        fs_kwargs = {"storage_filesystem": fs}
-        path = key
+    path, fs_kwargs = ray_storage(storage_path(cfg))
     loop_config = {"task": task_name, "cfg": cfg.model_dump(), "tracking_uri": tracking_uri,
                    "mlflow_run_id": mlflow_run_id}
     if start_state is not None:

@@ -167,8 +167,9 @@ def read_space(path: str) -> dict[str, Any]:
 class SearchConfig(Section):
     """One hyper-parameter search: what varies, how trials are chosen and stopped, how many."""
 
-    space: dict[str, str] = {}
-    """Dotted config key (as --set) -> distribution, e.g. train.lr: loguniform(1e-5, 1e-2)."""
+    space: dict[str, Any] = {}
+    """Dotted config key (as --set) -> distribution, e.g. train.lr: loguniform(1e-5, 1e-2)
+    (anything else is refused by ``check_space``, naming the key)."""
     search: Literal["random", "optuna", "hyperopt"] = "random"
     """How the next trial's values are chosen: random sampling, Optuna's TPE, HyperOpt's TPE."""
     scheduler: Literal["asha", "pbt", "none"] = "asha"
