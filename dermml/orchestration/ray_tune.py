@@ -396,6 +396,12 @@ class TrialRuns:
         outer = self
 
         class FinishTrialRuns(tune.Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                stop_runners(trial.trial_id)  # a PBT restart: the paused run's runner
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                _fault_kill_search()
+
             def on_trial_complete(self, iteration, trials, trial, **info):
                 stop_runners(trial.trial_id)
                 gate = trial.metric_analysis.get(f"val_{outer.gate_metric}", {})
@@ -408,6 +414,23 @@ class TrialRuns:
                              error_line(trial.get_pickled_error()))
 
         return FinishTrialRuns()
+
+
+_results_seen = 0
+
+
+def _fault_kill_search() -> None:
+    """Chaos knob for resume drills: ``DERMML_FAULT_KILL_SEARCH_AT_RESULT=N`` kills this
+    process (the search's driver) at the N-th trial result, as a lost pod or a Ctrl-C'd shell
+    would end it."""
+    import os
+    import signal
+
+    global _results_seen
+    at = os.environ.get("DERMML_FAULT_KILL_SEARCH_AT_RESULT")
+    _results_seen += 1
+    if at is not None and _results_seen == int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def stop_runners(trial_id: str) -> None:

@@ -90,9 +90,7 @@ def tune(task_name: str, cfg: TaskConfig, search: SearchConfig, resume: bool = F
     cfg = _placed_per_trial(cfg, search)
     as_rayjob = platform is not None and platform.ray_job.enabled
     if platform is not None:
-        from dermml.orchestration.platform import check_training_fits
-
-        check_training_fits(platform, cfg.ray, f"task {task_name!r} (each trial)")
+        _check_trials_fit(platform, cfg, search, task_name)
     if as_rayjob:
         from dermml.orchestration.rayjob import check_config
 
@@ -156,6 +154,21 @@ def tune_in_run(run_id: str) -> TuneOutcome:
     tracking.RunLog(run_id).set_status("RUNNING")
     return _search(task_name, cfg, search, distributions, run_id, experiment_id, manifest,
                    resume=can_resume(cfg, search.name))
+
+
+def _check_trials_fit(platform: PlatformConfig, cfg: TaskConfig, search: SearchConfig,
+                      task_name: str) -> None:
+    """A RayJob puts each trial worker in a pod of its own; otherwise the tune stage's pod
+    holds every concurrent trial's workers (whole GPUs each, unless shared by a fraction)."""
+    from dermml.orchestration.platform import check_training_fits
+
+    ray = cfg.ray
+    if not platform.ray_job.enabled:
+        shares_gpu = search.gpus_per_trial is not None and search.gpus_per_trial < 1
+        ray = ray.model_copy(update={"num_workers": ray.num_workers * search.concurrent,
+                                     "use_gpu": ray.use_gpu and not shares_gpu})
+    check_training_fits(platform, ray, f"task {task_name!r} with --concurrent "
+                                       f"{search.concurrent}")
 
 
 def _placed_per_trial(cfg: TaskConfig, search: SearchConfig) -> TaskConfig:

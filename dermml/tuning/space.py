@@ -10,12 +10,13 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field
 
-from dermml.config import ConfigError, Section, load_config, read_yaml_mapping
+from dermml.config import ConfigError, Section, load_config, read_yaml_mapping, shipped_config
 
 SHAPES = {
     "uniform": "uniform(LOW, HIGH)",
@@ -159,9 +160,25 @@ def check_space(space: dict[str, Any], config_cls: type[BaseModel], base: dict,
     return distributions
 
 
-def read_space(path: str) -> dict[str, Any]:
-    """The mapping of a space file (YAML): ``dotted.key: distribution`` per line."""
-    return read_yaml_mapping(path, "search space")
+def read_space(space: str) -> dict[str, Any]:
+    """The mapping of a space file (YAML: ``dotted.key: distribution`` per line), found as
+    given or among the shipped configs (``configs/segmentation/space.yaml`` in an image), or
+    the mapping written inline (``{train.lr: 'loguniform(1e-4, 1e-2)'}``, a pipeline
+    parameter)."""
+    path = Path(space)
+    if not path.is_file() and "configs" in path.parts:
+        shipped = shipped_config(*path.parts[len(path.parts) - path.parts[::-1].index("configs"):])
+        path = shipped if shipped is not None else path
+    if path.is_file() or not space.lstrip().startswith("{"):
+        return read_yaml_mapping(path, "search space")
+    try:
+        inline = yaml.safe_load(space)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"search space {space!r} is neither a file nor a YAML mapping: "
+                          f"{exc}") from None
+    if not isinstance(inline, dict):
+        raise ConfigError(f"search space {space!r} is neither a file nor a YAML mapping")
+    return inline
 
 
 class SearchConfig(Section):
