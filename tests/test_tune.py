@@ -1,0 +1,231 @@
+"""Ray Tune searches (`dermml tune`): trials are real training runs tracked as MLflow child runs
+of one parent; ASHA stops trailing trials; a killed search resumes; the best model becomes the
+challenger and the gate decides; bad space files never start Ray."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import BIN, tiny_overrides
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from dermml.cli import app
+
+pytestmark = pytest.mark.integration
+
+# lr 0.03 learns the demo lesions in an epoch; lr 1e-5 leaves the network where it started
+# (val_dice ~0.2: every pixel "lesion"). With one trial at a time, ASHA (grace 1, factor 2)
+# compares each trial's first epoch with the trials before it: seed 0 samples 0.03 first, so
+# every later 1e-5 trial falls below the median of the first-epoch scores and is stopped.
+SPACE = "train.lr: choice([0.03, 0.00001])\nloss.0.weight: uniform(0.5, 2)\n"
+
+
+def tune_args(demo_data: str, space: Path, *extra: str, epochs: int = 3) -> list[str]:
+    sets = [f"--set={o}" for o in tiny_overrides(demo_data, epochs, ray=True)]
+    return ["tune", "segmentation", "--space", str(space), *sets, "--search", "random",
+            "--scheduler", "asha", "--seed", "0", *extra]
+
+
+def children(client: MlflowClient, parent_run_id: str) -> list:
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.fixture(scope="module")
+def searched(demo_data, tmp_path_factory):
+    """One seeded 4-trial search on the demo data, one trial at a time (~1 min)."""
+    import ray
+
+    home = tmp_path_factory.mktemp("tune-home")
+    space = home / "space.yaml"
+    space.write_text(SPACE)
+    saved = os.environ.get("DERMML_HOME")
+    os.environ["DERMML_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        result = CliRunner().invoke(app, tune_args(demo_data, space, "--trials", "4",
+                                                   "--concurrent", "1"))
+        assert result.exit_code == 0, result.output
+        outcome = yaml.safe_load(result.output[:result.output.rindex("}") + 1])
+        yield {"home": home, "outcome": outcome, "uri": f"sqlite:///{home / 'mlflow.db'}"}
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("DERMML_HOME", None)
+        else:
+            os.environ["DERMML_HOME"] = saved
+
+
+def test_a_search_is_one_parent_run_with_a_child_run_per_trial(searched, tmp_path):
+    client = MlflowClient(searched["uri"])
+    parent = client.get_run(searched["outcome"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["dermml.stage"] == "tune"
+    experiment = parent.info.experiment_id
+    assert len(client.search_runs([experiment], "tags.`dermml.stage` = 'tune'")) == 1
+    trials = children(client, parent.info.run_id)
+    assert len(trials) == 4 and all(t.info.status == "FINISHED" for t in trials)
+    table = client.download_artifacts(parent.info.run_id, "tune/trials.csv", str(tmp_path))
+    import pandas as pd
+
+    rows = pd.read_csv(table).set_index("run_id")
+    assert len(rows) == 4
+    for trial in trials:
+        row = rows.loc[trial.info.run_id]
+        params = trial.data.params
+        # The sampled values are the trial's params and the config it trained with.
+        assert float(params["tune.train.lr"]) == row["train.lr"]
+        assert float(params["train.lr"]) == row["train.lr"]
+        assert float(params["tune.loss.0.weight"]) == pytest.approx(row["loss.0.weight"])
+        assert f"'weight': {params['tune.loss.0.weight']}" in params["loss"]
+        epochs = int(trial.data.metrics["epochs_run"])
+        assert len(client.get_metric_history(trial.info.run_id, "val_dice")) == epochs
+        assert trial.data.metrics["best_val_gate"] == pytest.approx(row["best_val_dice"])
+        assert trial.data.tags["dermml.tune.stop_reason"] == row["stop_reason"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune")}
+    assert {"tune/trials.csv", "tune/parallel_coordinates.png", "tune/best_config.yaml",
+            "tune/space.yaml"} <= artifacts
+    best = client.download_artifacts(parent.info.run_id, "tune/best_config.yaml", str(tmp_path))
+    best_cfg = yaml.safe_load(Path(best).read_text())
+    assert best_cfg["train"]["lr"] == searched["outcome"]["best_values"]["train.lr"] == 0.03
+    assert parent.data.metrics["best_val_dice"] == max(rows["best_val_dice"])
+
+
+def test_asha_stops_the_trials_that_trail_after_their_first_epoch(searched):
+    rows = searched["outcome"]
+    client = MlflowClient(searched["uri"])
+    trials = sorted(children(client, rows["run_id"]), key=lambda t: t.data.tags[
+        "dermml.tune.trial_id"])
+    lrs = [float(t.data.params["train.lr"]) for t in trials]
+    assert lrs[0] == 0.03 and 0.00001 in lrs[1:]  # what the seed makes certain
+    for trial, lr in zip(trials, lrs, strict=True):
+        reason = trial.data.tags["dermml.tune.stop_reason"]
+        if lr == 0.00001:
+            assert reason == "stopped by asha after epoch 1/3"
+            assert trial.data.metrics["epochs_run"] == 1
+        else:
+            assert reason == "completed" and trial.data.metrics["epochs_run"] == 3
+    assert client.get_run(rows["run_id"]).data.metrics["trials_stopped_early"] >= 1
+
+
+def test_the_best_trial_is_registered_as_challenger_and_the_gate_decides(searched, demo_data,
+                                                                         monkeypatch):
+    monkeypatch.setenv("DERMML_HOME", str(searched["home"]))
+    from dermml.registry.gate import CHALLENGER, promote
+
+    outcome = searched["outcome"]
+    client = MlflowClient(searched["uri"], registry_uri=searched["uri"])
+    version = client.get_model_version_by_alias("dermml-segmentation", CHALLENGER)
+    assert str(version.version) == outcome["version"]
+    assert version.run_id == outcome["best_run_id"]
+    decision = promote("segmentation", outcome["version"], demo_data, "test")
+    assert decision.promoted and decision.reason == "first model: no champion to beat"
+    assert decision.metric == "dice" and 0 < decision.challenger_score <= 1
+
+
+def test_a_killed_search_resumes_with_exactly_one_run_per_trial(demo_data, tmp_path,
+                                                                monkeypatch):
+    """The driver dies at the 2nd epoch result (trial 0 mid-way, trial 1 not started); the
+    same command with --resume finishes both trials in their first runs."""
+    import ray
+
+    space = tmp_path / "space.yaml"
+    space.write_text("train.lr: loguniform(0.003, 0.03)\n")
+    args = tune_args(demo_data, space, "--trials", "2", "--concurrent", "1", "--no-register",
+                     "--scheduler", "none", epochs=4)
+    env = dict(os.environ, DERMML_FAULT_KILL_SEARCH_AT_RESULT="2", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    killed = subprocess.Popen([str(BIN / "dermml"), *args], env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = killed.communicate(timeout=300)
+    finally:
+        try:  # the Ray processes the killed driver started
+            os.killpg(killed.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert killed.returncode == -signal.SIGKILL, output[-3000:]
+    uri = f"sqlite:///{tmp_path / 'dermml-home' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name(
+        "dermml/segmentation").experiment_id], "tags.`dermml.stage` = 'tune'")
+    assert parent.info.status == "RUNNING"
+    assert len(children(client, parent.info.run_id)) == 1
+
+    again = CliRunner().invoke(app, args)  # without --resume: refused, naming the flag
+    assert again.exit_code == 2 and "--resume" in again.output
+    try:
+        result = CliRunner().invoke(app, [*args, "--resume"])
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    runs = client.search_runs([parent.info.experiment_id], "tags.`dermml.stage` = 'tune'")
+    assert [r.info.run_id for r in runs] == [parent.info.run_id]
+    assert runs[0].info.status == "FINISHED"
+    trials = children(client, parent.info.run_id)
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    for trial in trials:
+        assert trial.data.metrics["epochs_run"] == 4
+        steps = {m.step for m in client.get_metric_history(trial.info.run_id, "val_dice")}
+        assert steps == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ("train.lrr: loguniform(1e-5, 1e-2)\n", "train.lrr: loguniform(1e-5, 1e-2) gives 1e-05, "
+     "which the config refuses: unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    ("train.lr: loguniform(0, 1e-2)\n", "train.lr: 'loguniform(0, 1e-2)': loguniform needs "
+     "0 < LOW"),
+    ("train.lr: lognormal(1, 2)\n", "unknown distribution 'lognormal'"),
+    ("train.lr: 0.01\n", "train.lr: 0.01 is not a distribution"),
+    ("train.lr: uniform(1e-3)\n", "'uniform(1e-3)' needs 2 numbers"),
+    ("train.epochs: uniform(2, 4)\n", "train.epochs: uniform(2, 4) gives 2.74, which the config "
+     "refuses: train.epochs: Input should be a valid integer"),
+    ("model.arch: choice([small_unet, transformer])\n", "gives 'transformer', which the config "
+     "refuses"),
+    ("loss.2.weight: uniform(0.5, 2)\n", "loss is a list of 2 item(s); give its index"),
+    ("ray.num_workers: randint(1, 4)\n", "ray.num_workers: what a trial trains on and where "
+     "it runs is not a hyper-parameter"),
+    ("train.lr: [0.1\n", "is not valid YAML"),
+    ("", "no keys to search"),
+])
+def test_a_bad_space_file_is_one_line_before_ray_starts(space, message, demo_data, tmp_path,
+                                                        dermml_home):
+    import ray
+
+    path = tmp_path / "space.yaml"
+    path.write_text(space)
+    result = CliRunner().invoke(app, tune_args(demo_data, path, "--trials", "2"))
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith(f"error: {path}") or lines[0].startswith("error: search space")
+    assert message in lines[0], lines[0]
+    assert not ray.is_initialized()
+    assert not (dermml_home / "ray_results").exists() and not (dermml_home / "mlflow.db").exists()
+
+
+def test_settings_that_cannot_work_together_are_refused_before_ray(demo_data, tmp_path):
+    import ray
+
+    path = tmp_path / "space.yaml"
+    for space, extra, message in (
+            ("model.base_channels: choice([8, 16])", ["--scheduler", "pbt"],
+             "--scheduler pbt restarts trials from other trials' checkpoints, so it cannot "
+             "vary the network"),
+            ("train.lr: loguniform(1e-4, 1e-2)", ["--search", "optuna", "--scheduler", "pbt"],
+             "use --search random with it"),
+            ("train.lr: loguniform(1e-4, 1e-2)", ["--grace-period", "3"],
+             "must be below train.epochs=3"),
+            ("train.lr: loguniform(1e-4, 1e-2)", ["--search", "grid"],
+             "--search: Input should be 'random', 'optuna' or 'hyperopt'"),
+            ("train.lr: loguniform(1e-4, 1e-2)", ["--metric", "dice"],
+             "trials report train_loss and val_<metric>")):
+        path.write_text(space + "\n")
+        result = CliRunner().invoke(app, tune_args(demo_data, path, *extra))
+        assert result.exit_code == 2 and message in result.output, (extra, result.output)
+    assert not ray.is_initialized()
