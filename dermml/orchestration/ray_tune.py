@@ -321,7 +321,8 @@ def _search_algorithm(search: SearchConfig, metric: str, mode: str):
         return HyperOptSearch(metric=metric, mode=mode, random_state_seed=search.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=search.seed)
+    # A generator, not a Searcher: Tune ignores max_concurrent_trials for it.
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=search.concurrent)
 
 
 def _scheduler(search: SearchConfig, distributions: list[Distribution], epochs: int):
