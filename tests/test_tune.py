@@ -2,12 +2,11 @@
 of one parent; ASHA stops trailing trials; a killed search resumes; the best model becomes the
 challenger and the gate decides; bad space files never start Ray."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -155,10 +154,8 @@ def test_a_killed_search_resumes_with_exactly_one_run_per_trial(demo_data, tmp_p
     try:
         output, _ = killed.communicate(timeout=300)
     finally:
-        try:  # the Ray processes the killed driver started
+        with contextlib.suppress(ProcessLookupError):  # the Ray processes it started
             os.killpg(killed.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert killed.returncode == -signal.SIGKILL, output[-3000:]
     uri = f"sqlite:///{tmp_path / 'dermml-home' / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -18,6 +18,7 @@ the trial goes (its last call, or missed heartbeats) it aborts the Train run gra
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import queue
 import threading
@@ -79,6 +80,9 @@ def run_trial(config: dict[str, Any], context: TrialContext) -> None:
     cfg = trial_config(get_task(context.task).config_cls, context.base, sample)
     run = tracking.RunLog(trial_run_id(context, trial_id, cfg), context.tracking_uri)
     start_state, start_epoch = _start_state(cfg)
+    if start_epoch >= cfg.train.epochs:  # restored from a last-epoch checkpoint (PBT, resume)
+        run.tags({TAG_STOP: "completed"})
+        return
     if context.scheduler == "pbt":  # perturbed values, from the epoch they apply
         run.metrics({f"hp/{k}": v for k, v in sample.items()
                      if isinstance(v, int | float) and not isinstance(v, bool)}, start_epoch)
@@ -237,14 +241,11 @@ class TrialTraining:
         if not self._stopping.acquire(blocking=False):
             return
         if self._training.is_alive() and self._controller is not None:
-            try:
+            # The controller exits while aborting (an error here): that is the success case.
+            with contextlib.suppress(Exception):
                 ray.get(self._controller.abort.remote(), timeout=120)
-            except Exception:  # the controller exits while aborting: that is the success case
-                pass
-        try:
+        with contextlib.suppress(Exception):  # a leftover folder is not worth a failed trial
             storage.delete(self._run_uri)
-        except Exception:  # a leftover folder is not worth a failed trial
-            pass
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def _watch(self) -> None:
@@ -335,8 +336,7 @@ def _scheduler(search: SearchConfig, distributions: list[Distribution], epochs: 
     if search.scheduler == "pbt":
         return PopulationBasedTraining(
             time_attr="training_iteration", perturbation_interval=search.perturbation_interval,
-            hyperparam_mutations={d.key: tune_domain(d) for d in distributions},
-            synch=False, seed=search.seed)
+            hyperparam_mutations={d.key: tune_domain(d) for d in distributions}, synch=False)
     return FIFOScheduler()
 
 
@@ -441,10 +441,8 @@ def stop_runners(trial_id: str) -> None:
 
     for name in ray.util.list_named_actors():
         if name.startswith(f"{RUNNER_PREFIX}{trial_id}-"):
-            try:
+            with contextlib.suppress(ValueError):  # gone meanwhile
                 ray.get_actor(name).stop.remote()
-            except ValueError:  # gone meanwhile
-                pass
 
 
 def error_line(exc: BaseException | None) -> str:
@@ -487,7 +485,9 @@ def run_search(cfg: Any, search: SearchConfig, distributions: list[Distribution]
                 reuse_actors=False),
             run_config=tune.RunConfig(
                 name=context.search_name, storage_path=path, **fs_kwargs,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                # PBT restores trials from others' checkpoints: keep enough of them.
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=4 if search.scheduler == "pbt" else 2),
                 failure_config=tune.FailureConfig(max_failures=0),
                 callbacks=[trial_runs.callback()], verbose=1))
     grid = tuner.fit()

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import yaml
-
 from pydantic import ValidationError
 
 from dermml.config import ConfigError, load_config, validation_problems
@@ -251,7 +250,7 @@ def _report(task_name: str, cfg: TaskConfig, search: SearchConfig, outcomes, tri
     """The parent run's trials table, plot, best config and metrics; the best model logged."""
     import pandas as pd
 
-    from dermml.orchestration.ray_tune import TAG_STOP, TAG_TRIAL, read_state
+    from dermml.orchestration.ray_tune import TAG_STOP, read_state
     from dermml.training.loop import FitResult
     from dermml.training.run import _log_model_and_preview
     from dermml.tuning.space import trial_config
