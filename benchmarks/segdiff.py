@@ -1,6 +1,7 @@
 """DermoSegDiff speed: training images/s and peak memory, eager fp32 (the baseline: the
 reference's training step) vs. DermML's path (bf16 autocast, channels_last, fused Adam,
-torch.compile), and sampling time per image, DDPM-250 x ensemble 5 (reference) vs. DDIM-K.
+torch.compile), and sampling time per image, DDPM-250 x ensemble 5 (reference) vs. DDIM-K
+and DPM-Solver++-K.
 
 Needs torch and DermML's model modules only (dermml.models.dermosegdiff/diffusion,
 dermml.losses.diffusion; pydantic for the config), so it runs on any GPU machine:
@@ -22,6 +23,7 @@ import torch
 from dermml.losses.diffusion import diffusion_loss
 from dermml.models.dermosegdiff import DermoSegDiffConfig, DermoSegDiffUNet
 from dermml.models.diffusion import GaussianDiffusion, beta_schedule, ensemble_masks, sample
+from dermml.models.schedulers import get_sampler
 from dermml.training.loop import LoopConfig, amp_dtype
 
 SMALL = DermoSegDiffConfig(dim_x=32, dim_g=16, dim_x_mults=[1, 2, 3, 4],
@@ -84,6 +86,7 @@ def sampling_seconds(cfg: DermoSegDiffConfig, size: int, device: torch.device, s
     """Seconds to segment one image: ``ensemble`` samples in one batch, then averaged."""
     model = DermoSegDiffUNet(cfg).to(device).eval()
     diffusion = GaussianDiffusion(beta_schedule("linear", 250))
+    spec = get_sampler(sampler)
     g = torch.rand(ensemble, 3, size, size, device=device)
     amp = torch.autocast("cuda", dtype=_amp_dtype()) if ours and device.type == "cuda" \
         else contextlib.nullcontext()
@@ -91,7 +94,7 @@ def sampling_seconds(cfg: DermoSegDiffConfig, size: int, device: torch.device, s
         sync(device)
         start = time.perf_counter()
         x0, _ = sample(lambda x, t: model(x, t, g).float(), (ensemble, 1, size, size),
-                       diffusion, sampler, steps, device=device,
+                       spec.build(diffusion, 0.0), spec.steps(steps, 250), device=device,
                        generator=torch.Generator(device=device).manual_seed(0))
         ensemble_masks(list(x0.split(1)))
         sync(device)
@@ -105,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="timed training steps")
     parser.add_argument("--ddim-steps", type=int, default=25)
+    parser.add_argument("--dpm-steps", type=int, default=20)
     parser.add_argument("--ensemble", type=int, default=5)
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto")
     args = parser.parse_args()
@@ -126,8 +130,11 @@ def main() -> None:
     ddpm = sampling_seconds(cfg, args.size, device, "ddpm", None, args.ensemble, True)
     ddim = sampling_seconds(cfg, args.size, device, "ddim", args.ddim_steps, args.ensemble, True)
     print(f"sample DDPM-250 x {args.ensemble}     : {ddpm:8.2f} s/image")
+    dpm = sampling_seconds(cfg, args.size, device, "dpm", args.dpm_steps, args.ensemble, True)
     print(f"sample DDIM-{args.ddim_steps} x {args.ensemble}      : {ddim:8.2f} s/image"
           f"   speed-up x{ddpm / ddim:.1f}")
+    print(f"sample DPM-{args.dpm_steps} x {args.ensemble}       : {dpm:8.2f} s/image"
+          f"   speed-up x{ddpm / dpm:.1f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from components.image import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_model(task: str, config: str, overrides: list, manifest_uri: str,
-                parent_run_id: str, platform: str = ""
+                parent_run_id: str, platform: str = "", synthetic_manifest: str = ""
                 ) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
     from collections import namedtuple
 
@@ -20,7 +20,7 @@ def train_model(task: str, config: str, overrides: list, manifest_uri: str,
 
     with failing_parent(parent_run_id):  # a bad override fails before the stage's run exists
         sets = [str(o) for o in overrides] + [f"data.manifest={manifest_uri}"]
-        cfg = resolve_config(task, config or None, sets)
+        cfg = resolve_config(task, config or None, sets, synthetic_manifest=synthetic_manifest)
         outcome = train(task, cfg, parent_run_id=parent_run_id, progress=False,
                         platform=platform_from_json(platform))
     return namedtuple("TrainOutputs", ["run_id", "model_uri"])(outcome.run_id, outcome.model_uri)

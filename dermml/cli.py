@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, train, tune, "
+app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, synth3d, train, tune, "
                   "evaluate, registry, serve, pipeline, demo).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.",
@@ -153,6 +153,47 @@ def validate_cmd(
     typer.echo(outcome.report.summary())
 
 
+# ----------------------------------------------------------------------------- synth3d
+@app.command("synth3d")
+@cli_errors
+def synth3d_cmd(
+    out: Annotated[str, typer.Option(help="Output folder or s3:// prefix (rerun to resume)")],
+    lesions: Annotated[str | None, typer.Option(help="Segmentation manifest of the lesions to "
+                                                     "paste (needs masks)")] = None,
+    bodies: Annotated[str | None, typer.Option(
+        help="Folder of meshes (3DBodyTex <id>/model_highres_0_normalized.obj, or any OBJ "
+             "with a texture) or procedural:N")] = None,
+    views: Annotated[int | None, typer.Option(help="Views per body")] = None,
+    size: Annotated[int | None, typer.Option(help="View size in pixels")] = None,
+    blend: Annotated[str | None, typer.Option(help="paste, poisson or deep")] = None,
+    lesions_per_body: Annotated[int | None, typer.Option(help="Lesions pasted per body")]
+        = None,
+    backgrounds: Annotated[str | None, typer.Option(help="Folder of background images "
+                                                         "(default: procedural rooms)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed: same seed, same views")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML settings (see docs/synth3d.md)")]
+        = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Setting key=value, e.g. "
+                                                   "blend.steps=100")] = None,
+    ray: Annotated[bool, typer.Option(help="Run one Ray task per body (--no-ray: in this "
+                                           "process)")] = True,
+    track: Annotated[bool, typer.Option(help="Log the run to MLflow")] = True,
+    parent_run_id: Annotated[str | None, typer.Option(help="Parent MLflow run")] = None,
+):
+    """DermSynth3D: paste lesions into 3D body textures, blend them, render annotated views."""
+    from dermml.synthesis.run import resolve_config, synthesize
+
+    flags = {"lesions": lesions, "bodies.source": bodies, "views.per_body": views,
+             "views.size": size, "blend.method": blend, "paste.lesions_per_body":
+             lesions_per_body, "views.backgrounds": backgrounds, "seed": seed}
+    sets = [*(set_ or []), *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    cfg = resolve_config(config, sets)
+    outcome = synthesize(cfg, out, use_ray=ray, parent_run_id=parent_run_id, track=track)
+    typer.echo(json.dumps({"manifest": outcome.manifest_uri, "version": outcome.version,
+                           "views": outcome.n_views, "run_id": outcome.run_id,
+                           "counts": outcome.counts}, indent=2))
+
+
 # ----------------------------------------------------------------------------- train
 @app.command("train")
 @cli_errors
@@ -179,7 +220,12 @@ def train_cmd(
              "with ray_job.enabled the training runs as a KubeRay RayJob; without it, "
              "training runs here")] = None,
 ):
-    """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI."""
+    """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI.
+
+    The console gets one line per epoch; everything else (Ray, MLflow) goes to
+    $DERMML_HOME/logs/train-<time>/train.log, also logged to the run."""
+    from dermml.orchestration.console import captured, new_log_dir
+    from dermml.orchestration.ray_train import shutdown_ray
     from dermml.orchestration.tracking import ui_command
     from dermml.training.run import resolve_config, train
 
@@ -189,31 +235,35 @@ def train_cmd(
         raise ValueError("--platform places a single training run; cross-validation and weak "
                          "labels train here (drop --platform, or --folds/--wl-train/--sl-train)")
     cfg = resolve_config(task, config, set_, resume_run_id=resume)
-    if folds:
-        from dermml.training.schemes import cross_validate
+    if (wl_train or sl_train) and not (wl_train and sl_train):
+        raise ValueError("weak labels need both --wl-train SPLIT and --sl-train SPLIT")
+    with captured("train", new_log_dir("train") / "train.log"):
+        try:
+            if folds:
+                from dermml.training.schemes import cross_validate
 
-        cv = cross_validate(task, cfg, folds, parent_run_id)
-        typer.echo(json.dumps({"run_id": cv.run_id, "folds": [o.run_id for o in cv.folds],
-                               "mean": cv.mean, "std": cv.std}, indent=2))
-    elif wl_train or sl_train:
-        if not (wl_train and sl_train):
-            raise ValueError("weak labels need both --wl-train SPLIT and --sl-train SPLIT")
-        from dermml.training.schemes import train_with_weak_labels
+                cv = cross_validate(task, cfg, folds, parent_run_id)
+                result = {"run_id": cv.run_id, "folds": [o.run_id for o in cv.folds],
+                          "mean": cv.mean, "std": cv.std}
+            elif wl_train:
+                from dermml.training.schemes import train_with_weak_labels
 
-        wl = train_with_weak_labels(task, cfg, wl_train, sl_train, repeats,
-                                    parent_run_id=parent_run_id)
-        typer.echo(json.dumps({"run_id": wl.run_id, "model_uri": wl.model_uri,
-                               "rounds": wl.rounds}, indent=2))
-    else:
-        placed = None
-        if platform:
-            from dermml.orchestration.platform import load_platform
+                wl = train_with_weak_labels(task, cfg, wl_train, sl_train, repeats,
+                                            parent_run_id=parent_run_id)
+                result = {"run_id": wl.run_id, "model_uri": wl.model_uri, "rounds": wl.rounds}
+            else:
+                placed = None
+                if platform:
+                    from dermml.orchestration.platform import load_platform
 
-            placed = load_platform(platform)
-        outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume,
-                        platform=placed)
-        typer.echo(json.dumps({"run_id": outcome.run_id, "model_uri": outcome.model_uri,
-                               "metrics": outcome.metrics}, indent=2))
+                    placed = load_platform(platform)
+                outcome = train(task, cfg, parent_run_id=parent_run_id, resume_run_id=resume,
+                                platform=placed)
+                result = {"run_id": outcome.run_id, "model_uri": outcome.model_uri,
+                          "metrics": outcome.metrics}
+        finally:
+            shutdown_ray()  # Ray's last forwarded worker lines land in the log, not later
+    typer.echo(json.dumps(result, indent=2))
     typer.echo(f"MLflow UI: {ui_command()}")
 
 
@@ -312,8 +362,8 @@ def evaluate_cmd(
                           "--compare sampler=ddim,steps=25 (repeat; k=v,k=v)")] = None,
 ):
     """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
+    from dermml.config import parse_params
     from dermml.evaluation.run import compare_settings, evaluate
-    from dermml.orchestration.kfp_local import parse_params
     from dermml.registry.gate import record_evaluation
 
     if compare:
@@ -342,7 +392,8 @@ def predict_cmd(
     out: Annotated[str, typer.Option(help="Folder for masks / label maps and predictions.csv")],
     param: Annotated[list[str] | None, typer.Option("--param", help="Serving param k=v")]
         = None,
-    sampler: Annotated[str | None, typer.Option(help="Diffusion models: ddpm or ddim")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        help="Diffusion models: ddpm, ddim or dpm")] = None,
     steps: Annotated[int | None, typer.Option(help="Diffusion models: sampling steps")] = None,
     ensemble: Annotated[int | None, typer.Option(help="Diffusion models: samples averaged")]
         = None,
@@ -351,8 +402,8 @@ def predict_cmd(
     import base64
 
     from dermml import storage
+    from dermml.config import parse_params
     from dermml.data.images import load_image
-    from dermml.orchestration.kfp_local import parse_params
     from dermml.orchestration.tracking import load_python_model
     from dermml.registry.gate import champion_uri
     from dermml.serving.pyfunc import request_frame
@@ -462,14 +513,15 @@ def pipeline_run(
                                                                       "key=value")] = None,
 ):
     """Run a pipeline; `--local` executes every component here, against the same MLflow."""
-    from dermml.orchestration.kfp_local import PipelineFailed, parse_params, run_local
+    from dermml.config import parse_params
+    from dermml.orchestration.kfp_local import PipelineFailed, run_local
     from pipelines import get_pipeline
 
     if not local:
         typer.secho("`pipeline run` executes locally (--local); to run on a cluster use "
                     "`dermml pipeline submit NAME --host URL`", fg="red", err=True)
         raise typer.Exit(2)
-    try:
+    try:  # the console gets a line per stage and epoch; logs go to $DERMML_HOME/logs
         outputs = run_local(get_pipeline(name), parse_params(param or []))
     except PipelineFailed as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
@@ -492,7 +544,8 @@ def pipeline_compile(
         = None,
 ):
     """Write the KFP IR YAML of a pipeline, with Kubernetes placement from the platform config."""
-    from dermml.orchestration.kfp_local import compile_pipeline, parse_params
+    from dermml.config import parse_params
+    from dermml.orchestration.kfp_local import compile_pipeline
     from pipelines import get_pipeline
 
     compile_pipeline(get_pipeline(name), str(out), platform, parse_params(param or []))
@@ -526,8 +579,8 @@ def pipeline_submit(
     platform: PlatformOpt = None, param: ParamOpt = None,
 ):
     """Upload the pipeline to a KFP instance and start a run."""
+    from dermml.config import parse_params
     from dermml.orchestration.kfp_client import submit
-    from dermml.orchestration.kfp_local import parse_params
     from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
@@ -547,8 +600,8 @@ def pipeline_schedule(
     max_concurrency: Annotated[int, typer.Option(help="Concurrent runs at most")] = 1,
 ):
     """Create a recurring run (cron) of the pipeline on a KFP instance."""
+    from dermml.config import parse_params
     from dermml.orchestration.kfp_client import schedule
-    from dermml.orchestration.kfp_local import parse_params
     from pipelines import get_pipeline
 
     target = _target(host, experiment, namespace, service_account, pipeline_root, platform)
@@ -567,10 +620,15 @@ def demo_cmd(
     port: Annotated[int, typer.Option(help="Port for the model server")] = 5055,
 ):
     """The whole job end to end on embedded defaults, then one real HTTP prediction."""
+    from dermml.orchestration.kfp_local import PipelineFailed
     from dermml.quickstart import run_demo
     from pipelines import get_pipeline
 
-    run_demo(get_pipeline("training"), n=n, size=size, epochs=epochs, port=port)
+    try:
+        run_demo(get_pipeline("training"), n=n, size=size, epochs=epochs, port=port)
+    except PipelineFailed as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

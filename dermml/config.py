@@ -71,16 +71,29 @@ def shipped_config(*parts: str) -> Path | None:
     return None
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML (numbers, lists, bools)."""
+def parse_key_value(item: str, flag: str = "--set",
+                    example: str = "train.epochs=5") -> tuple[str, Any]:
+    """``key=value`` -> (key, value), the value parsed as YAML (numbers, lists, bools; text
+    that is not YAML stays text): the one parser of ``--set``, ``--param`` and suite overrides."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set train.epochs=5")
+        raise ConfigError(f"{flag} {item!r}: expected key=value, e.g. {flag} {example}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return key.strip(), value
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3)."""
+    key, value = parse_key_value(item)
+    return key.split("."), value
+
+
+def parse_params(items: list[str], flag: str = "--param") -> dict[str, Any]:
+    """``["epochs=3", "overrides=[a=1]"]`` -> {"epochs": 3, "overrides": ["a=1"]}."""
+    return dict(parse_key_value(item, flag, "name=value") for item in items)
 
 
 def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
@@ -220,6 +233,12 @@ def load_config(model_cls: type[T], path: str | os.PathLike | None = None,
         return model_cls.model_validate(_keep_section_defaults(model_cls, data))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def stored_config(model_cls: type[T], data: dict) -> T:
+    """A config stored by an earlier DermML (a logged model's bundle, a run's config): keys
+    that have since moved out of their section are left out, so old models keep loading."""
+    return model_cls.model_validate(_moved_keys(model_cls, dict(data), drop=True))
 
 
 def _moved_keys(model: type[BaseModel], data: dict, drop: bool = False, source: Any = "",

@@ -12,6 +12,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
     from dermml.data.manifest import ManifestError
     from dermml.models.pretrained import PretrainedWeightsError
     from dermml.storage import StorageError
+    from dermml.synth3d.bodies import BodyError
 
     return (ConfigError, ManifestError, StorageError, ImageReadError, DatasetImportError,
-            PretrainedWeightsError)
+            PretrainedWeightsError, BodyError)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import sys
 
 import numpy as np
 from PIL import Image
@@ -19,6 +20,7 @@ from dermml.data.manifest import read_manifest
 from dermml.data.run import demo_dataset_uri
 from dermml.metrics.segmentation import segmentation_scores
 from dermml.orchestration import tracking
+from dermml.orchestration.console import new_log_dir
 from dermml.orchestration.kfp_local import PipelineDef, run_local
 
 CHAMPION_URI = "models:/dermml-segmentation@champion"
@@ -36,16 +38,20 @@ def free_port(preferred: int) -> int:
 def run_demo(pipeline: PipelineDef, n: int = 200, size: int = 64, epochs: int = 20,
              seed: int = 0, port: int = 5055) -> float:
     """Run the demo with the training ``pipeline`` (the CLI hands it over, from
-    ``pipelines.PIPELINES``); returns the Dice of the served prediction."""
+    ``pipelines.PIPELINES``); returns the Dice of the served prediction. It prints a line per
+    step, stage and epoch; the stage and server logs go to ``$DERMML_HOME/logs/demo-<time>``."""
     from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
 
-    print(f"[1/3] training pipeline (KFP local) with DERMML_HOME={dermml_home()}", flush=True)
+    logs = new_log_dir("demo")
+    print(f"[1/3] training pipeline with DERMML_HOME={dermml_home()}", flush=True)
     demo_config = shipped_config("segmentation", "demo.yaml")
     config = str(demo_config) if demo_config else ""
     outputs = run_local(pipeline, {"demo_n": n, "demo_size": size, "seed": seed,
                                    "config": config,
                                    "overrides": [f"train.epochs={epochs}",
-                                                 f"data.image_size={size}"]})
+                                                 f"data.image_size={size}"]},
+                        console=sys.stdout, log_dir=logs)
+    print(f"pipeline outputs: {outputs}", flush=True)
     manifest = read_manifest(demo_dataset_uri(str(dermml_home() / "data"), n, size, seed))
     sample = manifest.split("test").iloc[0]
     image = load_image(manifest.resolve(sample["image_uri"]))
@@ -53,9 +59,9 @@ def run_demo(pipeline: PipelineDef, n: int = 200, size: int = 64, epochs: int = 
 
     port = free_port(port)
     url = f"http://127.0.0.1:{port}"
-    print(f"[2/3] serving {CHAMPION_URI} at {url}", flush=True)
-    log_file = str(dermml_home() / "serve.log")
-    server = start_server(CHAMPION_URI, port, log_file=log_file)
+    log_file = logs / "serve.log"
+    print(f"[2/3] serving {CHAMPION_URI} at {url} (log: {log_file})", flush=True)
+    server = start_server(CHAMPION_URI, port, log_file=str(log_file))
     try:
         wait_ready(url, server)
         response = predict_http(url, [image])
@@ -66,6 +72,5 @@ def run_demo(pipeline: PipelineDef, n: int = 200, size: int = 64, epochs: int = 
     dice = segmentation_scores(predicted, truth)["dice"]
     print(f"[3/3] POST {url}/invocations with test image {sample['sample_id']}: "
           f"Dice vs ground truth = {dice:.3f}")
-    print(f"pipeline outputs: {outputs}")
-    print(f"MLflow UI on these runs: {tracking.ui_command()}")
+    print(f"MLflow UI on these runs: {tracking.ui_command()}", flush=True)
     return dice

@@ -35,7 +35,8 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                       required_splits: str = "train,val,test", test_split: str = "test",
                       min_delta: float = 0.0, bootstrap_resamples: int = 200,
                       validation_suite: str = "", validation_overrides: list = [],  # noqa: B006
-                      validation_warn_only: bool = False) -> TrainingOutputs:
+                      validation_warn_only: bool = False,
+                      synthetic_views: str = "") -> TrainingOutputs:
     parent = start_pipeline_run(task=task, pipeline="training")
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
                         demo_size=demo_size, seed=seed, parent_run_id=parent.output)
@@ -45,7 +46,8 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                             warn_only=validation_warn_only)
     trained = train_model(task=task, config=config, overrides=overrides,
                           manifest_uri=checked.outputs["Output"],
-                          parent_run_id=parent.output, platform=platform_json())
+                          parent_run_id=parent.output, platform=platform_json(),
+                          synthetic_manifest=synthetic_views)
     registered = register_model(model_uri=trained.outputs["model_uri"], task=task,
                                 parent_run_id=parent.output)
     evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],

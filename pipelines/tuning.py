@@ -34,7 +34,7 @@ class TuningOutputs(NamedTuple):
 
 
 def tuning_pipeline(task: str = "segmentation", config: str = "", overrides: list = [],  # noqa: B006
-                    space: str = "configs/segmentation/space.yaml", search: str = "random",
+                    space: str = "configs/tune/segmentation.yaml", search: str = "random",
                     scheduler: str = "asha", trials: int = 8, concurrent: int = 2,
                     metric: str = "", seed: int = 0, manifest_uri: str = "",
                     demo_root: str = "", demo_n: int = 160, demo_size: int = 64,

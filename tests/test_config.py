@@ -123,3 +123,16 @@ def test_a_partial_section_keeps_the_task_defaults_of_the_rest_of_the_section():
     # Plain mappings are replaced, not merged (per-class settings are exactly what was given).
     cfg = resolve_config("attributes", None, ["postprocess={1: {closing_radius: 3}}"])
     assert list(cfg.postprocess) == [1] and cfg.postprocess[1].closing_radius == 3
+
+
+def test_configs_stored_before_placement_moved_still_load():
+    """Models logged before ray.kubernetes moved to the platform config hold that section in
+    their bundle: loading them (serving, evaluation) must leave it out, not fail."""
+    from dermml.config import stored_config
+    from dermml.tasks import get_task
+
+    task = get_task("segmentation")
+    old = task.config_cls().model_dump()
+    old["ray"]["kubernetes"] = {"enabled": False, "namespace": "dermml", "poll_seconds": 15.0}
+    cfg = stored_config(task.config_cls, old)
+    assert cfg.model_dump()["ray"] == task.config_cls().model_dump()["ray"]

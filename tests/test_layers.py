@@ -1,5 +1,5 @@
-"""Layers: the core imports no orchestration library, tasks know nothing of where they run,
-dermml never imports the layers above it, and its import graph has no cycle."""
+"""Layers: the core (synth3d included) imports no orchestration library, tasks know nothing of
+where they run, dermml never imports the layers above it, and its import graph has no cycle."""
 
 import ast
 import subprocess
@@ -9,7 +9,9 @@ from pathlib import Path
 CORE = ["dermml.models.unet", "dermml.losses.segmentation", "dermml.metrics.segmentation",
         "dermml.data.manifest", "dermml.data.datasets", "dermml.data.demo",
         "dermml.data.importers", "dermml.data.splits", "dermml.training.loop",
-        "dermml.tasks"]
+        "dermml.training.ema", "dermml.models.diffusion", "dermml.models.schedulers",
+        "dermml.tasks", "dermml.synth3d.generate", "dermml.synth3d.blend",
+        "dermml.synth3d.views", "dermml.synth3d.raster", "dermml.synth3d.features"]
 FORBIDDEN = ["ray", "mlflow", "kfp", "kubernetes", "great_expectations"]
 
 

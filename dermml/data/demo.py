@@ -603,7 +603,8 @@ def generate_demo(out: str, n: int = 200, size: int = 64, seed: int = 0,
     patients = patient_groups(seed, n)
     skin = {int(p): patient_fitzpatrick(seed, int(p)) for p in np.unique(patients)}
     rows, preview = [], []
-    for i in tqdm(range(n), desc="demo data", unit="img", disable=not progress):
+    for i in tqdm(range(n), desc="demo data", unit="img",
+                  disable=None if progress else True):
         rng = np.random.default_rng([seed, i])
         sample = render_sample(rng, size, labels[i], skin[int(patients[i])])
         row = write_sample(out, f"demo_{i + 1:05d}", sample)

@@ -11,7 +11,6 @@ import re
 import time
 from dataclasses import dataclass, field
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -72,8 +71,8 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
     split_rows = {s: manifest.split(*s.split("+")) for s in splits}  # "a+b": one pooled set
     with tracking.stage_run(task.name, "evaluate", parent_run_id) as run:
         tracking.log_dataset(manifest.uri, manifest.version)
-        mlflow.set_tag("dermml.model_uri", model_uri)
-        mlflow.log_params({"n_resamples": n_resamples, "alpha": alpha, "splits": ",".join(splits),
+        tracking.set_tags({"dermml.model_uri": model_uri})
+        tracking.log_params({"n_resamples": n_resamples, "alpha": alpha, "splits": ",".join(splits),
                            **{f"serving.{k}": v for k, v in (params or {}).items()}})
         result = EvaluationResult(run.info.run_id, task.name, manifest.version,
                                   model_uri=model_uri, params=dict(params or {}))
@@ -94,7 +93,7 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
                         _log_figure(figure, f"evaluation/{split}_{name}")
         table = result.table()
         tracking.log_table_csv(table, "evaluation/metrics.csv")
-        mlflow.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/metrics.md")
+        tracking.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/metrics.md")
     return result
 
 
@@ -115,7 +114,7 @@ def compare_settings(model_uri: str, manifest_uri: str, settings: list[dict],
     records = []
     with tracking.stage_run(task.name, "compare", parent_run_id):
         tracking.log_dataset(manifest.uri, manifest.version)
-        mlflow.set_tags({"dermml.model_uri": model_uri, "dermml.split": split})
+        tracking.set_tags({"dermml.model_uri": model_uri, "dermml.split": split})
         for params in settings:
             label = ",".join(f"{k}={v}" for k, v in params.items()) or "defaults"
             started = time.perf_counter()
@@ -124,12 +123,12 @@ def compare_settings(model_uri: str, manifest_uri: str, settings: list[dict],
             metrics = task.aggregate(task.score(predictions, rows, manifest))
             records.append({"setting": label, **metrics, "seconds_per_image": seconds})
             key = re.sub(r"[^\w.-]+", "_", label)
-            mlflow.log_metrics({f"{key}/{k}".replace("/", "_"): float(v)
+            tracking.log_metrics({f"{key}/{k}".replace("/", "_"): float(v)
                                 for k, v in records[-1].items()
                                 if k != "setting" and np.isfinite(v)})
         table = pd.DataFrame(records)
         tracking.log_table_csv(table, "evaluation/compare.csv")
-        mlflow.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/compare.md")
+        tracking.log_text(table.to_markdown(index=False, floatfmt=".4f"), "evaluation/compare.md")
     return table
 
 
@@ -144,7 +143,7 @@ def _log_split(split: str, result: EvaluationResult, per_sample: pd.DataFrame) -
         if np.isfinite(low) and np.isfinite(high):
             values[metric_key(split, f"{metric}_ci_low")] = low
             values[metric_key(split, f"{metric}_ci_high")] = high
-    mlflow.log_metrics(values)
+    tracking.log_metrics(values)
     flat = per_sample.drop(columns=[c for c in per_sample if per_sample[c].dtype == object
                                     and c != "sample_id"], errors="ignore")
     tracking.log_table_csv(flat, f"evaluation/{split}_per_sample.csv")

@@ -1,25 +1,26 @@
-"""Gaussian diffusion for mask generation: noise schedules, the forward process q(x_t | x_0),
-DDPM and DDIM reverse steps, a sampling loop, ensemble averaging and an EMA of model weights.
+"""Gaussian diffusion for mask generation: noise schedules, the forward process q(x_t | x_0) and
+its posterior, the sampling loop and ensemble averaging. The reverse steps are schedulers
+(``dermml.models.schedulers``: DDPM, DDIM, DPM-Solver++ behind one ``step()``).
 
-Nothing here knows a network: a sampler calls ``model_fn(x_t, t) -> ε``, so any ε-predictor
+Nothing here knows a network: the sampling loop calls ``model_fn(x_t, t) -> ε``, so any ε-predictor
 (DermoSegDiff with its guidance image bound in a closure, or another) plugs in. Masks live in
 [-1, 1] in diffusion space (``mask_to_diffusion``), as in the reference DermoSegDiff code.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
+if TYPE_CHECKING:
+    from dermml.models.schedulers import Scheduler
+
 Schedule = Literal["linear", "quadratic", "cosine", "sigmoid"]
-Sampler = Literal["ddpm", "ddim"]
 Timestep = int | torch.Tensor
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -73,7 +74,8 @@ def diffusion_to_mask(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- diffusion
 
 class GaussianDiffusion:
-    """The forward process and its posteriors for fixed betas, with DDPM and DDIM steps.
+    """The forward process q(x_t | x_0) and its posterior for fixed betas: training noises
+    masks with it, and its float64 tables feed the schedulers.
 
     Buffers are float64 tensors of shape (T,) on the CPU; each method reads them at timesteps
     ``t`` (an int, or an (N,) long tensor with one timestep per sample) and returns tensors of
@@ -119,24 +121,6 @@ class GaussianDiffusion:
         out = values.to(device=like.device, dtype=like.dtype)[t]
         return out.reshape(-1, *([1] * (like.dim() - 1)))
 
-    def _alpha_bar_at(self, t: Timestep, like: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t, with ᾱ_{-1} = 1 (the clean data) for DDIM's last step."""
-        t = self._timesteps_for(t, like)
-        alpha_bar = self._at(self.alphas_cumprod, t.clamp(min=0), like)
-        before_start = (t < 0).reshape(alpha_bar.shape)
-        return torch.where(before_start, torch.ones_like(alpha_bar), alpha_bar)
-
-    def _check_t(self, t: Timestep, allow_minus_one: bool = False) -> None:
-        low = -1 if allow_minus_one else 0
-        t_min, t_max = (int(t.min()), int(t.max())) if torch.is_tensor(t) else (int(t), int(t))
-        if t_min < low or t_max >= self.timesteps:
-            raise ValueError(f"timestep out of range [{low}, {self.timesteps - 1}]: "
-                             f"min {t_min}, max {t_max}")
-
-    @staticmethod
-    def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-
     # -- forward process
 
     def q_sample(self, x0: torch.Tensor, t: Timestep,
@@ -160,106 +144,38 @@ class GaussianDiffusion:
         return (mean, self._at(self.posterior_variance, t, x_t),
                 self._at(self.posterior_log_variance_clipped, t, x_t))
 
-    # -- reverse steps
-
-    def ddpm_step(self, eps: torch.Tensor, x_t: torch.Tensor, t: Timestep,
-                  generator: torch.Generator | None = None,
-                  clip_x0: bool = False) -> torch.Tensor:
-        """One ancestral step x_t -> x_{t-1} ~ N(posterior mean, posterior variance) given the
-        predicted ε (Ho et al. 2020, Algorithm 2); no noise is added where t == 0."""
-        self._check_t(t)
-        x0 = self.predict_x0_from_eps(x_t, t, eps)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-        mean, _, log_var = self.q_posterior(x0, x_t, t)
-        noise = self._noise_like(x_t, generator)
-        not_last = (self._timesteps_for(t, x_t) > 0).reshape(mean.shape[0], *[1] * (x_t.dim() - 1))
-        return mean + not_last.to(x_t.dtype) * (0.5 * log_var).exp() * noise
-
-    def ddim_timesteps(self, k: int) -> list[int]:
-        """K evenly spaced timesteps from T - 1 down to 0 (all of them when K = T)."""
-        if not 1 <= k <= self.timesteps:
-            raise ValueError(f"DDIM steps must be in [1, {self.timesteps}], got {k}")
-        if k == 1:
-            return [self.timesteps - 1]
-        return torch.linspace(self.timesteps - 1, 0, k, dtype=torch.float64).round().long() \
-            .tolist()
-
-    def ddim_sigma(self, t: Timestep, t_prev: Timestep, eta: float,
-                   like: torch.Tensor) -> torch.Tensor:
-        """σ_t(η) = η sqrt((1 - ᾱ_prev) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_prev) (Song et al. 2021,
-        eq. 16); t_prev = -1 means ᾱ_prev = 1."""
-        a_t, a_prev = self._alpha_bar_at(t, like), self._alpha_bar_at(t_prev, like)
-        return eta * ((1 - a_prev) / (1 - a_t)).sqrt() * (1 - a_t / a_prev).clamp(min=0).sqrt()
-
-    def ddim_step(self, eps: torch.Tensor, x_t: torch.Tensor, t: Timestep, t_prev: Timestep,
-                  eta: float = 0.0, generator: torch.Generator | None = None,
-                  clip_x0: bool = False) -> torch.Tensor:
-        """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12):
-        x_prev = sqrt(ᾱ_prev) x̂_0 + sqrt(1 - ᾱ_prev - σ²) ε + σ z, with σ from ``ddim_sigma``.
-        η = 0 draws no noise (deterministic); η = 1 with t_prev = t - 1 is the DDPM step."""
-        self._check_t(t)
-        self._check_t(t_prev, allow_minus_one=True)
-        a_t, a_prev = self._alpha_bar_at(t, x_t), self._alpha_bar_at(t_prev, x_t)
-        x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
-            eps = (x_t - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = self.ddim_sigma(t, t_prev, eta, x_t)
-        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
-        if eta > 0:
-            x_prev = x_prev + sigma * self._noise_like(x_t, generator)
-        return x_prev
-
 
 # ----------------------------------------------------------------------------------- sampling
 
 @torch.no_grad()
-def sample(model_fn: ModelFn, shape: Sequence[int], diffusion: GaussianDiffusion,
-           sampler: Sampler = "ddpm", steps: int | None = None, eta: float = 0.0,
+def sample(model_fn: ModelFn, shape: Sequence[int], scheduler: Scheduler, steps: int,
            generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
-           trajectory_every: int | None = None, clip_x0: bool = False,
-           device: torch.device | str | None = None, progress: bool | None = False
-           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Run the reverse process from x_T ~ N(0, I) (or the given ``x_T``) to x_0.
+           trajectory_every: int | None = None, device: torch.device | str | None = None,
+           progress: bool | None = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Run the reverse process from x_T ~ N(0, I) (or the given ``x_T``) to x_0 over the
+    ``steps`` timesteps that ``scheduler`` picks (``schedulers.get_sampler(name)`` builds one
+    and resolves the step count for a sampler name).
 
-    ``model_fn(x_t, t)`` returns the predicted ε for an (N,) long tensor of timesteps.
-    DDPM runs all T steps (``steps`` must be None or T); DDIM runs ``steps`` (default T)
-    evenly spaced ones with stochasticity ``eta``. The trajectory holds x_T, then x after every
-    ``trajectory_every``-th step, and always the final x_0, as CPU tensors; it is empty when
-    ``trajectory_every`` is None.
+    ``model_fn(x_t, t)`` returns the predicted ε for an (N,) long tensor of timesteps. The
+    trajectory holds x_T, then x after every ``trajectory_every``-th step, and always the final
+    x_0, as CPU tensors; it is empty when ``trajectory_every`` is None.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
     if trajectory_every is not None and trajectory_every < 1:
         raise ValueError(f"trajectory_every must be at least 1, got {trajectory_every}")
     if x_T is None:
         x_T = torch.randn(tuple(shape), generator=generator, device=device)
     elif tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T of shape {tuple(x_T.shape)} does not match shape {tuple(shape)}")
-    T = diffusion.timesteps
-    if sampler == "ddpm":
-        if steps not in (None, T):
-            raise ValueError(f"DDPM samples all {T} steps, got steps={steps}; use "
-                             "sampler='ddim' for fewer")
-        pairs = [(t, t - 1) for t in range(T - 1, -1, -1)]
-    else:
-        ts = diffusion.ddim_timesteps(T if steps is None else steps)
-        pairs = list(zip(ts, [*ts[1:], -1], strict=True))
-
-    x = x_T
+    scheduler.set_timesteps(steps)
+    timesteps = [int(t) for t in scheduler.timesteps]  # ints: no device syncs in the loop
+    x = x_T * scheduler.init_noise_sigma
     trajectory = [x.detach().cpu()] if trajectory_every else []
-    for i, (t, t_prev) in enumerate(tqdm(pairs, desc=f"{sampler} sampling", leave=False,
-                                         disable=None if progress is None else not progress),
-                            start=1):
+    for i, t in enumerate(tqdm(timesteps, desc="sampling", leave=False,
+                               disable=None if progress is None else not progress), start=1):
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        eps = model_fn(x, t_batch)
-        if sampler == "ddpm":
-            x = diffusion.ddpm_step(eps, x, t, generator=generator, clip_x0=clip_x0)
-        else:
-            x = diffusion.ddim_step(eps, x, t, t_prev, eta=eta, generator=generator,
-                                    clip_x0=clip_x0)
-        if trajectory_every and (i % trajectory_every == 0 or i == len(pairs)):
+        eps = model_fn(scheduler.scale_model_input(x, t), t_batch)
+        x = scheduler.step(eps, t, x, generator=generator).prev_sample
+        if trajectory_every and (i % trajectory_every == 0 or i == len(timesteps)):
             trajectory.append(x.detach().cpu())
     return x, trajectory
 
@@ -279,81 +195,3 @@ def ensemble_masks(samples: Sequence[torch.Tensor], threshold: float = 0.0
         raise ValueError(f"ensemble members differ in shape: {sorted(shapes)}")
     mean = torch.stack([s.float() for s in samples]).mean(dim=0)
     return diffusion_to_mask(mean), (mean > threshold).to(torch.uint8)
-
-
-# ---------------------------------------------------------------------------------------- EMA
-
-class EMA:
-    """Exponential moving average of a model's weights, with ema-pytorch's warm-up schedule
-    (the reference trains with ``ema_pytorch.EMA``).
-
-    Each ``update()`` advances a step counter s. Updates happen when s % update_every == 0:
-    up to ``update_after_step`` the EMA copies the model exactly; after it, each weight moves
-    towards the model's by (1 - decay), decay = 1 - (1 + e / inv_gamma) ** -power clipped to
-    [min_value, beta], e = s - update_after_step; the first such update starts from a fresh
-    copy, as ema-pytorch's does. Buffers are copied, not averaged.
-    """
-
-    def __init__(self, model: nn.Module, beta: float = 0.9999, update_after_step: int = 100,
-                 update_every: int = 10, inv_gamma: float = 1.0, power: float = 2 / 3,
-                 min_value: float = 0.0):
-        if update_every < 1:
-            raise ValueError(f"update_every must be at least 1, got {update_every}")
-        self.model = model
-        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.beta, self.update_after_step, self.update_every = beta, update_after_step, \
-            update_every
-        self.inv_gamma, self.power, self.min_value = inv_gamma, power, min_value
-        self.step = 0
-        # ema-pytorch copies the model once more on the first averaging update.
-        self.initted = False
-
-    def current_decay(self, step: int | None = None) -> float:
-        epoch = (self.step if step is None else step) - self.update_after_step
-        if epoch <= 0:
-            return 0.0
-        value = 1 - (1 + epoch / self.inv_gamma) ** -self.power
-        return min(max(value, self.min_value), self.beta)
-
-    @torch.no_grad()
-    def update(self, step: int | None = None) -> None:
-        """Fold the model's current weights in. ``step`` (the trainer's global step, counted
-        from 0) replaces the internal counter, which keeps a resumed run in step."""
-        if step is not None:
-            self.step = step
-        step, self.step = self.step, self.step + 1
-        if step % self.update_every != 0:
-            return
-        if step <= self.update_after_step:
-            self._copy_from_model()
-            return
-        if not self.initted:
-            self._copy_from_model()
-            self.initted = True
-        weight = 1.0 - self.current_decay(step)
-        for ema_p, p in zip(self.ema_model.parameters(), self.model.parameters(), strict=True):
-            ema_p.lerp_(p.detach().to(ema_p.dtype), weight)
-        for ema_b, b in zip(self.ema_model.buffers(), self.model.buffers(), strict=True):
-            ema_b.copy_(b)
-
-    @torch.no_grad()
-    def _copy_from_model(self) -> None:
-        for ema_t, t in zip(self.ema_model.state_dict().values(),
-                            self.model.state_dict().values(), strict=True):
-            ema_t.copy_(t)
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "initted": self.initted,
-                "ema_model": self.ema_model.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = {"step", "ema_model"} - set(state)
-        if missing:
-            raise KeyError(f"EMA state is missing {sorted(missing)}; was it saved by EMA?")
-        self.step = int(state["step"])
-        self.initted = bool(state.get("initted", self.step > self.update_after_step))
-        self.ema_model.load_state_dict(state["ema_model"])
-
-    def to(self, *args, **kwargs) -> EMA:
-        self.ema_model.to(*args, **kwargs)
-        return self

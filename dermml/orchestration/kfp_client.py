@@ -63,14 +63,21 @@ def _upload(client, pipeline: PipelineDef, target: Target) -> tuple[str, str]:
     return pipeline_id, version.pipeline_version_id
 
 
-def submit(pipeline: PipelineDef, target: Target, params: dict[str, Any],
-           run_name: str | None = None) -> dict[str, str]:
-    """Upload ``pipeline`` and start one run; returns ids and the run's UI URL."""
+def _checked_upload(pipeline: PipelineDef, target: Target, params: dict[str, Any]):
+    """Parameters and training fit checked before any network call; then the client, the
+    experiment and the uploaded pipeline version."""
     check_params(pipeline, params)
     check_training_fit(pipeline, params, load_platform(target.platform))
     client = _client(target)
     experiment = client.create_experiment(target.experiment, namespace=target.namespace)
     pipeline_id, version_id = _upload(client, pipeline, target)
+    return client, experiment, pipeline_id, version_id
+
+
+def submit(pipeline: PipelineDef, target: Target, params: dict[str, Any],
+           run_name: str | None = None) -> dict[str, str]:
+    """Upload ``pipeline`` and start one run; returns ids and the run's UI URL."""
+    client, experiment, pipeline_id, version_id = _checked_upload(pipeline, target, params)
     run = client.run_pipeline(
         experiment_id=experiment.experiment_id,
         job_name=run_name or f"{pipeline.name}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}",
@@ -85,16 +92,12 @@ def submit(pipeline: PipelineDef, target: Target, params: dict[str, Any],
 def schedule(pipeline: PipelineDef, target: Target, params: dict[str, Any], cron: str,
              job_name: str | None = None, max_concurrency: int = 1) -> dict[str, str]:
     """Create a recurring run of ``pipeline`` on a cron schedule (KFP's 6-field cron)."""
-    check_params(pipeline, params)
-    check_training_fit(pipeline, params, load_platform(target.platform))
     fields = cron.split()
     if len(fields) == 5:  # accept standard cron; KFP wants seconds first
         cron = f"0 {cron}"
     elif len(fields) != 6:
         raise ValueError(f"cron {cron!r}: expected 5 or 6 fields, e.g. '0 2 * * *'")
-    client = _client(target)
-    experiment = client.create_experiment(target.experiment, namespace=target.namespace)
-    pipeline_id, version_id = _upload(client, pipeline, target)
+    client, experiment, pipeline_id, version_id = _checked_upload(pipeline, target, params)
     job = client.create_recurring_run(
         experiment_id=experiment.experiment_id,
         job_name=job_name or f"{pipeline.name}-scheduled",

@@ -6,17 +6,20 @@ in ``pipelines.PIPELINES``); nothing in ``dermml`` imports ``pipelines/``, the l
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import os
 import re
+import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, TextIO
+from unittest import mock
 
 from dermml.config import ConfigError, dermml_home, shipped_config
 from dermml.orchestration.platform import (
@@ -42,17 +45,6 @@ class PipelineDef:
     trains: bool = False
     """Its parameters ``task``, ``config`` and ``overrides`` configure a train stage: compiling
     and submitting check that the training fits the platform's pools."""
-
-
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """``["epochs=3", "overrides=[a=1]"]`` -> values parsed as YAML."""
-    params = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--param {item!r}: expected key=value")
-        params[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    return params
 
 
 def check_params(pipeline: PipelineDef, params: dict[str, Any]) -> None:
@@ -118,7 +110,7 @@ def local_environment() -> None:
 
 
 class PipelineFailed(RuntimeError):
-    """A local pipeline run failed; the message names the stage (its log is printed above)."""
+    """A local pipeline run failed; the message names the stage and its log file."""
 
 
 def _failure_message(name: str, kfp_message: str) -> str:
@@ -126,20 +118,96 @@ def _failure_message(name: str, kfp_message: str) -> str:
     stage = re.search(r"Inner task failed: '([^']+)'", plain)
     if stage is None:
         return f"pipeline {name} failed: {plain}"
-    return (f"pipeline {name} failed at stage {stage.group(1)!r}; its error is in the log "
-            "above, and the pipeline's MLflow run is marked FAILED")
+    return (f"pipeline {name} failed at stage {stage.group(1)!r}; its error is in its log, "
+            "and the pipeline's MLflow run is marked FAILED")
 
 
-def run_local(pipeline: PipelineDef, params: dict[str, Any]) -> dict[str, Any]:
-    """Execute ``pipeline`` locally; every component runs as a subprocess here."""
+class StageRunner:
+    """Runs each component's subprocess in place of ``kfp.local``'s runner (which prints the
+    executor input and every line of output): the output goes to ``<log_dir>/<task>.log``,
+    the console gets one line per stage and the epoch lines, and a failed stage its log's
+    path and its last line (the exception)."""
+
+    def __init__(self, log_dir: Path, console: TextIO):
+        self.log_dir, self.console = log_dir, console
+        self.failed: tuple[str, Path] | None = None
+
+    def __call__(self, full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        from dermml.orchestration import tracking
+        from dermml.orchestration.console import StageLog, stage_line
+
+        stage, parent_run_id = _task_of(full_command)
+        log_file = self.log_dir / f"{stage}.log"
+        env = {**os.environ, **(env_vars or {}), tracking.STAGE_LOG_ENV: str(log_file)}
+        start = time.monotonic()
+        with StageLog(log_file, self.console, indent="    ") as log, subprocess.Popen(
+                full_command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                bufsize=1, env=env) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                log.line(line)
+            code = process.wait()
+        # The stage's own runs get its log, and so does the pipeline's run.
+        tracking.log_stage_log(str(log_file), (parent_run_id,) if parent_run_id else ())
+        self.console.write(stage_line(stage, code == 0, time.monotonic() - start) + "\n")
+        if code != 0:
+            self.failed = (stage, log_file)
+            self.console.write(f"    {log.last_line}\n    full log: {log_file}\n")
+        self.console.flush()
+        return code
+
+    def failure_message(self, name: str, kfp_message: str) -> str:
+        if self.failed is None:
+            return _failure_message(name, kfp_message)
+        stage, log_file = self.failed
+        return (f"pipeline {name} failed at stage {stage!r}; its log: {log_file} (the "
+                "pipeline's MLflow run is marked FAILED)")
+
+
+def _task_of(full_command: list[str]) -> tuple[str, str]:
+    """The KFP task a component command runs (its output folder's name) and the pipeline's
+    parent MLflow run it was given, read from the command's ``--executor_input``."""
+    try:
+        executor_input = json.loads(full_command[full_command.index("--executor_input") + 1])
+    except (ValueError, IndexError):
+        return "component", ""
+    output_file = executor_input.get("outputs", {}).get("outputFile", "")
+    stage = Path(output_file).parent.name or "component"
+    parent = executor_input.get("inputs", {}).get("parameterValues", {}).get("parent_run_id")
+    return stage, str(parent or "")
+
+
+def run_local(pipeline: PipelineDef, params: dict[str, Any], console: TextIO | None = None,
+              log_dir: Path | None = None) -> dict[str, Any]:
+    """Execute ``pipeline`` locally; every component runs as a subprocess here.
+
+    ``console`` (default stderr) gets one line per stage and the epoch lines; each stage's
+    output goes to ``log_dir/<task>.log`` (default ``$DERMML_HOME/logs/<pipeline>-<time>``),
+    and kfp's own to ``pipeline.log`` there.
+    """
     import kfp.local
+    from kfp.local import subprocess_task_handler
+
+    from dermml.orchestration.console import StageLog, new_log_dir
 
     check_params(pipeline, params)
     local_environment()
+    console = console or sys.stderr
+    log_dir = log_dir or new_log_dir(pipeline.name)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    console.write(f"pipeline {pipeline.name} (KFP local): stage logs in {log_dir}\n")
+    console.flush()
+    runner = StageRunner(log_dir, console)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False),
                    pipeline_root=str(dermml_home() / "kfp"), raise_on_error=True)
     # Cluster placement and env (MLflow URI, secrets) must not leak into local runs.
-    with warnings.catch_warnings(), using_platform(LOCAL):
+    # kfp's own messages (task outputs, colours) go to pipeline.log; if kfp moves the function
+    # patched here, patch.object fails loudly (and so do the local pipeline tests).
+    with warnings.catch_warnings(), using_platform(LOCAL), \
+            StageLog(log_dir / "pipeline.log", console) as kfp_log, \
+            contextlib.redirect_stdout(kfp_log.stream()), \
+            contextlib.redirect_stderr(kfp_log.stream()), \
+            mock.patch.object(subprocess_task_handler, "run_local_subprocess", runner):
         # kfp warns that base_image is not used locally: expected, components run in this venv.
         warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
         # ... and that CPU/memory requests are ignored locally: they are for the cluster.
@@ -147,7 +215,7 @@ def run_local(pipeline: PipelineDef, params: dict[str, Any]) -> dict[str, Any]:
         try:
             task = pipeline.build()(**params)  # built inside the local platform
         except RuntimeError as exc:
-            raise PipelineFailed(_failure_message(pipeline.name, str(exc))) from None
+            raise PipelineFailed(runner.failure_message(pipeline.name, str(exc))) from None
     outputs = getattr(task, "outputs", None) or {}
     return dict(outputs) if isinstance(outputs, dict) else {"output": outputs}
 

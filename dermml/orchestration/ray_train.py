@@ -11,14 +11,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dermml import storage
 from dermml.config import dermml_home
 from dermml.orchestration.training_hooks import training_hooks
 from dermml.tasks import get_task
 from dermml.tasks.base import TaskConfig
 from dermml.training.checkpoint import state_from_bytes
+from dermml.training.inputs import TrainingInputs
 from dermml.training.loop import FitResult, Hooks
 from dermml.training.setup import build_parts, run_loop
 
@@ -61,22 +60,22 @@ class RayCheckpointer:
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function: ordinary PyTorch over the shared loop."""
+    """The Ray Train worker function: ordinary PyTorch over the shared loop.
+
+    ``config["inputs"]``: the driver's ``TrainingInputs`` (datasets included, see
+    ``training/inputs.py``); this worker only assembles its rank's loaders from them."""
     import ray.train
     import ray.train.torch
 
-    task = get_task(config["task"])
-    cfg = task.config_cls.model_validate(config["cfg"])
+    inputs: TrainingInputs = config["inputs"]
+    task, cfg = get_task(inputs.task), inputs.cfg
     device = ray.train.torch.get_device()
-    parts = build_parts(task, cfg, device)
     context = ray.train.get_context()
-    if parts.custom_sampling:
-        # Ray would swap our sampler for a DistributedSampler; shard it ourselves instead.
-        _shard_custom_sampler(parts.train_loader, context.get_world_size(),
-                              context.get_world_rank(), cfg.train.seed)
-    parts.train_loader = ray.train.torch.prepare_data_loader(
-        parts.train_loader, add_dist_sampler=not parts.custom_sampling)
-    # Every worker validates the whole validation set so all ranks agree on the gate metric.
+    parts = build_parts(inputs, device, context.get_world_size(), context.get_world_rank())
+    # Our loaders already shard the training set (training/inputs.py); Ray only moves
+    # batches to the device. Every worker validates the whole validation set.
+    parts.train_loader = ray.train.torch.prepare_data_loader(parts.train_loader,
+                                                             add_dist_sampler=False)
     parts.val_loader = ray.train.torch.prepare_data_loader(parts.val_loader,
                                                            add_dist_sampler=False)
     parts.model = ray.train.torch.prepare_model(parts.model)
@@ -88,20 +87,6 @@ def train_worker(config: dict[str, Any]) -> None:
                                uri=config["tracking_uri"])
     run_loop(task, cfg, parts, device, hooks=hooks,
              checkpointer=_with_fault_injection(RayCheckpointer(config.get("start_state"))))
-
-
-def _shard_custom_sampler(loader, world_size: int, rank: int, seed: int) -> None:
-    """Mixed batches: every N-th batch per rank. Oversampling: an independent weighted stream
-    per rank with 1/N of the draws (statistically the same as one sharded stream)."""
-    if world_size == 1:
-        return
-    batch_sampler = loader.batch_sampler
-    if hasattr(batch_sampler, "shard"):
-        batch_sampler.shard(world_size, rank)
-    sampler = getattr(batch_sampler, "sampler", None)
-    if isinstance(sampler, torch.utils.data.WeightedRandomSampler):
-        sampler.generator = torch.Generator().manual_seed(seed * 1000 + rank)
-        sampler.num_samples = max(1, sampler.num_samples // world_size)
 
 
 def _with_fault_injection(checkpointer: RayCheckpointer) -> RayCheckpointer:
@@ -154,6 +139,15 @@ def ensure_ray(address: str = "") -> None:
                  runtime_env={"env_vars": _forwarded_env(), **hook})
 
 
+def shutdown_ray() -> None:
+    """Stop the Ray instance this process started or joined, if any (a command ends)."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def _forwarded_env() -> dict[str, str]:
     keys = ("DERMML_HOME", "MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
@@ -178,21 +172,23 @@ def _input_error(exc: BaseException) -> BaseException | None:
     return None
 
 
-def fit_with_ray(task_name: str, cfg: TaskConfig, run_name: str, tracking_uri: str = "",
+def fit_with_ray(inputs: TrainingInputs, run_name: str, tracking_uri: str = "",
                  mlflow_run_id: str = "", callbacks: list | None = None,
                  start_state: Any = None, gpus_per_worker: float | None = None) -> FitResult:
-    """Train with ``TorchTrainer``; the run named ``run_name`` resumes if it exists already.
+    """Train on ``inputs`` with ``TorchTrainer``; the run named ``run_name`` resumes if it
+    exists already. Each worker gets a pickled copy of the inputs (``for_workers``).
 
     Hooks for Ray Tune trials (``orchestration/ray_tune.py``): ``callbacks`` (Ray Train
-    ``UserCallback``s, run by the controller on every report), ``start_state`` (see
-    ``RayCheckpointer``) and ``gpus_per_worker`` (a fraction of a GPU per worker).
+    callbacks, run by the controller), ``start_state`` (see ``RayCheckpointer``) and
+    ``gpus_per_worker`` (a fraction of a GPU per worker).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    cfg = inputs.cfg
     ensure_ray(cfg.ray.address)
     path, fs_kwargs = ray_storage(storage_path(cfg))
-    loop_config = {"task": task_name, "cfg": cfg.model_dump(), "tracking_uri": tracking_uri,
+    loop_config = {"inputs": inputs.for_workers(), "tracking_uri": tracking_uri,
                    "mlflow_run_id": mlflow_run_id}
     if start_state is not None:
         loop_config["start_state"] = start_state

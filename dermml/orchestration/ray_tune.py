@@ -205,12 +205,15 @@ class TrialTraining:
 
         from dermml.orchestration.ray_train import fit_with_ray
         from dermml.tasks import get_task
+        from dermml.training.inputs import training_inputs
 
         try:
             me = ray.get_runtime_context().current_actor
+            # The search's config is prepared (class weights) already; a trial's values may
+            # change the datasets (image size, augmentation), so each trial builds its own.
+            inputs = training_inputs(task, get_task(task).config_cls.model_validate(cfg))
             result = fit_with_ray(
-                task, get_task(task).config_cls.model_validate(cfg), run_name, tracking_uri,
-                run_id, callbacks=_train_callbacks(me),
+                inputs, run_name, tracking_uri, run_id, callbacks=_train_callbacks(me),
                 start_state=None if start_state is None else ray.put(start_state),
                 gpus_per_worker=gpus)
             self._reports.put(("done", {"epochs_run": result.epochs_run}, None))

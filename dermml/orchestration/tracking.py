@@ -32,6 +32,10 @@ TAG_STAGE = "dermml.stage"
 TAG_TASK = "dermml.task"
 TAG_PIPELINE_RUN = "dermml.pipeline_run_id"
 
+STAGE_LOG_ENV = "DERMML_STAGE_LOG"
+"""Set (by ``console``) to the log file of the stage running in this process: the runs a stage
+starts are listed next to it (``<log>.runs``), to be given the log when the stage ends."""
+
 
 def tracking_uri() -> str:
     """The tracking URI in force: ``$MLFLOW_TRACKING_URI`` or the embedded SQLite store."""
@@ -56,6 +60,9 @@ def configure() -> str:
     before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # "Downloading artifacts" bars each time a model is logged or loaded say nothing worth a
+    # line (set the variable to true to see them).
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # mlflow exports the URIs into the environment; undo that so MLFLOW_TRACKING_URI keeps
     # meaning "the user chose a server" (and a later DERMML_HOME change is honoured).
     for key, value in before.items():
@@ -123,7 +130,36 @@ def stage_run(task: str, stage: str, parent_run_id: str | None = None,
         mlflow.end_run()
     # The pipeline's parent run fails with its stage.
     with mlflow.start_run(**kwargs) as run, failing_parent(parent_run_id):
+        record_stage_run(run.info.run_id)
         yield run
+
+
+def record_stage_run(run_id: str) -> None:
+    """Note ``run_id`` as a run of the stage whose log ``$DERMML_STAGE_LOG`` names, so that
+    ``log_stage_log`` gives it the log; nothing when no stage log is kept."""
+    log_file = os.environ.get(STAGE_LOG_ENV)
+    if log_file:
+        with open(f"{log_file}.runs", "a", encoding="utf-8") as f:
+            f.write(run_id + "\n")
+
+
+def log_stage_log(log_file: str, run_ids: tuple[str, ...] = ()) -> None:
+    """Log a stage's log file as ``logs/<file name>`` into the runs the stage started
+    (``record_stage_run``) and ``run_ids``. A log is never worth a stage: failures only warn."""
+    from mlflow.tracking import MlflowClient
+
+    listed = Path(f"{log_file}.runs")
+    recorded = listed.read_text().split() if listed.exists() else []
+    listed.unlink(missing_ok=True)
+    runs = [r for r in dict.fromkeys([*recorded, *run_ids]) if r]
+    if not runs or not Path(log_file).exists():
+        return
+    client = MlflowClient(tracking_uri())
+    for run_id in runs:
+        try:
+            client.log_artifact(run_id, log_file, "logs")
+        except Exception as exc:  # the stage's own outcome matters more
+            log.warning("could not log %s into run %s: %s", log_file, run_id, exc)
 
 
 @contextlib.contextmanager
@@ -220,6 +256,60 @@ def manifest_dataset(manifest_uri: str, version: str):
                        digest=version[:DATASET_DIGEST_LENGTH])
 
 
+def get_run(run_id: str):
+    """The MLflow run ``run_id`` (tags, metrics, params, status) from the tracking server."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri()).get_run(run_id)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Params of the active run."""
+    import mlflow
+
+    mlflow.log_params(params)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Finite metrics of the active run, as floats (NaN/inf, e.g. an undefined precision, are
+    left out: MLflow would store them but charts and comparisons break on them)."""
+    import mlflow
+
+    values = {k: float(v) for k, v in metrics.items() if np.isfinite(float(v))}
+    if values:
+        mlflow.log_metrics(values, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tags of the active run."""
+    import mlflow
+
+    mlflow.set_tags(tags)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def log_files(paths: list[str], artifact_path: str) -> None:
+    """Each existing file of ``paths`` into ``artifact_path`` of the active run."""
+    import mlflow
+
+    for path in paths:
+        if os.path.isfile(path):
+            mlflow.log_artifact(path, artifact_path)
+
+
+def log_folder(folder: str, artifact_path: str) -> None:
+    """A whole local folder (e.g. Data Docs) into ``artifact_path``, if it exists."""
+    import mlflow
+
+    if os.path.isdir(folder):
+        mlflow.log_artifacts(folder, artifact_path)
+
+
 def log_image(image: np.ndarray, artifact_file: str) -> None:
     import mlflow
 
@@ -271,6 +361,10 @@ class RunLog:
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step)
                                                     for k, v in metrics.items()])
 
+    def tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def history(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of metric ``key``; a step logged twice (an epoch trained again after
         a restart) keeps its latest value."""
@@ -295,12 +389,6 @@ class RunLog:
         """What ``log_config`` logs into the active run, into this one."""
         self.params(config_params(config))
         self.text(config_yaml(config), "config.yaml")
-
-    def tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000])
-                                                 for k, v in tags.items()])
 
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -410,8 +498,10 @@ def parent_run(task: str, stage: str, parent_run_id: str | None = None,
 
 def start_pipeline_run(task: str, pipeline: str, params: dict[str, Any] | None = None) -> str:
     """Create the parent run of one pipeline execution and leave it open; returns its id."""
-    return create_parent_run(task, "pipeline", f"pipeline-{pipeline}", params=params,
-                             tags={"dermml.pipeline": pipeline})
+    run_id = create_parent_run(task, "pipeline", f"pipeline-{pipeline}", params=params,
+                               tags={"dermml.pipeline": pipeline})
+    record_stage_run(run_id)
+    return run_id
 
 
 def finish_pipeline_run(run_id: str, status: str = "FINISHED") -> None:

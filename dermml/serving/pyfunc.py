@@ -27,7 +27,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from pydantic import ValidationError
 
-from dermml.config import validation_problems
+from dermml.config import stored_config, validation_problems
 from dermml.data.images import ImageReadError, decode_image, encode_png, from_base64, to_base64
 from dermml.tasks import get_task
 from dermml.tasks.base import TaskConfig
@@ -60,7 +60,7 @@ def _record_requested_params() -> None:
     import mlflow.pyfunc as pyfunc_module
 
     enforce = getattr(pyfunc_module, "_enforce_params_schema", None)
-    if enforce is None:  # another MLflow: serve anyway; tests/test_serving.py says what broke
+    if enforce is None:  # another MLflow: serve anyway; tests/serving/test_serving.py tells
         logging.getLogger(__name__).warning(
             "mlflow.pyfunc._enforce_params_schema not found (mlflow %s): params the signature "
             "lacks are ignored, not refused", mlflow.__version__)
@@ -97,7 +97,7 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
         bundle = torch.load(context.artifacts[BUNDLE_ARTIFACT], map_location="cpu",
                             weights_only=True)
         self.task = get_task(bundle["task"])
-        self.cfg = self.task.config_cls.model_validate(bundle["config"])
+        self.cfg = stored_config(self.task.config_cls, bundle["config"])
         self.model = self.task.build_to_load(self.cfg)
         self.task.load_serving_state(self.model, bundle["state_dict"])
         self.model.to(serving_device()).eval()

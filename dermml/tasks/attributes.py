@@ -23,13 +23,13 @@ from dermml.data.images import encode_png, load_mask, to_base64
 from dermml.data.manifest import ATTRIBUTES, Manifest
 from dermml.losses.catalog import LossTerm, build_loss, inverse_frequency_weights
 from dermml.metrics.attributes import jaccard_from_counts, mean_jaccard, per_class_auc
-from dermml.models.postprocess import (
+from dermml.models.segmentation import SegModelConfig, build_segmenter, input_multiple
+from dermml.tasks.base import DataConfig, Task, TaskConfig, register_task
+from dermml.tasks.postprocess import (
     ATTRIBUTE_POSTPROCESS,
     PostprocessConfig,
     postprocess_multiclass,
 )
-from dermml.models.segmentation import SegModelConfig, build_segmenter, input_multiple
-from dermml.tasks.base import DataConfig, Task, TaskConfig, register_task
 from dermml.visualization import image_grid
 
 PALETTE = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),

@@ -210,38 +210,14 @@ class Task(ABC):
         """A dataset over ``rows`` of ``manifest`` (augmented when ``train``)."""
 
     def datasets(self, cfg: TaskConfig, manifest: Manifest) -> tuple[Dataset, Dataset]:
-        """Training (real, plus mixed-in synthetic data if configured) and validation sets."""
+        """Training and validation sets of ``manifest`` (``cfg.data.train_split`` and
+        ``val_split``). A training run builds them once (``training.inputs``), which also
+        mixes in synthetic data and chooses the samplers."""
         train = self.dataset(cfg, manifest, manifest.split(*cfg.data.train_split.split(",")),
                              True)
         val = self.dataset(cfg, manifest, manifest.split(*cfg.data.val_split.split(",")),
                            False)
-        if cfg.mix.synthetic_manifest:
-            from dermml.data.sampling import mixed_dataset
-
-            synthetic_manifest = read_manifest(cfg.mix.synthetic_manifest)
-            synthetic = self.dataset(cfg, synthetic_manifest,
-                                     synthetic_manifest.split(cfg.mix.synthetic_split), True)
-            if hasattr(getattr(synthetic, "augment", None), "use_stream"):
-                synthetic.augment.use_stream(1)  # not the real set's transforms, in lockstep
-            train, batch_sampler, _ = mixed_dataset(train, synthetic, cfg.mix,
-                                                    cfg.data.batch_size)
-            train.dermml_batch_sampler = batch_sampler  # read by loader_options
         return train, val
-
-    def loader_options(self, cfg: TaskConfig, train_ds: Dataset) -> dict[str, Any]:
-        """DataLoader options of the training set: a batch sampler (mixing) or a sampler."""
-        batch_sampler = getattr(train_ds, "dermml_batch_sampler", None)
-        if batch_sampler is not None:
-            return {"batch_sampler": batch_sampler}
-        if cfg.data.oversample:
-            from dermml.data.sampling import oversampling_sampler
-
-            labels = getattr(train_ds, "labels", None)
-            if labels is None:
-                raise ValueError(f"data.oversample needs class labels; task {self.name!r} "
-                                 "has none")
-            return {"sampler": oversampling_sampler(labels, seed=cfg.train.seed)}
-        return {"shuffle": True}
 
     @abstractmethod
     def loss_step(self, cfg: TaskConfig):

@@ -1,6 +1,7 @@
 """Diffusion lesion segmentation (DermoSegDiff): a dual-path U-Net denoises the lesion mask
 conditioned on the image, trained with ε-prediction and a boundary-aware loss; masks are sampled
-with ancestral DDPM (reference) or DDIM (faster) and an ensemble of samples is averaged.
+with ancestral DDPM (reference), DDIM or DPM-Solver++ (faster) and an ensemble of samples is
+averaged.
 
 It is a segmentation task: data, scoring, overlays, post-processing and the serving response
 are the segmentation task's; only the network, the loss, validation and sampling differ.
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -31,7 +32,6 @@ from dermml.models.dermosegdiff import (
     is_reference_layout,
 )
 from dermml.models.diffusion import (
-    EMA,
     GaussianDiffusion,
     beta_schedule,
     diffusion_to_mask,
@@ -39,10 +39,12 @@ from dermml.models.diffusion import (
     mask_to_diffusion,
     sample,
 )
-from dermml.models.postprocess import PostprocessConfig
 from dermml.models.pretrained import PretrainedWeightsError, read_checkpoint
+from dermml.models.schedulers import SAMPLERS, get_sampler
 from dermml.tasks.base import ServingConfig, register_task
+from dermml.tasks.postprocess import PostprocessConfig
 from dermml.tasks.segmentation import SegmentationConfig, SegmentationTask
+from dermml.training.ema import EMA
 from dermml.training.loop import LoopConfig
 from dermml.visualization import image_grid, overlay_boundaries
 
@@ -92,16 +94,24 @@ class EMAConfig(Section):
 class SegDiffServing(ServingConfig):
     """Sampling settings; request params at serving time, defaults = the reference."""
 
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    """ddpm: full ancestral sampling over T steps (reference); ddim: ``steps`` steps."""
+    sampler: str = "ddpm"
+    """ddpm: ancestral sampling over all T steps (reference); ddim: DDIM, ``steps`` steps;
+    dpm: DPM-Solver++ (2nd order), ``steps`` steps (``dermml.models.schedulers.SAMPLERS``)."""
     steps: int = 0
-    """DDIM steps K (0 = T); DDPM always runs all T steps."""
+    """Sampling steps K (0: the sampler's default, T for ddim, 20 for dpm); ddpm always runs
+    all T steps."""
     ensemble: int = 5
     """Samples averaged per image before thresholding."""
     eta: float = 0.0
-    """DDIM stochasticity (0: deterministic given the initial noise)."""
+    """DDIM stochasticity (0: deterministic given the initial noise); ddpm and dpm ignore it."""
     seed: int = 0
     """Seed of the noise (the same request gives the same masks)."""
+
+    @field_validator("sampler")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        get_sampler(name)
+        return name
 
     @model_validator(mode="after")
     def _positive(self) -> SegDiffServing:
@@ -280,17 +290,14 @@ class SegDiffTask(SegmentationTask):
 
     def merge_serving(self, cfg: SegDiffConfig, params: dict) -> dict:
         merged = super().merge_serving(cfg, params)
-        if params.get("sampler") == "ddpm" and "steps" not in params:
+        spec = SAMPLERS.get(params.get("sampler"))  # an unknown name fails validation next
+        if spec is not None and spec.all_steps and "steps" not in params:
             merged["steps"] = 0  # a model served with DDIM-K defaults: DDPM runs all T steps
         return merged
 
     def check_serving(self, cfg: SegDiffConfig) -> None:
-        s, T = cfg.serving, cfg.diffusion.timesteps
-        if s.sampler == "ddpm" and s.steps not in (0, T):
-            raise ValueError(f"steps={s.steps} with sampler=ddpm: DDPM always runs all {T} "
-                             "steps; use sampler=ddim for fewer")
-        if s.steps > T:
-            raise ValueError(f"steps={s.steps} is more than the model's {T} diffusion steps")
+        s = cfg.serving
+        get_sampler(s.sampler).steps(s.steps or None, cfg.diffusion.timesteps)
 
     def min_image_size(self, cfg: SegDiffConfig) -> int:
         return cfg.model.downsampling_factor
@@ -343,16 +350,15 @@ class SegDiffTask(SegmentationTask):
         """Mean lesion probability (N, 1, H, W) over ``ensemble`` samples, and a trajectory.
         ``progress=None`` shows a bar on a terminal only (not in servers or logs)."""
         net = model.ema_unet.eval()
-        diffusion = diffusion_of(cfg)
+        spec = get_sampler(sampler)
+        scheduler = spec.build(diffusion_of(cfg), eta)
         n = images.shape[0]
         g = images.repeat(ensemble, 1, 1, 1)
         generator = torch.Generator(device=images.device).manual_seed(seed)
-        # DDIM's large jumps amplify x0 errors: clip x0 to [-1, 1] there (DDPM stays as the
-        # reference, unclipped).
         x0, trajectory = sample(lambda x, t: net(x, t, g), (n * ensemble, 1, *images.shape[2:]),
-                                diffusion, sampler, steps, eta, generator=generator,
-                                trajectory_every=trajectory_every, device=images.device,
-                                clip_x0=sampler == "ddim", progress=progress)
+                                scheduler, spec.steps(steps, cfg.diffusion.timesteps),
+                                generator=generator, trajectory_every=trajectory_every,
+                                device=images.device, progress=progress)
         probability, _ = ensemble_masks(list(x0.split(n)))
         return probability, trajectory
 
@@ -375,7 +381,7 @@ class SegDiffTask(SegmentationTask):
         self.check_serving(cfg)
         s = cfg.serving
         device = next(model.parameters()).device
-        steps = (s.steps or None) if s.sampler == "ddim" else None
+        steps = s.steps or None
         out = []
         chunk = max(1, cfg.data.batch_size)
         for start in range(0, len(images), chunk):

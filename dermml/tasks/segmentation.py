@@ -26,9 +26,9 @@ from dermml.metrics.segmentation import (
     reference_pooled_scores,
     scores_from_confusion,
 )
-from dermml.models.postprocess import PostprocessConfig, postprocess_binary
 from dermml.models.segmentation import SegModelConfig, build_segmenter, input_multiple
 from dermml.tasks.base import Task, TaskConfig, register_task
+from dermml.tasks.postprocess import PostprocessConfig, postprocess_binary
 from dermml.visualization import image_grid, overlay_boundaries
 
 __all__ = ["AugmentConfig", "SegmentationConfig", "SegmentationTask"]

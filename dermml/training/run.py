@@ -6,15 +6,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import mlflow
-
 from dermml.config import dermml_home, load_config
-from dermml.data.manifest import ManifestError
 from dermml.orchestration import tracking
 from dermml.orchestration.training_hooks import log_loss_curve, training_hooks
 from dermml.tasks import get_task
-from dermml.tasks.base import TaskConfig, read_task_manifest
+from dermml.tasks.base import TaskConfig
 from dermml.training.checkpoint import FolderCheckpointer
+from dermml.training.inputs import TrainingInputs, training_inputs
 from dermml.training.loop import FitResult
 from dermml.training.setup import build_parts, default_device, run_loop
 
@@ -33,12 +31,19 @@ class TrainOutcome:
 
 def resolve_config(task_name: str, config_path: str | None = None,
                    overrides: list[str] | None = None,
-                   resume_run_id: str | None = None) -> TaskConfig:
-    """Defaults < the resumed run's config (when no file is given) < file < overrides."""
+                   resume_run_id: str | None = None,
+                   synthetic_manifest: str = "") -> TaskConfig:
+    """Defaults < the resumed run's config (when no file is given) < file < overrides.
+
+    ``synthetic_manifest`` (e.g. the synthesis pipeline's output) is mixed into training
+    through the task's ``mix`` settings."""
     task = get_task(task_name)
     base: dict = {"task": task_name}
     if resume_run_id and not config_path:
         base = tracking.config_from_run(resume_run_id)
+    overrides = list(overrides or [])
+    if synthetic_manifest:
+        overrides.append(f"mix.synthetic_manifest={synthetic_manifest}")
     return load_config(task.config_cls, config_path, overrides, base=base)
 
 
@@ -61,14 +66,11 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
         from dermml.orchestration.rayjob import check_config
 
         check_config(cfg)
-    if not cfg.data.manifest:
-        raise ValueError("no training data: set data.manifest (e.g. --set data.manifest=DIR)")
-    manifest = read_task_manifest(cfg)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        manifest.split(*split.split(","))  # fails early, naming the empty split
-    if resume_run_id is None:
-        cfg = task.prepare(cfg, manifest)  # class names/weights: logged and stored with model
-    check_training_files(task, cfg, manifest)
+    # The manifest is read and the datasets built here, once (see training/inputs.py); a
+    # resumed run keeps the config it was logged with.
+    inputs = training_inputs(task, cfg, prepare=resume_run_id is None)
+    inputs.check_files()
+    cfg, manifest = inputs.cfg, inputs.manifest
     if getattr(cfg.model, "pretrained", ""):
         task.build_model(cfg)  # a missing or mismatched weights file fails here, not in a worker
     tracking_uri = tracking.configure()
@@ -80,7 +82,7 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
             tracking.log_config(cfg)
             counts = manifest.df["split"].value_counts().to_dict()
             tracking.log_dataset(manifest.uri, manifest.version, counts, context="training")
-            mlflow.log_param("seed", cfg.train.seed)
+            tracking.log_params({"seed": cfg.train.seed})
         if as_rayjob:
             return _train_as_rayjob(task_name, cfg, run_id, platform)
         # The checkpoint location is derived from the MLflow run, so rerunning with
@@ -88,52 +90,34 @@ def train(task_name: str, cfg: TaskConfig, parent_run_id: str | None = None,
         if cfg.ray.enabled:
             from dermml.orchestration.ray_train import fit_with_ray
 
-            result = fit_with_ray(task_name, cfg, run_name=f"{task_name}-{run_id}",
+            result = fit_with_ray(inputs, run_name=f"{task_name}-{run_id}",
                                   tracking_uri=tracking_uri, mlflow_run_id=run_id)
         else:
-            result = _fit_in_process(task, cfg, run_id, progress)
+            result = _fit_in_process(inputs, run_id, progress)
         metrics = _final_metrics(result)
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         log_loss_curve(tracking.RunLog(run_id, tracking_uri), task.gate_metric)
-        model_uri = _log_model_and_preview(task_name, cfg, result, manifest)
-        mlflow.set_tag("dermml.model_uri", model_uri)
+        model_uri = _log_model_and_preview(inputs, result)
+        tracking.set_tags({"dermml.model_uri": model_uri})
     return TrainOutcome(run_id=run_id, model_uri=model_uri, metrics=metrics)
-
-
-def check_training_files(task, cfg: TaskConfig, manifest) -> None:
-    """Fail before any worker starts when a file the training or validation set reads is
-    missing (a missing mask found mid-epoch in a Ray worker would be retried, then reported as
-    a worker traceback)."""
-    from dermml import storage
-    from dermml.data.datasets import dataset_files
-
-    files = [f for ds in task.datasets(cfg, manifest) for f in dataset_files(ds)]
-    missing = storage.missing_files(files)
-    if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ManifestError(
-            f"{manifest.uri}: {len(missing)} of the {len(set(files))} files the training and "
-            f"validation splits read do not exist: {shown}; run `dermml validate "
-            f"{manifest.uri} --write-clean CLEAN` and train on CLEAN")
 
 
 def _train_as_rayjob(task_name: str, cfg: TaskConfig, run_id: str,
                      platform: PlatformConfig) -> TrainOutcome:
     """The RayJob trains inside this run (``--resume``); read back what it logged."""
-    from mlflow.tracking import MlflowClient
-
     from dermml.orchestration.rayjob import train_as_rayjob
 
     train_as_rayjob(task_name, cfg, run_id, platform)
-    run = MlflowClient(tracking.tracking_uri()).get_run(run_id)
+    run = tracking.get_run(run_id)
     if "dermml.model_uri" not in run.data.tags:
         raise RuntimeError(f"RayJob for run {run_id} succeeded but logged no model")
     return TrainOutcome(run_id, run.data.tags["dermml.model_uri"], dict(run.data.metrics))
 
 
-def _fit_in_process(task, cfg: TaskConfig, run_id: str, progress: bool) -> FitResult:
+def _fit_in_process(inputs: TrainingInputs, run_id: str, progress: bool) -> FitResult:
+    task, cfg = get_task(inputs.task), inputs.cfg
     device = default_device(cfg.ray.use_gpu)
-    parts = build_parts(task, cfg, device)
+    parts = build_parts(inputs, device)
     hooks = training_hooks(run_id, cfg.train.epochs, task.gate_metric)
     checkpoints = FolderCheckpointer(str(dermml_home() / "checkpoints" / run_id))
     return run_loop(task, cfg, parts, device, hooks, checkpoints, progress=progress)
@@ -149,17 +133,17 @@ def _final_metrics(result: FitResult) -> dict[str, float]:
     return metrics
 
 
-def _log_model_and_preview(task_name: str, cfg: TaskConfig, result: FitResult, manifest) -> str:
+def _log_model_and_preview(inputs: TrainingInputs, result: FitResult) -> str:
     from dermml.serving.pyfunc import log_task_model
 
-    task = get_task(task_name)
+    task, cfg = get_task(inputs.task), inputs.cfg
     model = task.build_to_load(cfg)
     if result.best_model is None:
         raise RuntimeError("training produced no model state")
     model.load_state_dict(result.best_model)
     model.eval()
-    _, val_ds = task.datasets(cfg, manifest)
+    val_ds = inputs.val_set
     with tracking.figure_guard("previews/val_predictions.png"):  # never sinks the training run
         tracking.log_image(task.preview(model, val_ds, cfg), "previews/val_predictions.png")
     example = val_ds.load(0)[0]
-    return log_task_model(task_name, cfg, result.best_model, example)
+    return log_task_model(inputs.task, cfg, result.best_model, example)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
 
 from dermml import storage
 from dermml.config import ConfigError, dermml_home
@@ -65,7 +64,7 @@ def train_with_weak_labels(task_name: str, cfg: TaskConfig, wl_split: str, sl_sp
     cfg = task.prepare(_with(cfg, train_split=sl_split), manifest)
     params = {"wl_split": wl_split, "sl_split": sl_split, "repeats": repeats}
     with tracking.parent_run(task_name, "weak-labels", parent_run_id, params) as parent:
-        client = MlflowClient(tracking.tracking_uri())
+        run_log = tracking.RunLog(parent)
         strong = train(task_name, _with(cfg, train_split=sl_split), parent, progress=False)
         outcome = WeakLabelOutcome(parent, strong.model_uri)
         labels = weak_rows
@@ -86,8 +85,8 @@ def train_with_weak_labels(task_name: str, cfg: TaskConfig, wl_split: str, sl_sp
             outcome.rounds.append({"round": r, "weak_labels_changed": changed,
                                    "manifest": relabeled.attrs["uri"],
                                    "weak_run_id": weak.run_id, "finetune_run_id": tuned.run_id})
-            client.log_metric(parent, "weak_labels_changed", changed, step=r)
-        client.set_tag(parent, "dermml.model_uri", outcome.model_uri)
+            run_log.metrics({"weak_labels_changed": changed}, step=r)
+        run_log.tags({"dermml.model_uri": outcome.model_uri})
     return outcome
 
 
@@ -192,10 +191,8 @@ def cross_validate(task_name: str, cfg: TaskConfig, folds: int,
         values = {k: np.array([o.metrics[k] for o in outcomes]) for k in keys}
         mean = {k: float(v.mean()) for k, v in values.items()}
         std = {k: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}
-        client = MlflowClient(tracking.tracking_uri())
-        for key, value in {**{f"cv_mean_{k}": v for k, v in mean.items()},
-                           **{f"cv_std_{k}": v for k, v in std.items()}}.items():
-            client.log_metric(parent, key, value)
+        tracking.RunLog(parent).metrics({**{f"cv_mean_{k}": v for k, v in mean.items()},
+                                         **{f"cv_std_{k}": v for k, v in std.items()}}, step=0)
         table = pd.DataFrame([{"fold": i, **o.metrics} for i, o in enumerate(outcomes)])
         tracking.log_table_csv(table, "cross_validation/folds.csv", run_id=parent)
     return CrossValidationOutcome(parent, outcomes, mean, std)

@@ -179,22 +179,17 @@ def _placed_per_trial(cfg: TaskConfig, search: SearchConfig) -> TaskConfig:
 
 
 def _prepared(task, cfg: TaskConfig):
-    """What ``train`` checks before any worker starts, once for every trial: data, files,
-    weights; and the data-dependent settings (class weights) every trial shares."""
-    from dermml.training.run import check_training_files
+    """What ``train`` checks before any worker starts, once for every trial (data, files,
+    weights), and the data-dependent settings (class weights) every trial shares."""
+    from dermml.training.inputs import training_inputs
 
-    if not cfg.data.manifest:
-        raise ValueError("no training data: set data.manifest (e.g. --set data.manifest=DIR)")
-    manifest = read_task_manifest(cfg)
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        manifest.split(*split.split(","))  # fails early, naming the empty split
-    cfg = task.prepare(cfg, manifest)
-    check_training_files(task, cfg, manifest)
-    if getattr(cfg.model, "pretrained", ""):
-        task.build_model(cfg)
-    if not cfg.ray.enabled:
+    if not cfg.ray.enabled:  # trials always train through Ray Train
         cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"enabled": True})})
-    return cfg, manifest
+    inputs = training_inputs(task, cfg, prepare=True)
+    inputs.check_files()
+    if getattr(inputs.cfg.model, "pretrained", ""):
+        task.build_model(inputs.cfg)
+    return inputs.cfg, inputs.manifest
 
 
 def _search_run(task_name: str, cfg: TaskConfig, search: SearchConfig, manifest,
@@ -251,6 +246,7 @@ def _report(task_name: str, cfg: TaskConfig, search: SearchConfig, outcomes, tri
     import pandas as pd
 
     from dermml.orchestration.ray_tune import TAG_STOP, read_state
+    from dermml.training.inputs import training_inputs
     from dermml.training.loop import FitResult
     from dermml.training.run import _log_model_and_preview
     from dermml.tuning.space import trial_config
@@ -297,7 +293,7 @@ def _report(task_name: str, cfg: TaskConfig, search: SearchConfig, outcomes, tri
     result = FitResult(epochs_run=int(state["epoch"]) + 1, history=state["history"],
                        best_metric=state["best_metric"], best_model=state["best_model"])
     with tracking.stage_run(task_name, "tune-trial", run_id=best_run.run_id):
-        model_uri = _log_model_and_preview(task_name, best_cfg, result, manifest)
+        model_uri = _log_model_and_preview(training_inputs(task, best_cfg), result)
         tracking.RunLog(best_run.run_id).tags({"dermml.model_uri": model_uri})
     parent.tags({"dermml.model_uri": model_uri})
     log.info("best trial %s (%s %s = %.4f): %s", best.trial_id, mode, metric, best.best,

@@ -162,7 +162,7 @@ def check_space(space: dict[str, Any], config_cls: type[BaseModel], base: dict,
 
 def read_space(space: str) -> dict[str, Any]:
     """The mapping of a space file (YAML: ``dotted.key: distribution`` per line), found as
-    given or among the shipped configs (``configs/segmentation/space.yaml`` in an image), or
+    given or among the shipped configs (``configs/tune/segmentation.yaml`` in an image), or
     the mapping written inline (``{train.lr: 'loguniform(1e-4, 1e-2)'}``, a pipeline
     parameter)."""
     path = Path(space)

@@ -151,19 +151,15 @@ def _write_clean(manifest, report: ValidationReport, uri: str) -> str:
 
 
 def _log(report: ValidationReport, folder: str | None) -> None:
-    import mlflow
-
     tracking.log_dataset(report.manifest_uri, report.dataset_version, report.split_counts)
-    mlflow.log_metrics({k: float(v) for k, v in report.counts().items()})
-    for feature in (report.drift or {}).get("features", []):
-        mlflow.log_metric(f"drift_{feature['feature']}", feature["value"])
-    mlflow.set_tag("dermml.validation", "passed" if report.passed else "failed")
-    mlflow.set_tag("dermml.validation_suite", report.suite)
-    mlflow.log_text(report.to_json(), "validation/report.json")
+    tracking.log_metrics({**report.counts(),
+                          **{f"drift_{f['feature']}": f["value"]
+                             for f in (report.drift or {}).get("features", [])}})
+    tracking.set_tags({"dermml.validation": "passed" if report.passed else "failed",
+                       "dermml.validation_suite": report.suite})
+    tracking.log_text(report.to_json(), "validation/report.json")
     if not folder:
         return
-    for name in (FACTS_FILE, QUARANTINE_FILE, "drift.png"):
-        if os.path.exists(os.path.join(folder, name)):
-            mlflow.log_artifact(os.path.join(folder, name), "validation")
-    if os.path.isdir(os.path.join(folder, "data_docs")):
-        mlflow.log_artifacts(os.path.join(folder, "data_docs"), "validation/data_docs")
+    tracking.log_files([os.path.join(folder, name)
+                        for name in (FACTS_FILE, QUARANTINE_FILE, "drift.png")], "validation")
+    tracking.log_folder(os.path.join(folder, "data_docs"), "validation/data_docs")

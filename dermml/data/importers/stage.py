@@ -14,6 +14,7 @@ from tqdm import tqdm
 from dermml import storage
 from dermml.data.importers.coco import import_coco
 from dermml.data.importers.common import READ_WORKERS, DatasetImportError, normalise_root
+from dermml.data.importers.dermsynth3d import import_dermsynth3d
 from dermml.data.importers.folders import import_classification, import_segmentation
 from dermml.data.importers.isic import (
     import_ham10000,
@@ -46,7 +47,11 @@ IMPORTERS: dict[str, Callable[..., pd.DataFrame]] = {
     "ham10000": import_ham10000,
     "ph2": import_ph2,
     "coco": import_coco,
+    "dermsynth3d": import_dermsynth3d,
 }
+DERIVED_ROOT = "derived_root"
+"""Option of importers that derive files from the source (masks held inside archives): they
+write them into the manifest's folder, which ``import_dataset`` passes."""
 
 
 def get_importer(fmt: str) -> Callable[..., pd.DataFrame]:
@@ -60,7 +65,7 @@ def get_importer(fmt: str) -> Callable[..., pd.DataFrame]:
 def importer_options(fmt: str) -> list[str]:
     """The keyword options the ``fmt`` importer accepts besides ``src`` and ``progress``."""
     params = inspect.signature(get_importer(fmt)).parameters
-    return [name for name in params if name not in ("src", "progress")]
+    return [name for name in params if name not in ("src", "progress", DERIVED_ROOT)]
 
 
 def _check_options(fmt: str, options: Iterable[str]) -> None:
@@ -210,6 +215,8 @@ def import_dataset(fmt: str, src: str, out: str, *, seed: int = 0,
     _check_group(group)
     manifest_uri = manifest_uri_for(out)
     _check_output(manifest_uri, src)
+    if DERIVED_ROOT in inspect.signature(importer).parameters:
+        options[DERIVED_ROOT] = storage.parent(manifest_uri)
     rows = importer(src, progress=progress, **options)
     if metadata:
         rows = apply_metadata(rows, metadata)
