@@ -6,8 +6,10 @@ from components.registry import promote_model, register_model
 from components.synthesize import synthesize_views
 from components.tracking import finish_pipeline_run, start_pipeline_run
 from components.train import train_model
+from components.tune import tune_model
 from components.validate import validate_data
 
 __all__ = ["evaluate_model", "finish_pipeline_run", "prepare_data", "promote_model",
            "register_model", "start_pipeline_run", "synthesize_views", "train_model",
+           "tune_model",
            "validate_data"]

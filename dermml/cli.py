@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, synth3d, train, "
+app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, synth3d, train, tune, "
                   "evaluate, registry, serve, pipeline, demo).", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.",
@@ -264,6 +264,80 @@ def train_cmd(
         finally:
             shutdown_ray()  # Ray's last forwarded worker lines land in the log, not later
     typer.echo(json.dumps(result, indent=2))
+    typer.echo(f"MLflow UI: {ui_command()}")
+
+
+# ----------------------------------------------------------------------------- tune
+@app.command("tune")
+@cli_errors
+def tune_cmd(
+    task: Annotated[str, typer.Argument(help="Task name, e.g. segmentation")],
+    space: Annotated[str | None, typer.Option(
+        help="Search space YAML: one `dotted.key: distribution` per line, keys as --set "
+             "(train.lr: loguniform(1e-5, 1e-2); model.encoder: choice([resnet18, resnet34]); "
+             "loss.0.weight: uniform(0.5, 2); also quniform(a, b, q), randint(a, b))")] = None,
+    config: Annotated[str | None, typer.Option(help="YAML task config file")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Fixed override, key=value")]
+        = None,
+    search: Annotated[str, typer.Option(help="random|optuna|hyperopt")] = "random",
+    scheduler: Annotated[str, typer.Option(help="asha (stop trailing trials early)|pbt "
+                                                "(population-based training)|none")] = "asha",
+    trials: Annotated[int, typer.Option(help="Trials in the search")] = 8,
+    concurrent: Annotated[int, typer.Option(help="Trials at once")] = 2,
+    gpus_per_trial: Annotated[float | None, typer.Option(
+        help="GPUs per trial (0.5: two trials share one); default: the config's ray.use_gpu")]
+        = None,
+    metric: Annotated[str | None, typer.Option(help="Metric to optimise (default: "
+                                                    "val_<the task's gate metric>)")] = None,
+    mode: Annotated[str | None, typer.Option(help="max|min (default: the gate's)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the search algorithm and scheduler")] = 0,
+    grace_period: Annotated[int, typer.Option(help="asha: epochs before a trial can stop")] = 1,
+    reduction_factor: Annotated[float, typer.Option(help="asha: 1/N of trials go on per "
+                                                         "rung")] = 2.0,
+    perturbation_interval: Annotated[int, typer.Option(help="pbt: epochs between "
+                                                            "perturbations")] = 1,
+    name: Annotated[str | None, typer.Option(help="Search name (default: task + a hash of "
+                                                  "config, data and search)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted search "
+                                                          "this command started")] = False,
+    register: Annotated[bool, typer.Option(help="Register the best model as challenger")]
+        = True,
+    parent_run_id: Annotated[str | None, typer.Option(help="Parent MLflow run")] = None,
+    platform: Annotated[str | None, typer.Option(
+        help="Platform config: trials must fit its pools; with ray_job.enabled the search "
+             "runs as a KubeRay RayJob")] = None,
+    run: Annotated[str | None, typer.Option(
+        help="Run the search recorded in this parent MLflow run (a RayJob's entrypoint)")]
+        = None,
+):
+    """Hyper-parameter search with Ray Tune: every trial is a normal training run (MLflow child
+    run of the search's parent run); the best model is registered as challenger."""
+    from dermml.orchestration.tracking import ui_command
+    from dermml.tuning.run import resolve_search, tune, tune_in_run
+
+    if run:
+        outcome = tune_in_run(run)
+    else:
+        if not space:
+            raise typer.BadParameter("--space FILE is required (or --run RUN_ID)")
+        settings = {"search": search, "scheduler": scheduler, "trials": trials,
+                    "concurrent": concurrent, "gpus_per_trial": gpus_per_trial,
+                    "metric": metric or "", "mode": mode or "", "seed": seed,
+                    "grace_period": grace_period, "reduction_factor": reduction_factor,
+                    "perturbation_interval": perturbation_interval, "name": name or ""}
+        cfg, spec = resolve_search(task, config, set_, space, **settings)
+        placed = None
+        if platform:
+            from dermml.orchestration.platform import load_platform
+
+            placed = load_platform(platform)
+        outcome = tune(task, cfg, spec, resume=resume, parent_run_id=parent_run_id,
+                       register=register, platform=placed)
+    typer.echo(json.dumps({"run_id": outcome.run_id, "name": outcome.name,
+                           "best_run_id": outcome.best_run_id, "metric": outcome.metric,
+                           "best_metric": outcome.best_metric,
+                           "best_values": outcome.best_values, "model_uri": outcome.model_uri,
+                           "version": outcome.version}, indent=2, default=str))
     typer.echo(f"MLflow UI: {ui_command()}")
 
 

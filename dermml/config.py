@@ -102,40 +102,84 @@ def _valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
         ann = info.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys.extend(_valid_keys(ann, f"{prefix}{name}."))
+        elif (item := _list_item_type(ann)) is not None:  # loss.0.weight
+            keys.extend(_valid_keys(item, f"{prefix}{name}.N."))
         else:
             keys.append(f"{prefix}{name}")
     return keys
 
 
-def _set_nested(data: dict, path: list[str], value: Any, model_cls: type[BaseModel]) -> None:
+def _list_item_type(annotation: Any) -> type[BaseModel] | None:
+    """``X`` of a ``list[X]`` field whose items are config sections (``loss``), else None."""
+    args = getattr(annotation, "__args__", ())
+    if getattr(annotation, "__origin__", None) is list and len(args) == 1 and \
+            isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return args[0]
+    return None
+
+
+def _set_nested(data: dict, path: list[str], value: Any, model_cls: type[BaseModel],
+                prefix: str = "", root: type[BaseModel] | None = None) -> None:
+    """Set ``path`` (dotted key parts) to ``value`` in the raw config ``data`` of
+    ``model_cls``. A list of sections takes an index (``loss.0.weight``): the item is taken from
+    ``data``, else from the field's default, and the rest of the path is set in it."""
+    root = root or model_cls
     cls: Any = model_cls
     node = data
     for i, part in enumerate(path):
         fields = cls.model_fields if isinstance(cls, type) and issubclass(cls, BaseModel) else {}
         moved = getattr(cls, "moved", {}).get(part) if fields else None
         if part not in fields and moved is not None:
-            raise ConfigError(f"--set {moved.message('.'.join(path[: i + 1]), path[i + 1:i + 2])}")
+            key = prefix + ".".join(path[: i + 1])
+            raise ConfigError(f"--set {moved.message(key, path[i + 1:i + 2])}")
         if part not in fields:
-            dotted = ".".join(path)
-            valid = _valid_keys(model_cls)
+            dotted = prefix + ".".join(path)
+            valid = _valid_keys(root)
+            if prefix:  # inside a list item: its keys with this item's index (loss.0.weight)
+                index = prefix.rstrip(".").rpartition(".")[2]
+                valid = [k.replace(".N.", f".{index}.") for k in valid]
             close = difflib.get_close_matches(dotted, valid, n=2, cutoff=0.75)
             hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
-            section = ".".join(path[:i])
+            section = (prefix + ".".join(path[:i])).rstrip(".")
             inside = [k for k in valid if section and k.startswith(f"{section}.")]
             if inside:  # the keys of the section the typo is in
                 listed = f"valid keys in {section}: {', '.join(inside)}"
             elif section:
                 listed = f"{section} is a setting, not a section"
             else:
-                listed = f"valid top-level keys: {', '.join(model_cls.model_fields)}"
+                listed = f"valid top-level keys: {', '.join(root.model_fields)}"
             raise ConfigError(f"unknown config key {dotted!r}; {hint}{listed}")
         if i == len(path) - 1:
             node[part] = value
             return
+        item_cls = _list_item_type(fields[part].annotation)
+        if item_cls is not None:
+            _set_list_item(node, part, path[i + 1:], value, fields[part], item_cls,
+                           prefix + ".".join(path[: i + 1]), root)
+            return
         cls = fields[part].annotation
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"config key {'.'.join(path[: i + 1])!r} is not a section")
+            raise ConfigError(f"config key {prefix}{'.'.join(path[: i + 1])!r} is not a section")
+
+
+def _set_list_item(node: dict, part: str, rest: list[str], value: Any, field: Any,
+                   item_cls: type[BaseModel], dotted: str, root: type[BaseModel]) -> None:
+    """``rest`` = ``[index, key...]`` of the list ``node[part]`` (e.g. ``loss.0.weight``)."""
+    items = node.get(part)
+    if items is None:
+        items = field.get_default(call_default_factory=True) or []
+    items = [item.model_dump() if isinstance(item, BaseModel) else dict(item) for item in items]
+    index = rest[0]
+    if not index.lstrip("-").isdigit() or not -len(items) <= int(index) < len(items):
+        raise ConfigError(f"config key {dotted + '.' + '.'.join(rest)!r}: {dotted} is a list of "
+                          f"{len(items)} item(s); give its index, {dotted}.0 to "
+                          f"{dotted}.{max(0, len(items) - 1)}")
+    if len(rest) == 1:
+        items[int(index)] = value
+    else:
+        _set_nested(items[int(index)], rest[1:], value, item_cls, f"{dotted}.{index}.", root)
+    node[part] = items
 
 
 def validation_problems(exc: ValidationError) -> list[str]:

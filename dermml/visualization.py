@@ -105,3 +105,66 @@ def loss_curve_figure(train_loss: list[tuple[int, float]], val_metric: list[tupl
     fig.legend(loc="upper center", ncol=2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0, 1, 0.92))
     return fig
+
+
+def parallel_coordinates_figure(rows: list[dict], columns: list[str], metric: str,
+                                log_columns: tuple[str, ...] = ()):
+    """One line per trial through one vertical axis per searched value and the metric, coloured
+    by the metric (a hyper-parameter search at a glance). Numbers are scaled to each axis's
+    range (log-scaled for ``log_columns``); text values are spread evenly in sorted order.
+    Rows without the metric (failed trials) are drawn grey. A bare ``Figure``."""
+    import math
+
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    axes_names = [*columns, metric]
+    positions: dict[str, list[float | None]] = {}
+    labels: dict[str, list[tuple[float, str]]] = {}
+    for name in axes_names:
+        values = [row.get(name) for row in rows]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool)
+                      for v in values if v is not None)
+        if numeric:
+            def scale(v, log=name in log_columns):
+                return math.log10(v) if log and v > 0 else float(v)
+            present = [scale(v) for v in values if v is not None]
+            low, high = (min(present), max(present)) if present else (0.0, 1.0)
+            span = (high - low) or 1.0
+            positions[name] = [None if v is None else (scale(v) - low) / span for v in values]
+            ends = [v for v in values if v is not None]
+            labels[name] = [(0.0, f"{min(ends):.3g}"), (1.0, f"{max(ends):.3g}")] if ends else []
+        else:
+            options = sorted({str(v) for v in values if v is not None})
+            step = 1 / max(1, len(options) - 1)
+            where = {o: i * step if len(options) > 1 else 0.5 for i, o in enumerate(options)}
+            positions[name] = [None if v is None else where[str(v)] for v in values]
+            labels[name] = [(where[o], o) for o in options]
+    scores = [row.get(metric) for row in rows]
+    known = [s for s in scores if s is not None]
+    norm = Normalize(min(known), max(known)) if known else Normalize(0, 1)
+    cmap = colormaps["viridis"]
+    fig = Figure(figsize=(max(5.0, 1.6 * len(axes_names)), 4), dpi=100)
+    ax = fig.subplots()
+    xs = list(range(len(axes_names)))
+    for i, score in enumerate(scores):
+        ys = [positions[name][i] for name in axes_names]
+        if any(y is None for y in ys[:-1]):
+            continue
+        ys[-1] = 0.0 if ys[-1] is None else ys[-1]
+        ax.plot(xs, ys, color="0.7" if score is None else cmap(norm(score)), alpha=0.9, lw=1.5)
+    for x, name in zip(xs, axes_names, strict=True):
+        ax.axvline(x, color="0.3", lw=0.8)
+        for y, text in labels[name]:
+            ax.text(x + 0.03, y, text, fontsize=7, va="center")
+    ax.set_xticks(xs, axes_names, fontsize=8, rotation=15)
+    ax.set_yticks([])
+    ax.set_xlim(-0.2, len(axes_names) - 0.6)
+    ax.set_ylim(-0.05, 1.05)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label=metric)
+    fig.tight_layout()
+    return fig

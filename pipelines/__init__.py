@@ -8,9 +8,12 @@ decorated). The CLI looks a pipeline up here and hands it to the KFP adapter.
 from dermml.orchestration.kfp_local import PipelineDef
 from pipelines.synthesis import build_synthesis_pipeline, synthesis_pipeline
 from pipelines.training import build_training_pipeline, training_pipeline
+from pipelines.tuning import build_tuning_pipeline, tuning_pipeline
 
 PIPELINES = {"training": PipelineDef("training", training_pipeline, build_training_pipeline,
                                      trains=True),
+             "tuning": PipelineDef("tuning", tuning_pipeline, build_tuning_pipeline,
+                                   trains=True),
              "synthesis": PipelineDef("synthesis", synthesis_pipeline,
                                       build_synthesis_pipeline)}
 

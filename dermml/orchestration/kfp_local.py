@@ -93,7 +93,12 @@ def check_training_fit(pipeline: PipelineDef, params: dict[str, Any],
         return
     source = f"task {task!r}" + (f" with config {config}" if config else " (its defaults)") + \
         (f" and overrides {overrides}" if overrides else "")
-    check_training_fits(platform, resolve_config(task, here, overrides).ray, source)
+    ray = resolve_config(task, here, overrides).ray
+    concurrent = int(given.get("concurrent") or 1)  # a search: trainings at once in one pod
+    if concurrent > 1 and not platform.ray_job.enabled:
+        ray = ray.model_copy(update={"num_workers": ray.num_workers * concurrent})
+        source += f" with concurrent={concurrent} trials in the stage's pod"
+    check_training_fits(platform, ray, source)
 
 
 def local_environment() -> None:

@@ -25,14 +25,25 @@ STATE_FILE = "state.pt"
 
 
 class RayCheckpointer:
-    """Reports every epoch to Ray Train; rank 0 attaches the training state as a checkpoint."""
+    """Reports every epoch to Ray Train; rank 0 attaches the training state as a checkpoint.
+
+    ``start_state`` (an object ref of a state's bytes) is where a new run starts when Ray has no
+    checkpoint of its own: a Tune trial restored from its, or another trial's, checkpoint.
+    """
+
+    def __init__(self, start_state: Any = None):
+        self.start_state = start_state
 
     def load(self) -> dict | None:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            if self.start_state is None:
+                return None
+            import ray
+
+            return state_from_bytes(ray.get(self.start_state))
         with checkpoint.as_directory() as folder:
             return state_from_bytes(Path(folder, STATE_FILE).read_bytes())
 
@@ -75,7 +86,7 @@ def train_worker(config: dict[str, Any]) -> None:
         hooks = training_hooks(config["mlflow_run_id"], cfg.train.epochs, task.gate_metric,
                                uri=config["tracking_uri"])
     run_loop(task, cfg, parts, device, hooks=hooks,
-             checkpointer=_with_fault_injection(RayCheckpointer()))
+             checkpointer=_with_fault_injection(RayCheckpointer(config.get("start_state"))))
 
 
 def _with_fault_injection(checkpointer: RayCheckpointer) -> RayCheckpointer:
@@ -101,6 +112,15 @@ def _with_fault_injection(checkpointer: RayCheckpointer) -> RayCheckpointer:
 
 def storage_path(cfg: TaskConfig) -> str:
     return cfg.ray.storage_path or str(dermml_home() / "ray_results")
+
+
+def ray_storage(path: str) -> tuple[str, dict[str, Any]]:
+    """A storage path as Ray's RunConfig takes it: ``s3://`` paths as a key plus the pyarrow
+    filesystem with DermML's endpoint and credentials (the same as every other s3 read)."""
+    if path.startswith("s3://"):
+        fs, key = storage._filesystem(path)
+        return key, {"storage_filesystem": fs}
+    return path, {}
 
 
 def ensure_ray(address: str = "") -> None:
@@ -153,29 +173,36 @@ def _input_error(exc: BaseException) -> BaseException | None:
 
 
 def fit_with_ray(inputs: TrainingInputs, run_name: str, tracking_uri: str = "",
-                 mlflow_run_id: str = "") -> FitResult:
+                 mlflow_run_id: str = "", callbacks: list | None = None,
+                 start_state: Any = None, gpus_per_worker: float | None = None) -> FitResult:
     """Train on ``inputs`` with ``TorchTrainer``; the run named ``run_name`` resumes if it
-    exists already. Each worker gets a pickled copy of the inputs (``for_workers``)."""
+    exists already. Each worker gets a pickled copy of the inputs (``for_workers``).
+
+    Hooks for Ray Tune trials (``orchestration/ray_tune.py``): ``callbacks`` (Ray Train
+    callbacks, run by the controller), ``start_state`` (see ``RayCheckpointer``) and
+    ``gpus_per_worker`` (a fraction of a GPU per worker).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     cfg = inputs.cfg
     ensure_ray(cfg.ray.address)
-    path = storage_path(cfg)
-    fs_kwargs: dict[str, Any] = {}
-    if path.startswith("s3://"):
-        fs, key = storage._filesystem(path)  # same endpoint/credentials as every other s3 read
-        fs_kwargs = {"storage_filesystem": fs}
-        path = key
+    path, fs_kwargs = ray_storage(storage_path(cfg))
+    loop_config = {"inputs": inputs.for_workers(), "tracking_uri": tracking_uri,
+                   "mlflow_run_id": mlflow_run_id}
+    if start_state is not None:
+        loop_config["start_state"] = start_state
+    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu and gpus_per_worker is not None:
+        resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"inputs": inputs.for_workers(), "tracking_uri": tracking_uri,
-                           "mlflow_run_id": mlflow_run_id},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=path, **fs_kwargs,
+            name=run_name, storage_path=path, **fs_kwargs, callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures)),
     )

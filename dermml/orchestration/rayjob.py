@@ -46,6 +46,11 @@ def entrypoint(task: str, run_id: str) -> str:
     return shlex.join(["dermml", "train", task, "--resume", run_id])
 
 
+def tune_entrypoint(task: str, run_id: str) -> list[str]:
+    """A search's job command: run the search recorded in its parent run (``dermml tune``)."""
+    return ["dermml", "tune", task, "--run", run_id]
+
+
 def _env() -> list[dict[str, str]]:
     return [{"name": k, "value": os.environ[k]} for k in FORWARDED_ENV if k in os.environ]
 
@@ -109,15 +114,19 @@ def check_config(cfg: TaskConfig) -> None:
             "ray.storage_path=s3://BUCKET/ray")
 
 
-def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str,
-                    platform: PlatformConfig) -> dict[str, Any]:
-    """The RayJob for training ``task`` in MLflow run ``run_id``, placed by ``platform``."""
+def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str, platform: PlatformConfig,
+                    command: list[str] | None = None,
+                    workers: int | None = None) -> dict[str, Any]:
+    """The RayJob for training ``task`` in MLflow run ``run_id``, placed by ``platform``.
+
+    ``command`` replaces the entrypoint and ``workers`` the number of worker pods (one per Ray
+    Train worker: ``ray.num_workers``); a search runs ``concurrent`` trials' workers at once."""
     check_config(cfg)
     check_training_fits(platform.model_copy(update={"ray_job": platform.ray_job.model_copy(
         update={"enabled": True})}), cfg.ray)
     job = platform.ray_job
     spec: dict[str, Any] = {
-        "entrypoint": entrypoint(task, run_id),
+        "entrypoint": shlex.join(command) if command else entrypoint(task, run_id),
         "submissionMode": "K8sJobMode",
         "backoffLimit": job.backoff_limit,
         "activeDeadlineSeconds": job.active_deadline_seconds,
@@ -131,7 +140,7 @@ def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str,
         spec["ttlSecondsAfterFinished"] = 600
         pool = platform.pool_named(job.worker_pool, "ray_job.worker_pool")
         gpus = pool.accelerator_limit if cfg.ray.use_gpu else 0
-        workers = cfg.ray.num_workers
+        workers = workers or cfg.ray.num_workers
         worker = _container("ray-worker", platform, pool.cpu_request, pool.memory_request, gpus,
                             pool.accelerator_type or "nvidia.com/gpu")
         spec["rayClusterSpec"] = {
@@ -188,6 +197,18 @@ def wait_rayjob(name: str, namespace: str, poll_seconds: float = 15.0,
                                f"{status.get('reason', '')} {status.get('message', '')}".strip())
         time.sleep(poll_seconds)
     raise RayJobFailed(f"RayJob {namespace}/{name} did not finish in {timeout:.0f}s")
+
+
+def tune_as_rayjob(task: str, cfg: TaskConfig, concurrent: int, run_id: str,
+                   platform: PlatformConfig, api_client=None) -> dict[str, Any]:
+    """Submit the search of parent run ``run_id`` as a RayJob whose ``concurrent x
+    ray.num_workers`` worker pods hold ``concurrent`` trials at once, and wait for it."""
+    manifest = rayjob_manifest(task, cfg, run_id, platform, tune_entrypoint(task, run_id),
+                               concurrent * cfg.ray.num_workers)
+    name = submit_rayjob(manifest, api_client)
+    job = platform.ray_job
+    return wait_rayjob(name, job.namespace, job.poll_seconds, job.active_deadline_seconds,
+                       api_client)
 
 
 def train_as_rayjob(task: str, cfg: TaskConfig, run_id: str, platform: PlatformConfig,

@@ -179,17 +179,27 @@ def failing_parent(parent_run_id: str | None) -> Iterator[None]:
         raise
 
 
+def config_params(config: Any, skip_prefixes: tuple[str, ...] = ()) -> dict[str, str]:
+    """A config's flattened keys and values as MLflow params (less ``skip_prefixes``)."""
+    data = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+    return {k: ("" if v is None else str(v))[:6000] for k, v in flatten(data).items()
+            if not k.startswith(skip_prefixes)}
+
+
+def config_yaml(config: Any) -> str:
+    import yaml
+
+    data = config.model_dump() if hasattr(config, "model_dump") else dict(config)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
 def log_config(config: Any, skip_prefixes: tuple[str, ...] = ()) -> None:
     """Config as params (flattened keys, less those under ``skip_prefixes``: settings that do
     not apply to this run) and, complete, as ``config.yaml``."""
     import mlflow
-    import yaml
 
-    data = config.model_dump() if hasattr(config, "model_dump") else dict(config)
-    params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(data).items()
-              if not k.startswith(skip_prefixes)}
-    mlflow.log_params(params)
-    mlflow.log_text(yaml.safe_dump(data, sort_keys=False), "config.yaml")
+    mlflow.log_params(config_params(config, skip_prefixes))
+    mlflow.log_text(config_yaml(config), "config.yaml")
 
 
 def config_from_run(run_id: str) -> dict[str, Any]:
@@ -366,6 +376,55 @@ class RunLog:
 
     def figure(self, fig: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, fig, artifact_file)
+
+    def params(self, params: dict[str, Any]) -> None:
+        """One request for all of ``params`` (values as text)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a request
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def config(self, config: Any) -> None:
+        """What ``log_config`` logs into the active run, into this one."""
+        self.params(config_params(config))
+        self.text(config_yaml(config), "config.yaml")
+
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def get(self):
+        """The run as MLflow has it now (info, params, metrics, tags)."""
+        return self.client.get_run(self.run_id)
+
+    def set_status(self, status: str) -> None:
+        """``RUNNING`` reopens the run (a resumed search); ``FINISHED``/``FAILED`` close it."""
+        if status == "RUNNING":
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.client.set_terminated(self.run_id, status)
+
+
+def create_run(experiment_id: str, run_name: str, tags: dict[str, str],
+               parent_run_id: str | None = None, uri: str = "") -> str:
+    """A new run by id (no active run needed: Tune trials), child of ``parent_run_id``."""
+    from mlflow.tracking import MlflowClient
+
+    all_tags = {TAG_GIT_COMMIT: git_commit(), **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = MlflowClient(uri or tracking_uri()).create_run(experiment_id, run_name=run_name,
+                                                         tags=all_tags)
+    return run.info.run_id
+
+
+def find_runs(experiment_id: str, tags: dict[str, str], uri: str = "") -> list:
+    """Runs of an experiment with all of ``tags`` (``mlflow.parentRunId`` too), newest first."""
+    from mlflow.tracking import MlflowClient
+
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return MlflowClient(uri or tracking_uri()).search_runs(
+        [experiment_id], where, order_by=["attributes.start_time DESC"], max_results=5000)
 
 
 def load_python_model(model_uri: str):

@@ -262,6 +262,40 @@ def fit(model: nn.Module, train_loader: Iterable, val_loader: Iterable | None, c
     return result
 
 
+def with_hyperparameters(state: dict, cfg: LoopConfig) -> dict:
+    """A checkpoint ``state`` of ``fit`` set to continue under ``cfg``'s optimizer settings.
+
+    Population-based training restarts a trial from another trial's checkpoint with perturbed
+    settings; the optimizer, LR schedule and plateau states would otherwise bring the old
+    learning rate, weight decay and betas back. The peak learning rate is replaced where the
+    schedule keeps it (its base rates), and the current rate is scaled by the same factor, so
+    warm-up, cosine decay and plateau reductions keep their place. Settings read from the
+    config at every step (loss weights, augmentation) need nothing here; the optimizer kind and
+    the network's shape cannot change (``load_state_dict`` would fail)."""
+    state = dict(state)
+    groups = [dict(g) for g in state["optimizer"]["param_groups"]]
+    scales = []
+    for group in groups:
+        peak = group.get("initial_lr") or group["lr"]  # the schedule's peak: the old train.lr
+        scale = cfg.lr / peak if peak else 1.0
+        scales.append(scale)
+        group["lr"] = group["lr"] * scale
+        group["initial_lr"] = cfg.lr
+        group["weight_decay"] = cfg.weight_decay
+        if "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+    state["optimizer"] = {**state["optimizer"], "param_groups": groups}
+    for key in ("scheduler", "plateau"):  # both hold base rates (with plateau reductions)
+        part = state.get(key)
+        if part and part.get("base_lrs"):
+            part = {**part, "base_lrs": [lr * s for lr, s in zip(part["base_lrs"], scales,
+                                                                 strict=False)]}
+            if part.get("_last_lr"):
+                part["_last_lr"] = [g["lr"] for g in groups]
+            state[key] = part
+    return state
+
+
 class PlateauScaler:
     """Multiplies the base learning rates by ``factor`` after ``patience`` epochs without a
     higher score (scores are signed so that larger is better)."""

@@ -1,0 +1,81 @@
+"""Tuning pipeline: data -> validate -> tune (Ray Tune) -> register the best -> evaluate ->
+promote (gate).
+
+The search runs in the tune step with local Ray (``--local``), or, when the platform config has
+``ray_job.enabled``, as a KubeRay RayJob on the GPU pool whose ``concurrent x ray.num_workers``
+worker pods hold the concurrent trials. One MLflow parent run per execution; the search is a
+child run with one child run per trial.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components import (
+    evaluate_model,
+    finish_pipeline_run,
+    prepare_data,
+    promote_model,
+    register_model,
+    start_pipeline_run,
+    tune_model,
+    validate_data,
+)
+from dermml.orchestration.k8s import place
+from dermml.orchestration.platform import platform_json
+
+
+class TuningOutputs(NamedTuple):
+    parent_run_id: str
+    search_run_id: str
+    best_run_id: str
+    model_version: str
+    promoted: bool
+
+
+def tuning_pipeline(task: str = "segmentation", config: str = "", overrides: list = [],  # noqa: B006
+                    space: str = "configs/tune/segmentation.yaml", search: str = "random",
+                    scheduler: str = "asha", trials: int = 8, concurrent: int = 2,
+                    metric: str = "", seed: int = 0, manifest_uri: str = "",
+                    demo_root: str = "", demo_n: int = 160, demo_size: int = 64,
+                    required_splits: str = "train,val,test", test_split: str = "test",
+                    min_delta: float = 0.0, bootstrap_resamples: int = 200,
+                    validation_suite: str = "", validation_overrides: list = [],  # noqa: B006
+                    validation_warn_only: bool = False) -> TuningOutputs:
+    parent = start_pipeline_run(task=task, pipeline="tuning")
+    data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
+                        demo_size=demo_size, seed=seed, parent_run_id=parent.output)
+    checked = validate_data(manifest_uri=data.output, suite=task,
+                            required_splits=required_splits, parent_run_id=parent.output,
+                            custom_suite=validation_suite, overrides=validation_overrides,
+                            warn_only=validation_warn_only)
+    tuned = tune_model(task=task, config=config, overrides=overrides, space=space,
+                       search=search, scheduler=scheduler, trials=trials,
+                       concurrent=concurrent, metric=metric, seed=seed,
+                       manifest_uri=checked.outputs["Output"], parent_run_id=parent.output,
+                       platform=platform_json())
+    registered = register_model(model_uri=tuned.outputs["model_uri"], task=task,
+                                parent_run_id=parent.output)
+    evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],
+                               manifest_uri=checked.outputs["Output"], splits=test_split,
+                               parent_run_id=parent.output, n_resamples=bootstrap_resamples)
+    promoted = promote_model(task=task, version=registered.outputs["version"],
+                             manifest_uri=checked.outputs["Output"], split=test_split,
+                             min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
+    finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
+    stages = {"tracking": parent, "data": data, "validate": checked, "tune": tuned,
+              "register": registered, "evaluate": evaluated, "promote": promoted,
+              "finish": finished}
+    for stage, task_ in stages.items():
+        place(task_, stage)  # pools, resources, secrets, env from the platform config
+        task_.set_caching_options(False)  # every stage writes to MLflow or the registry
+    return TuningOutputs(parent_run_id=parent.output, search_run_id=tuned.outputs["run_id"],
+                         best_run_id=tuned.outputs["best_run_id"],
+                         model_version=registered.outputs["version"], promoted=promoted.output)
+
+
+def build_tuning_pipeline():
+    """The pipeline graph, built now so placement follows the platform config in force."""
+    return dsl.pipeline(name="dermml-tuning", description="Validate data, search "
+                        "hyper-parameters with Ray Tune, register the best model and "
+                        "gate-promote it in MLflow.")(tuning_pipeline)
