@@ -137,6 +137,7 @@ def test_the_best_trial_is_registered_as_challenger_and_the_gate_decides(searche
     assert decision.metric == "dice" and 0 < decision.challenger_score <= 1
 
 
+@pytest.mark.slow  # ~2 min: `make test-slow` (CI runs it)
 def test_a_killed_search_resumes_with_exactly_one_run_per_trial(demo_data, tmp_path,
                                                                 monkeypatch):
     """The driver dies at the 3rd epoch result (both trials mid-way); the same command with
