@@ -325,5 +325,5 @@ def _tune_as_rayjob(task_name: str, cfg: TaskConfig, search: SearchConfig, run_i
     params = tracking.RunLog(best_run).get().data.params
     return TuneOutcome(run_id=run_id, name=search.name, metric=metric, mode=mode,
                        best_run_id=best_run, best_metric=metrics.get(f"best_{metric}", 0.0),
-                       best_values={k: params.get(k) for k in search.space},
+                       best_values={k: params.get(f"tune.{k}") for k in search.space},
                        model_uri=tags["dermml.model_uri"])
