@@ -149,10 +149,17 @@ def tune_in_run(run_id: str) -> TuneOutcome:
     distributions = check_space(search.space, task.config_cls, cfg.model_dump(), "search space",
                                 search.scheduler)
     manifest = read_task_manifest(cfg)
-    experiment_id = tracking.RunLog(run_id).get().info.experiment_id
-    tracking.RunLog(run_id).set_status("RUNNING")
-    return _search(task_name, cfg, search, distributions, run_id, experiment_id, manifest,
-                   resume=can_resume(cfg, search.name))
+    parent = tracking.RunLog(run_id)
+    experiment_id = parent.get().info.experiment_id
+    parent.set_status("RUNNING")
+    try:
+        outcome = _search(task_name, cfg, search, distributions, run_id, experiment_id,
+                          manifest, resume=can_resume(cfg, search.name))
+    except BaseException:
+        parent.set_status("FAILED")
+        raise
+    parent.set_status("FINISHED")
+    return outcome
 
 
 def _check_trials_fit(platform: PlatformConfig, cfg: TaskConfig, search: SearchConfig,
