@@ -274,7 +274,7 @@ def tune_cmd(
     task: Annotated[str, typer.Argument(help="Task name, e.g. segmentation")],
     space: Annotated[str | None, typer.Option(
         help="Search space YAML: one `dotted.key: distribution` per line, keys as --set "
-             "(train.lr: loguniform(1e-5, 1e-2); model.encoder: choice([resnet18, resnet34]); "
+             "(train.lr: loguniform(1e-5, 1e-2); model.encoder: choice(\\[resnet18, resnet34]); "
              "loss.0.weight: uniform(0.5, 2); also quniform(a, b, q), randint(a, b))")] = None,
     config: Annotated[str | None, typer.Option(help="YAML task config file")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Fixed override, key=value")]

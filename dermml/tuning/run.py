@@ -149,10 +149,17 @@ def tune_in_run(run_id: str) -> TuneOutcome:
     distributions = check_space(search.space, task.config_cls, cfg.model_dump(), "search space",
                                 search.scheduler)
     manifest = read_task_manifest(cfg)
-    experiment_id = tracking.RunLog(run_id).get().info.experiment_id
-    tracking.RunLog(run_id).set_status("RUNNING")
-    return _search(task_name, cfg, search, distributions, run_id, experiment_id, manifest,
-                   resume=can_resume(cfg, search.name))
+    parent = tracking.RunLog(run_id)
+    experiment_id = parent.get().info.experiment_id
+    parent.set_status("RUNNING")
+    try:
+        outcome = _search(task_name, cfg, search, distributions, run_id, experiment_id,
+                          manifest, resume=can_resume(cfg, search.name))
+    except BaseException:
+        parent.set_status("FAILED")
+        raise
+    parent.set_status("FINISHED")
+    return outcome
 
 
 def _check_trials_fit(platform: PlatformConfig, cfg: TaskConfig, search: SearchConfig,
@@ -325,5 +332,5 @@ def _tune_as_rayjob(task_name: str, cfg: TaskConfig, search: SearchConfig, run_i
     params = tracking.RunLog(best_run).get().data.params
     return TuneOutcome(run_id=run_id, name=search.name, metric=metric, mode=mode,
                        best_run_id=best_run, best_metric=metrics.get(f"best_{metric}", 0.0),
-                       best_values={k: params.get(k) for k in search.space},
+                       best_values={k: params.get(f"tune.{k}") for k in search.space},
                        model_uri=tags["dermml.model_uri"])
