@@ -12,17 +12,13 @@ from typing import NamedTuple
 from kfp import dsl
 
 from components import (
-    evaluate_model,
-    finish_pipeline_run,
     prepare_data,
-    promote_model,
-    register_model,
     start_pipeline_run,
     tune_model,
     validate_data,
 )
-from dermml.orchestration.k8s import place
 from dermml.orchestration.platform import platform_json
+from pipelines.gate import place_steps, register_evaluate_promote
 
 
 class TuningOutputs(NamedTuple):
@@ -54,21 +50,12 @@ def tuning_pipeline(task: str = "segmentation", config: str = "", overrides: lis
                        concurrent=concurrent, metric=metric, seed=seed,
                        manifest_uri=checked.outputs["Output"], parent_run_id=parent.output,
                        platform=platform_json())
-    registered = register_model(model_uri=tuned.outputs["model_uri"], task=task,
-                                parent_run_id=parent.output)
-    evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],
-                               manifest_uri=checked.outputs["Output"], splits=test_split,
-                               parent_run_id=parent.output, n_resamples=bootstrap_resamples)
-    promoted = promote_model(task=task, version=registered.outputs["version"],
-                             manifest_uri=checked.outputs["Output"], split=test_split,
-                             min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
-    finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
-    stages = {"tracking": parent, "data": data, "validate": checked, "tune": tuned,
-              "register": registered, "evaluate": evaluated, "promote": promoted,
-              "finish": finished}
-    for stage, task_ in stages.items():
-        place(task_, stage)  # pools, resources, secrets, env from the platform config
-        task_.set_caching_options(False)  # every stage writes to MLflow or the registry
+    tail = register_evaluate_promote(task, tuned.outputs["model_uri"],
+                                     checked.outputs["Output"], parent, test_split, min_delta,
+                                     bootstrap_resamples)
+    place_steps({"tracking": parent, "data": data, "validate": checked, "tune": tuned,
+                 **tail})
+    registered, promoted = tail["register"], tail["promote"]
     return TuningOutputs(parent_run_id=parent.output, search_run_id=tuned.outputs["run_id"],
                          best_run_id=tuned.outputs["best_run_id"],
                          model_version=registered.outputs["version"], promoted=promoted.output)

@@ -1,0 +1,28 @@
+"""The tail that every model-producing pipeline shares: register the model as challenger,
+evaluate it, promote it through the gate, close the parent run; and the placement of steps."""
+
+from components import evaluate_model, finish_pipeline_run, promote_model, register_model
+from dermml.orchestration.k8s import place
+
+
+def register_evaluate_promote(task: str, model_uri, manifest_uri, parent, test_split: str,
+                              min_delta: float, bootstrap_resamples: int) -> dict:
+    """Steps by stage name: register -> evaluate -> promote (gate) -> finish."""
+    registered = register_model(model_uri=model_uri, task=task, parent_run_id=parent.output)
+    evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],
+                               manifest_uri=manifest_uri, splits=test_split,
+                               parent_run_id=parent.output, n_resamples=bootstrap_resamples)
+    promoted = promote_model(task=task, version=registered.outputs["version"],
+                             manifest_uri=manifest_uri, split=test_split,
+                             min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
+    finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
+    return {"register": registered, "evaluate": evaluated, "promote": promoted,
+            "finish": finished}
+
+
+def place_steps(stages: dict) -> None:
+    """Pools, resources, secrets and env from the platform config; no caching, since every
+    stage writes to MLflow or the registry (a cached result would skip that)."""
+    for stage, step in stages.items():
+        place(step, stage)
+        step.set_caching_options(False)
