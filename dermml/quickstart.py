@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import sys
 
 import numpy as np
@@ -26,21 +25,12 @@ from dermml.orchestration.kfp_local import PipelineDef, run_local
 CHAMPION_URI = "models:/dermml-segmentation@champion"
 
 
-def free_port(preferred: int) -> int:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", preferred)) != 0:
-            return preferred
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_demo(pipeline: PipelineDef, n: int = 200, size: int = 64, epochs: int = 20,
              seed: int = 0, port: int = 5055) -> float:
     """Run the demo with the training ``pipeline`` (the CLI hands it over, from
     ``pipelines.PIPELINES``); returns the Dice of the served prediction. It prints a line per
     step, stage and epoch; the stage and server logs go to ``$DERMML_HOME/logs/demo-<time>``."""
-    from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
+    from dermml.serving.server import predict_http, serve_model, stop_server
 
     logs = new_log_dir("demo")
     print(f"[1/3] training pipeline with DERMML_HOME={dermml_home()}", flush=True)
@@ -57,13 +47,11 @@ def run_demo(pipeline: PipelineDef, n: int = 200, size: int = 64, epochs: int = 
     image = load_image(manifest.resolve(sample["image_uri"]))
     truth = load_mask(manifest.resolve(sample["mask_uri"]))
 
-    port = free_port(port)
-    url = f"http://127.0.0.1:{port}"
     log_file = logs / "serve.log"
-    print(f"[2/3] serving {CHAMPION_URI} at {url} (log: {log_file})", flush=True)
-    server = start_server(CHAMPION_URI, port, log_file=str(log_file))
+    print(f"[2/3] serving {CHAMPION_URI} (log: {log_file})", flush=True)
+    server, url = serve_model(CHAMPION_URI, str(log_file), port=port)
     try:
-        wait_ready(url, server)
+        print(f"      answering at {url}", flush=True)
         response = predict_http(url, [image])
     finally:
         stop_server(server)

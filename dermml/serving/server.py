@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -38,12 +39,28 @@ def start_server(model_uri: str, port: int, host: str = "127.0.0.1",
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 180) -> None:
-    """Block until ``url/ping`` answers 200; raise if the server died or never answered."""
+class ServerFailed(RuntimeError):
+    """The model server exited before it answered; the message ends with its log's tail."""
+
+
+def log_tail(log_file: str | None, lines: int = 25) -> str:
+    if not log_file or not Path(log_file).exists():
+        return ""
+    text = Path(log_file).read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float = 180,
+               log_file: str | None = None) -> None:
+    """Block until ``url/ping`` answers 200; raise if the server died (with the tail of
+    ``log_file``) or never answered."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"model server exited with code {process.returncode}")
+            tail = log_tail(log_file)
+            where = f" (log: {log_file})" if log_file else ""
+            raise ServerFailed(f"model server exited with code {process.returncode}{where}"
+                               + (f"; its last lines:\n{tail}" if tail else ""))
         try:
             if requests.get(f"{url}/ping", timeout=2).status_code == 200:
                 return
@@ -51,6 +68,45 @@ def wait_ready(url: str, process: subprocess.Popen | None = None, timeout: float
             pass
         time.sleep(1)
     raise TimeoutError(f"model server at {url} not ready after {timeout:.0f}s")
+
+
+def pick_port(preferred: int | None = None, host: str = "127.0.0.1") -> int:
+    """``preferred`` when nothing listens there, else a free port from the OS."""
+    if preferred:
+        with socket.socket() as s:
+            if s.connect_ex((host, preferred)) != 0:
+                return preferred
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def serve_model(model_uri: str, log_file: str, port: int | None = None,
+                host: str = "127.0.0.1", attempts: int = 3,
+                timeout: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start the model server and wait until it answers; returns ``(process, url)``.
+
+    A port is only free until someone binds it (Ray workers, other servers on a busy machine
+    take ports at random), so a server that exits because its port was taken in between is
+    started again on another port; any other failure raises with the tail of ``log_file``."""
+    for attempt in range(attempts):
+        chosen = pick_port(port if attempt == 0 else None, host)
+        url = f"http://{host}:{chosen}"
+        start = Path(log_file).stat().st_size if Path(log_file).exists() else 0
+        process = start_server(model_uri, chosen, host, log_file=log_file)
+        try:
+            wait_ready(url, process, timeout, log_file)
+            return process, url
+        except ServerFailed:
+            with open(log_file, "rb") as handle:
+                handle.seek(start)
+                log = handle.read().decode(errors="replace")
+            if "address already in use" not in log.lower() or attempt == attempts - 1:
+                raise
+        except BaseException:
+            stop_server(process)
+            raise
+    raise AssertionError("unreachable")
 
 
 def predict_http(url: str, images: list[np.ndarray], params: dict | None = None,

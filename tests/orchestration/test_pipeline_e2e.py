@@ -21,7 +21,7 @@ from dermml.data.manifest import read_manifest
 from dermml.metrics.segmentation import segmentation_scores
 from dermml.orchestration import tracking
 from dermml.orchestration.kfp_local import PipelineFailed, compile_pipeline, run_local
-from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
+from dermml.serving.server import predict_http, serve_model, stop_server
 from pipelines import get_pipeline
 
 TRAINING = get_pipeline("training")
@@ -89,12 +89,9 @@ def test_pipeline_trains_registers_promotes_and_serves(tracking_server, demo_dat
     sample = manifest.split("test").iloc[0]
     image = load_image(manifest.resolve(sample["image_uri"]))
     truth = load_mask(manifest.resolve(sample["mask_uri"]))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server("models:/dermml-segmentation@champion", port,
-                          log_file=str(tmp_path / "serve.log"))
+    server, url = serve_model("models:/dermml-segmentation@champion",
+                              log_file=str(tmp_path / "serve.log"))
     try:
-        wait_ready(url, server)
         response = predict_http(url, [image])
         mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.loc[0, "mask"]))))
         assert mask.shape == truth.shape

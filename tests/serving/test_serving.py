@@ -6,12 +6,12 @@ import base64
 import numpy as np
 import pytest
 import requests
-from conftest import free_port, tiny_overrides
+from conftest import tiny_overrides
 from mlflow.exceptions import MlflowException
 
 from dermml.data.images import encode_png, load_image, to_base64
 from dermml.data.manifest import read_manifest
-from dermml.serving.server import predict_http, start_server, stop_server, wait_ready
+from dermml.serving.server import predict_http, serve_model, stop_server
 from dermml.training.run import resolve_config, train
 
 pytestmark = pytest.mark.integration
@@ -26,11 +26,8 @@ def served(demo_data, tmp_path_factory):
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         cfg = resolve_config("segmentation", None, tiny_overrides(demo_data, 2))
         outcome = train("segmentation", cfg, progress=False)
-        port = free_port()
-        server = start_server(outcome.model_uri, port, log_file=str(home / "serve.log"))
-    url = f"http://127.0.0.1:{port}"
+        server, url = serve_model(outcome.model_uri, log_file=str(home / "serve.log"))
     try:
-        wait_ready(url, server)
         yield url, home, outcome
     finally:
         stop_server(server)
@@ -107,3 +104,41 @@ def test_evaluation_goes_through_the_same_checks(served, demo_data, monkeypatch)
         with pytest.raises(MlflowException, match=reason) as err:
             model.predict_images(images, params)
         assert err.value.get_http_status_code() == 400
+
+
+def test_a_server_whose_port_was_taken_starts_again_on_another(served, monkeypatch, tmp_path):
+    import socket
+
+    from dermml.serving import server as server_module
+
+    _, home, outcome = served
+    monkeypatch.setenv("DERMML_HOME", str(home))  # the store the model was logged to
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    taken = squatter.getsockname()[1]
+    real_pick = server_module.pick_port
+    calls = []
+
+    def pick(preferred=None, host="127.0.0.1"):  # the race: free when checked, taken when bound
+        calls.append(preferred)
+        return taken if len(calls) == 1 else real_pick(None, host)
+
+    monkeypatch.setattr(server_module, "pick_port", pick)
+    try:
+        process, url = serve_model(outcome.model_uri, log_file=str(tmp_path / "serve.log"))
+    finally:
+        squatter.close()
+    try:
+        assert len(calls) == 2 and not url.endswith(f":{taken}")
+        assert requests.get(f"{url}/ping", timeout=5).status_code == 200
+    finally:
+        stop_server(process)
+
+
+def test_a_server_that_cannot_start_says_why_with_its_log(tmp_path):
+    from dermml.serving.server import ServerFailed
+
+    with pytest.raises(ServerFailed) as failure:
+        serve_model(str(tmp_path / "no-such-model"), log_file=str(tmp_path / "serve.log"))
+    assert "serve.log" in str(failure.value) and "no-such-model" in str(failure.value)
