@@ -21,7 +21,9 @@ def serve_env() -> dict[str, str]:
     """Environment for the server: the venv's bin first on PATH (it spawns ``uvicorn``)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    # The registry is the tracking server's (as everywhere in DermML): an MLFLOW_REGISTRY_URI
+    # left in this environment must not send models:/ lookups to another store.
+    env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking.tracking_uri()
     return env
 
 
