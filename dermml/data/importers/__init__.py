@@ -23,12 +23,13 @@ from dermml.data.importers.stage import (
     manifest_uri_for,
     split_units,
 )
+from dermml.data.importers.stylegan import import_stylegan_zip
 
 __all__ = [
     "GROUP_AUTO", "GROUP_NEAR_DUPLICATES", "GROUP_NONE", "IMPORTERS", "DatasetImportError",
     "SourceTree", "apply_metadata", "get_importer", "image_facts", "import_classification",
     "import_coco", "import_dataset", "import_dermsynth3d", "import_isic2018", "import_ph2",
-    "import_segmentation",
+    "import_segmentation", "import_stylegan_zip",
     "importer_options", "list_source", "manifest_uri_for", "parse_ph2_labels",
     "ph2_labels_from_table", "split_units",
 ]

@@ -25,6 +25,7 @@ from dermml.data.importers.isic import (
     import_isic2019,
 )
 from dermml.data.importers.ph2 import import_ph2
+from dermml.data.importers.stylegan import import_stylegan_zip
 from dermml.data.manifest import (
     COLUMNS,
     MANIFEST_FILENAME,
@@ -48,6 +49,7 @@ IMPORTERS: dict[str, Callable[..., pd.DataFrame]] = {
     "ph2": import_ph2,
     "coco": import_coco,
     "dermsynth3d": import_dermsynth3d,
+    "stylegan": import_stylegan_zip,
 }
 DERIVED_ROOT = "derived_root"
 """Option of importers that derive files from the source (masks held inside archives): they
