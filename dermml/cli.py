@@ -219,6 +219,11 @@ def train_cmd(
         help="Platform config (configs/platform/*.yaml): the workers must fit its pools, and "
              "with ray_job.enabled the training runs as a KubeRay RayJob; without it, "
              "training runs here")] = None,
+    synthetic_per_class: Annotated[str | None, typer.Option(
+        help="Mix GAN images into training: counts per class drawn from --generator, e.g. "
+             "benign=100,melanoma=300 (through the mix: settings)")] = None,
+    generator: Annotated[str, typer.Option(
+        help="The generator of --synthetic-per-class")] = "models:/dermml-gan@champion",
 ):
     """Train a task (through Ray Train unless ray.enabled=false); prints run id and model URI.
 
@@ -234,7 +239,13 @@ def train_cmd(
     if platform and (folds or wl_train or sl_train):
         raise ValueError("--platform places a single training run; cross-validation and weak "
                          "labels train here (drop --platform, or --folds/--wl-train/--sl-train)")
-    cfg = resolve_config(task, config, set_, resume_run_id=resume)
+    synthetic = ""
+    if synthetic_per_class:
+        from dermml.synthesis.gan import parse_per_class, synthetic_training_set
+
+        synthetic = synthetic_training_set(generator, parse_per_class(synthetic_per_class))
+    cfg = resolve_config(task, config, set_, resume_run_id=resume,
+                         synthetic_manifest=synthetic)
     if (wl_train or sl_train) and not (wl_train and sl_train):
         raise ValueError("weak labels need both --wl-train SPLIT and --sl-train SPLIT")
     with captured("train", new_log_dir("train") / "train.log"):
@@ -427,6 +438,92 @@ def predict_cmd(
     response.insert(0, "image", images)
     storage.write_bytes(storage.join(out, "predictions.csv"), response.to_csv(index=False).encode())
     typer.echo(response.to_string(index=False))
+
+
+# ----------------------------------------------------------------------------- gan
+def _generator_uri(task: str, model_uri: str) -> str:
+    """``gan`` is the only generator task; a bare ``gan`` model means its champion."""
+    if task != "gan":
+        raise ValueError(f"unknown generator task {task!r}: `dermml generate gan MODEL` (3D "
+                         "synthesis is `dermml synth3d`)")
+    if model_uri == "gan":
+        from dermml.registry.gate import champion_uri
+
+        return champion_uri("gan")
+    return model_uri
+
+
+@app.command("generate")
+@cli_errors
+def generate_cmd(
+    task: Annotated[str, typer.Argument(help="Generator task: gan")],
+    model_uri: Annotated[str, typer.Argument(help="models:/dermml-gan@champion, runs:/ID/model "
+                                                  "or gan (its champion)")],
+    out: Annotated[str, typer.Option(help="Output folder or s3:// prefix (images + manifest; "
+                                          "rerun to resume)")],
+    seeds: Annotated[str, typer.Option(help="Seeds, e.g. 0-99 or 1,5,9")] = "0-15",
+    class_: Annotated[list[str] | None, typer.Option(
+        "--class", help="Class to generate (repeat; default: every class)")] = None,
+    per_class: Annotated[str | None, typer.Option(
+        help="Instead of --seeds: counts per class, e.g. benign=100,melanoma=300")] = None,
+    trunc: Annotated[float | None, typer.Option(help="Truncation psi (default: the model's)")]
+        = None,
+):
+    """Images of a registered generator with their manifest (label, seed, truncation, model
+    version); train on them with `--set mix.synthetic_manifest=OUT/manifest.parquet`."""
+    from dermml.synthesis.gan import generate_dataset, parse_per_class, parse_seeds
+
+    model_uri = _generator_uri(task, model_uri)
+    outcome = generate_dataset(model_uri, out, seeds=parse_seeds(seeds), classes=class_,
+                               per_class=parse_per_class(per_class) if per_class else None,
+                               truncation=trunc)
+    typer.echo(json.dumps({"manifest": outcome.manifest_uri, "version": outcome.version,
+                           "images": outcome.n_images, "counts": outcome.counts}, indent=2))
+
+
+@app.command("project")
+@cli_errors
+def project_cmd(
+    task: Annotated[str, typer.Argument(help="Generator task: gan")],
+    model_uri: Annotated[str, typer.Argument(help="Generator model URI (or gan: its champion)")],
+    image: Annotated[str, typer.Argument(help="Image file or URI to project")],
+    out: Annotated[str, typer.Option(help="Folder for projected.png, projected_w.npy, "
+                                          "target.png, projection.json")],
+    class_: Annotated[str | None, typer.Option("--class", help="Class to project into "
+                                                                "(default: the first)")] = None,
+    steps: Annotated[int, typer.Option(help="Optimisation steps (the reference: 1000)")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the W statistics and noise")] = 0,
+):
+    """Find the W of a real image (the reference's projector.py)."""
+    from dermml.synthesis.gan import project_image
+
+    summary = project_image(_generator_uri(task, model_uri), image, out, class_, steps, seed)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("style-mix")
+@cli_errors
+def style_mix_cmd(
+    task: Annotated[str, typer.Argument(help="Generator task: gan")],
+    model_uri: Annotated[str, typer.Argument(help="Generator model URI (or gan: its champion)")],
+    out: Annotated[str, typer.Option(help="PNG file or URI of the grid")],
+    rows: Annotated[str, typer.Option(help="Row seeds, e.g. 85,100,75")] = "0-3",
+    cols: Annotated[str, typer.Option(help="Column seeds, e.g. 55,821")] = "4-7",
+    class_: Annotated[str | None, typer.Option("--class", help="Class (default: the first)")]
+        = None,
+    styles: Annotated[str, typer.Option(help="Layers whose W comes from the column seed")]
+        = "0-6",
+    trunc: Annotated[float, typer.Option(help="Truncation psi")] = 1.0,
+):
+    """The style-mixing grid of the reference's style_mixing.py."""
+    from dermml import storage
+    from dermml.data.images import encode_png
+    from dermml.synthesis.gan import parse_seeds, style_mixing_grid
+
+    grid = style_mixing_grid(_generator_uri(task, model_uri), parse_seeds(rows),
+                             parse_seeds(cols), class_, parse_seeds(styles), trunc)
+    storage.write_bytes(out, encode_png(grid))
+    typer.echo(out)
 
 
 # ----------------------------------------------------------------------------- registry

@@ -6,6 +6,10 @@ decorated). The CLI looks a pipeline up here and hands it to the KFP adapter.
 """
 
 from dermml.orchestration.kfp_local import PipelineDef
+from pipelines.gan_augmentation import (
+    build_gan_augmentation_pipeline,
+    gan_augmentation_pipeline,
+)
 from pipelines.synthesis import build_synthesis_pipeline, synthesis_pipeline
 from pipelines.training import build_training_pipeline, training_pipeline
 from pipelines.tuning import build_tuning_pipeline, tuning_pipeline
@@ -15,7 +19,12 @@ PIPELINES = {"training": PipelineDef("training", training_pipeline, build_traini
              "tuning": PipelineDef("tuning", tuning_pipeline, build_tuning_pipeline,
                                    trains=True),
              "synthesis": PipelineDef("synthesis", synthesis_pipeline,
-                                      build_synthesis_pipeline)}
+                                      build_synthesis_pipeline),
+             "gan-augmentation": PipelineDef("gan-augmentation", gan_augmentation_pipeline,
+                                             build_gan_augmentation_pipeline,
+                                             trains=(("gan", "gan_config", "gan_overrides"),
+                                                     ("classification", "classifier_config",
+                                                      "classifier_overrides")))}
 
 
 def get_pipeline(name: str) -> PipelineDef:

@@ -78,6 +78,12 @@ def evaluate(model_uri: str, manifest_uri: str, splits: list[str] | None = None,
                                   model_uri=model_uri, params=dict(params or {}))
         for split, rows in split_rows.items():
             images = [load_image(manifest.resolve(u)) for u in rows["image_uri"]]
+            if not task.scores_per_sample:  # a generator: its samples against the split's
+                result.metrics[split] = model.evaluate_set(images, params)
+                result.intervals[split] = {}
+                tracking.set_tags(task.evaluation_tags(model.cfg))
+                _log_split(split, result, pd.DataFrame({"sample_id": rows["sample_id"]}))
+                continue
             predictions = model.predict_images(images, params)
             per_sample = task.score(predictions, rows, manifest)
             result.metrics[split] = task.aggregate(per_sample)

@@ -42,9 +42,11 @@ class PipelineDef:
     build: Callable[[], Any]
     """Returns the pipeline graph, built now under the platform config in force (KFP runs a
     pipeline body when it is decorated, and ``place`` reads the platform then)."""
-    trains: bool = False
-    """Its parameters ``task``, ``config`` and ``overrides`` configure a train stage: compiling
-    and submitting check that the training fits the platform's pools."""
+    trains: bool | tuple[tuple[str, str, str], ...] = False
+    """True: its parameters ``task``, ``config`` and ``overrides`` configure a train stage;
+    or ``(task, config parameter, overrides parameter)`` per train stage (the
+    gan-augmentation pipeline trains a GAN and classifiers). Compiling and submitting check
+    that each training fits the platform's pools."""
 
 
 def check_params(pipeline: PipelineDef, params: dict[str, Any]) -> None:
@@ -78,24 +80,31 @@ def check_training_fit(pipeline: PipelineDef, params: dict[str, Any],
     before anything is compiled or submitted (``check_training_fits`` says what to change)."""
     if not pipeline.trains:
         return
-    from dermml.training.run import resolve_config
-
     defaults = {name: p.default for name, p in
                 inspect.signature(pipeline.function).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     given = {**defaults, **params}
-    task, config = str(given.get("task") or ""), str(given.get("config") or "")
-    overrides = [str(o) for o in given.get("overrides") or []]
+    stages = (("", "config", "overrides"),) if pipeline.trains is True else pipeline.trains
+    for task_name, config_key, overrides_key in stages:
+        _check_one_training(task_name or str(given.get("task") or ""),
+                            str(given.get(config_key) or ""),
+                            [str(o) for o in given.get(overrides_key) or []],
+                            int(given.get("concurrent") or 1), platform)
+
+
+def _check_one_training(task: str, config: str, overrides: list[str], concurrent: int,
+                        platform: PlatformConfig) -> None:
+    from dermml.training.run import resolve_config
+
     here = _config_here(config) if config else None
     if config and here is None:
         warnings.warn(f"config {config} is not on this machine: whether task {task!r} fits "
-                      f"{platform.source} is checked when the train stage starts", stacklevel=2)
+                      f"{platform.source} is checked when the train stage starts", stacklevel=3)
         return
     source = f"task {task!r}" + (f" with config {config}" if config else " (its defaults)") + \
         (f" and overrides {overrides}" if overrides else "")
     ray = resolve_config(task, here, overrides).ray
-    concurrent = int(given.get("concurrent") or 1)  # a search: trainings at once in one pod
-    if concurrent > 1 and not platform.ray_job.enabled:
+    if concurrent > 1 and not platform.ray_job.enabled:  # a search: trainings in one pod
         ray = ray.model_copy(update={"num_workers": ray.num_workers * concurrent})
         source += f" with concurrent={concurrent} trials in the stage's pod"
     check_training_fits(platform, ray, source)

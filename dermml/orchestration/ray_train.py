@@ -78,7 +78,10 @@ def train_worker(config: dict[str, Any]) -> None:
                                                              add_dist_sampler=False)
     parts.val_loader = ray.train.torch.prepare_data_loader(parts.val_loader,
                                                            add_dist_sampler=False)
-    parts.model = ray.train.torch.prepare_model(parts.model)
+    if task.wrap_for_data_parallel:
+        parts.model = ray.train.torch.prepare_model(parts.model)
+    else:  # the task's own loop averages gradients across workers
+        parts.model = parts.model.to(device)
     hooks = Hooks()
     if context.get_world_rank() == 0 and config.get("mlflow_run_id"):
         # Rank 0 reports into the stage's MLflow run and prints the epoch line (Ray forwards

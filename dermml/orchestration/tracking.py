@@ -377,6 +377,9 @@ class RunLog:
     def figure(self, fig: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, fig, artifact_file)
 
+    def image(self, image: np.ndarray, artifact_file: str) -> None:
+        self.client.log_image(self.run_id, image, artifact_file)
+
     def params(self, params: dict[str, Any]) -> None:
         """One request for all of ``params`` (values as text)."""
         from mlflow.entities import Param

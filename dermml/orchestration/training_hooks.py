@@ -17,7 +17,10 @@ LOSS_CURVE_ARTIFACT = "plots/loss_curve.png"
 
 def epoch_line(epoch: int, epochs: int, metrics: dict[str, float], gate_metric: str) -> str:
     """``epoch 3/10  train_loss 0.4123  val_dice 0.7812  12.3 s``"""
-    parts = [f"epoch {epoch + 1}/{epochs}", f"train_loss {metrics['train_loss']:.4f}"]
+    parts = [f"epoch {epoch + 1}/{epochs}"]
+    if "kimg" in metrics:  # a GAN's epoch is a tick of its kimg schedule
+        parts.append(f"kimg {metrics['kimg']:.1f}")
+    parts.append(f"train_loss {metrics['train_loss']:.4f}")
     gate = metrics.get(f"val_{gate_metric}")
     if gate is not None:
         parts.append(f"val_{gate_metric} {gate:.4f}")
@@ -42,7 +45,14 @@ def training_hooks(run_id: str, epochs: int, gate_metric: str, uri: str = "",
             sys.stderr.flush()
         log_loss_curve(run, gate_metric)
 
-    return Hooks(on_step=on_step, on_epoch_end=on_epoch_end)
+    def on_image(artifact_file: str, image) -> None:
+        try:
+            run.image(image, artifact_file)
+        except Exception as exc:  # an image is never worth a training run
+            log.warning("could not log %s to run %s: %s", artifact_file, run.run_id, exc)
+
+    return Hooks(on_step=on_step, on_epoch_end=on_epoch_end, on_image=on_image,
+                 on_tags=run.tags)
 
 
 def log_loss_curve(run: tracking.RunLog, gate_metric: str) -> None:

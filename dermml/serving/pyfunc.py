@@ -33,6 +33,8 @@ from dermml.tasks import get_task
 from dermml.tasks.base import TaskConfig
 
 IMAGE_COLUMN = "image"
+IMAGE_REQUEST = [(IMAGE_COLUMN, "string")]
+"""The request of image tasks; a task with other ``request_columns`` decodes its own rows."""
 BUNDLE_ARTIFACT = "model_bundle"
 
 
@@ -105,6 +107,15 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
         self._check_param_names(_requested_names(params))
+        if self.task.request_columns != IMAGE_REQUEST:  # e.g. the GAN: class, seed -> image
+            if not isinstance(model_input, pd.DataFrame):
+                raise _bad_request("input must be a table with columns "
+                                   f"{[c for c, _ in self.task.request_columns]}")
+            try:
+                inputs = self.task.decode_request(model_input, self.cfg)
+            except ValueError as exc:
+                raise _bad_request(str(exc)) from None
+            return self.task.encode_predictions(self.predict_images(inputs, params))
         if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input:
             raise _bad_request(f"input must have a column {IMAGE_COLUMN!r} of base64 images")
         images = []
@@ -117,6 +128,19 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
 
     def predict_images(self, images: list[np.ndarray], params: dict[str, Any] | None = None):
         """The task's post-processed predictions; evaluation calls this, serving too."""
+        cfg = self._with_params(params)
+        if self.task.request_columns == IMAGE_REQUEST:
+            self._check_image_sizes(images, cfg)
+        return self.task.predict(self.model, images, cfg)
+
+    def evaluate_set(self, images: list[np.ndarray], params: dict[str, Any] | None = None
+                     ) -> dict[str, float]:
+        """Set-level metrics of a task that is not scored per sample (the GAN), with the
+        request params applied as in ``predict_images``."""
+        cfg = self._with_params(params)
+        return self.task.evaluate_set(self.model, images, cfg, serving_device())
+
+    def _with_params(self, params: dict[str, Any] | None) -> TaskConfig:
         cfg = self.cfg
         if params:
             self._check_param_names(set(params))
@@ -131,8 +155,7 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
                 self.task.check_serving(cfg)
             except ValueError as exc:
                 raise _bad_request(f"invalid params: {exc}") from None
-        self._check_image_sizes(images, cfg)
-        return self.task.predict(self.model, images, cfg)
+        return cfg
 
     def _check_param_names(self, names: set[str]) -> None:
         known = type(self.cfg.serving).model_fields
@@ -171,8 +194,9 @@ def signature_for(task_name: str, cfg: TaskConfig) -> ModelSignature:
     task = get_task(task_name)
     outputs = Schema([ColSpec(t, name) for name, t in task.response_schema()])
     params = serving_params(cfg)
-    return ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)]), outputs=outputs,
-                          params=params)
+    inputs = Schema([ColSpec(kind, name, required=(name, kind) != ("truncation", "double"))
+                     for name, kind in task.request_columns])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def request_frame(images: list[np.ndarray]) -> pd.DataFrame:
@@ -191,8 +215,9 @@ def serving_device() -> torch.device:
 
 
 def log_task_model(task_name: str, cfg: TaskConfig, state_dict: dict,
-                   example_image: np.ndarray, name: str = "model") -> str:
-    """Log the model of the active run with signature and input example; returns its URI."""
+                   example: np.ndarray | pd.DataFrame, name: str = "model") -> str:
+    """Log the model of the active run with signature and input example (an image, or the
+    request rows of a task with other ``request_columns``); returns its URI."""
     from dermml import __version__
 
     with tempfile.TemporaryDirectory() as folder:
@@ -205,7 +230,8 @@ def log_task_model(task_name: str, cfg: TaskConfig, state_dict: dict,
             name=name, python_model=str(Path(__file__).with_name("model_code.py")),
             artifacts={BUNDLE_ARTIFACT: str(bundle)},
             signature=signature_for(task_name, cfg),
-            input_example=request_frame([example_image]),
+            input_example=example if isinstance(example, pd.DataFrame)
+            else request_frame([example]),
             pip_requirements=[f"dermml=={__version__}", f"torch=={torch.__version__.split('+')[0]}",
                               f"mlflow=={mlflow.__version__}"],
         )

@@ -22,7 +22,7 @@ from dermml.data.augment import AugmentConfig
 from dermml.data.manifest import Manifest, read_manifest
 from dermml.data.sampling import MixConfig, ProgressiveResizeConfig
 from dermml.data.splits import with_split_policy
-from dermml.training.loop import LoopConfig
+from dermml.training.loop import FitResult, Hooks, LoopConfig, fit
 
 
 class DataConfig(Section):
@@ -223,6 +223,22 @@ class Task(ABC):
     def loss_step(self, cfg: TaskConfig):
         """``f(model, batch) -> loss`` for the training loop."""
 
+    wrap_for_data_parallel: ClassVar[bool] = True
+    """Ray Train wraps the model in DistributedDataParallel with several workers; a task whose
+    ``fit`` averages gradients itself (the GAN: two networks, phase by phase) says False."""
+
+    def fit(self, cfg: TaskConfig, model: nn.Module, train_loader: Iterable,
+            val_loader: Iterable, device: torch.device, hooks: Hooks, checkpointer: Any,
+            progress: bool = False) -> FitResult:
+        """Train ``model``: the shared loop (``training.loop.fit``) with this task's loss,
+        validation and after-step hook. A task with a loop of its own overrides this (the
+        GAN's kimg schedule); it reports through the same ``hooks`` and ``checkpointer``."""
+        return fit(model, train_loader, val_loader, cfg.train, loss_step=self.loss_step(cfg),
+                   evaluate=lambda m, loader, dev: self.validate(m, loader, dev, cfg),
+                   gate_metric=self.gate_metric, gate_mode=self.gate_mode, device=device,
+                   hooks=hooks, checkpointer=checkpointer, progress=progress,
+                   after_step=self.after_optimizer_step(cfg))
+
     def after_optimizer_step(self, cfg: TaskConfig):
         """``f(model, optimizer_step)`` to run after each optimizer step (EMA), or None."""
         return None
@@ -263,6 +279,32 @@ class Task(ABC):
         """``rows`` with their labels (or masks, written under ``out_dir``) replaced by
         ``predictions``: the weak-label loop's relabelling step."""
         raise ValueError(f"task {self.name!r} does not support weak-label relabelling")
+
+    scores_per_sample: ClassVar[bool] = True
+    """Evaluation scores each test sample and bootstraps the aggregate; False: the task
+    scores the split as a set (``evaluate_set``: a GAN's FID against the real images)."""
+
+    def evaluate_set(self, model: nn.Module, images: list[np.ndarray], cfg: TaskConfig,
+                     device: torch.device) -> dict[str, float]:
+        """Metrics of ``model`` against the split's ``images`` as one set."""
+        raise NotImplementedError(f"task {self.name!r} is scored per sample")
+
+    def evaluation_tags(self, cfg: TaskConfig) -> dict[str, str]:
+        """Tags an evaluation run records with its metrics (e.g. which feature extractor)."""
+        return {}
+
+    request_columns: ClassVar[list[tuple[str, str]]] = [("image", "string")]
+    """(column, mlflow type) pairs of a serving request: base64 images by default; a task
+    with other columns (the GAN: class, seed) implements ``decode_request``."""
+
+    def decode_request(self, frame: pd.DataFrame, cfg: TaskConfig) -> list[Any]:
+        """Rows of a request with ``request_columns`` -> the inputs of ``predict``; raise
+        ValueError (HTTP 400) naming the row and what is wrong."""
+        raise NotImplementedError(f"task {self.name!r} takes images")
+
+    def request_example(self, cfg: TaskConfig) -> pd.DataFrame | None:
+        """The input example logged with a model of a task with ``request_columns``."""
+        return None
 
     def response_schema(self) -> list[tuple[str, str]]:
         """(column, mlflow type) pairs of the serving response."""

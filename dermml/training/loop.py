@@ -92,6 +92,10 @@ class Hooks:
     on_step: Callable[[int, dict[str, float]], None] | None = None
     on_epoch_start: Callable[[int], None] | None = None
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    on_image: Callable[[str, Any], None] | None = None
+    """``(artifact path, RGB uint8 array)``: an image for humans (e.g. a GAN's fake grid)."""
+    on_tags: Callable[[dict[str, str]], None] | None = None
+    """Facts about the run found while training (e.g. the GAN metrics' feature extractor)."""
 
 
 @dataclass

@@ -145,5 +145,7 @@ def _log_model_and_preview(inputs: TrainingInputs, result: FitResult) -> str:
     val_ds = inputs.val_set
     with tracking.figure_guard("previews/val_predictions.png"):  # never sinks the training run
         tracking.log_image(task.preview(model, val_ds, cfg), "previews/val_predictions.png")
-    example = val_ds.load(0)[0]
+    example = task.request_example(cfg)
+    if example is None:
+        example = val_ds.load(0)[0]
     return log_task_model(inputs.task, cfg, result.best_model, example)

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from dermml.tasks import get_task
 from dermml.tasks.base import Task, TaskConfig
 from dermml.training.inputs import TrainingInputs, build_loaders, sampler_epochs
-from dermml.training.loop import Checkpointer, FitResult, Hooks, fit
+from dermml.training.loop import Checkpointer, FitResult, Hooks
 
 
 @dataclass
@@ -53,12 +53,8 @@ def run_loop(task: Task, cfg: TaskConfig, parts: TrainingParts, device: torch.de
     if cfg.data.progressive_resize.sizes:
         hooks.on_epoch_start = _progressive_resize(cfg, parts, hooks.on_epoch_start)
     hooks.on_epoch_start = sampler_epochs(parts.train_loader, hooks.on_epoch_start)
-    return fit(parts.model, parts.train_loader, parts.val_loader, cfg.train,
-               loss_step=task.loss_step(cfg),
-               evaluate=lambda model, loader, device: task.validate(model, loader, device, cfg),
-               gate_metric=task.gate_metric, gate_mode=task.gate_mode, device=device,
-               hooks=hooks, checkpointer=checkpointer, progress=progress,
-               after_step=task.after_optimizer_step(cfg))
+    return task.fit(cfg, parts.model, parts.train_loader, parts.val_loader, device, hooks,
+                    checkpointer, progress)
 
 
 def _progressive_resize(cfg: TaskConfig, parts: TrainingParts, then):
