@@ -60,6 +60,12 @@ def flavour_of(image: str | None) -> str | None:
     return None
 
 
+STEP_LABELS = {"app.kubernetes.io/part-of": "dermml",
+               "app.kubernetes.io/component": "pipeline-runner"}
+"""Default labels of pipeline step pods: what the chart's NetworkPolicies admit from the
+namespaces where KFP runs DermML's steps (``networkPolicy.pipelinePodLabels``)."""
+
+
 class Toleration(Section):
     """A Kubernetes toleration."""
 
@@ -198,6 +204,11 @@ class PlatformConfig(Section):
     """Secrets exposed as env to pipeline steps and Ray pods (S3, MLflow credentials)."""
     env: dict[str, str] = {}
     """Plain env vars of pipeline steps (MLFLOW_TRACKING_URI, DERMML_S3_ENDPOINT, DERMML_HOME)."""
+    step_labels: dict[str, str] = dict(STEP_LABELS)
+    """Labels of every pipeline step's pod (kfp-kubernetes ``add_pod_label``). The chart's
+    NetworkPolicies admit pods of its client namespaces (e.g. kubeflow) to MLflow and the Ray
+    head only when they carry all of these (``networkPolicy.pipelinePodLabels`` of
+    charts/dermml, the same by default): change both together."""
     data_pvc: str | None = None
     """PersistentVolumeClaim mounted at ``data_mount_path`` (alternative to S3)."""
     data_mount_path: str = "/data"

@@ -372,8 +372,14 @@ def test_network_policies_deny_by_default_and_allow_only_dermml_flows(profile):
     pod_peers = [p["podSelector"] for p in clients["from"] if "namespaceSelector" not in p]
     for component in ("serving", "ray", "pipeline-runner"):
         assert any(selects(s, labels[component]) for s in pod_peers), component
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}
+    # From kubeflow, DermML's step pods only (tests/kubernetes/test_network_policies.py).
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "dermml",
+                                            "app.kubernetes.io/component": "pipeline-runner"}}
             } in clients["from"]
+    assert not [p for p in clients["from"] if "namespaceSelector" in p and "podSelector" not in p
+                and p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] ==
+                "kubeflow"]
     egress_ports = {p["port"] for rule in mlflow["egress"] for p in rule["ports"]}
     assert 5432 in egress_ports and egress_ports & {443, 9000}
     assert all(rule["to"] for rule in mlflow["egress"]), "an egress rule without peers allows all"
