@@ -17,11 +17,14 @@ def place(task, stage: str):
     from kfp import kubernetes
 
     platform = active_platform()
-    pool = platform.pool_for(stage)
+    # A step that submits a RayJob (train, tune with ray_job.enabled) only waits for it: the
+    # CPU pool with a small pod, whatever the component would need to train itself.
+    pool = platform.step_pool(stage)
     container = task.container_spec
     flavour = flavour_of(container.image if container is not None else None)
     if flavour is not None:
-        container.image = platform.image(flavour, f"stage {stage!r}")
+        container.image = platform.image(platform.step_flavour(stage, flavour),
+                                         f"stage {stage!r}")
     task.set_cpu_request(pool.cpu_request).set_memory_request(pool.memory_request)
     if pool.cpu_limit:
         task.set_cpu_limit(pool.cpu_limit)
