@@ -2,8 +2,9 @@
 
 ``place(task, stage)`` applies the platform config in force when a pipeline is built: the image
 of the component's flavour, the stage's pool (node selector, tolerations, requests/limits,
-accelerator), the Secrets as env vars, the plain env and the data volume, with kfp /
-kfp-kubernetes. ``kfp.local`` ignores these settings, so local runs are unchanged.
+accelerator), the Secrets as env vars, the plain env, the pod labels the chart's NetworkPolicies
+admit (``step_labels``) and the data volume, with kfp / kfp-kubernetes. ``kfp.local`` ignores
+these settings, so local runs are unchanged.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ def place(task, stage: str):
     from kfp import kubernetes
 
     platform = active_platform()
-    pool = platform.pool_for(stage)
+    # A step that submits a RayJob (train, tune with ray_job.enabled) only waits for it: the
+    # CPU pool with a small pod, whatever the component would need to train itself.
+    pool = platform.step_pool(stage)
     container = task.container_spec
     flavour = flavour_of(container.image if container is not None else None)
     if flavour is not None:
-        container.image = platform.image(flavour, f"stage {stage!r}")
+        container.image = platform.image(platform.step_flavour(stage, flavour),
+                                         f"stage {stage!r}")
     task.set_cpu_request(pool.cpu_request).set_memory_request(pool.memory_request)
     if pool.cpu_limit:
         task.set_cpu_limit(pool.cpu_limit)
@@ -39,6 +43,9 @@ def place(task, stage: str):
                                      secret_key_to_env=dict(secret.keys))
     for name, value in platform.env.items():
         task.set_env_variable(name, value)
+    # The chart's NetworkPolicies admit the step to MLflow and Ray by these labels.
+    for key, value in platform.step_labels.items():
+        kubernetes.add_pod_label(task, label_key=key, label_value=value)
     if platform.data_pvc:
         kubernetes.mount_pvc(task, pvc_name=platform.data_pvc,
                              mount_path=platform.data_mount_path)

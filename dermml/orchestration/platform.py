@@ -60,6 +60,16 @@ def flavour_of(image: str | None) -> str | None:
     return None
 
 
+RAYJOB_STAGES = frozenset({"train", "tune"})
+"""Stages whose step, with ``ray_job.enabled``, submits a KubeRay RayJob and waits for it
+instead of running Ray in its own pod."""
+
+STEP_LABELS = {"app.kubernetes.io/part-of": "dermml",
+               "app.kubernetes.io/component": "pipeline-runner"}
+"""Default labels of pipeline step pods: what the chart's NetworkPolicies admit from the
+namespaces where KFP runs DermML's steps (``networkPolicy.pipelinePodLabels``)."""
+
+
 class Toleration(Section):
     """A Kubernetes toleration."""
 
@@ -174,11 +184,28 @@ class RayJobConfig(Section):
     shm_size: str = "2Gi"
     """Size of /dev/shm (Ray's object store and DataLoader workers; counts as memory)."""
     backoff_limit: int = 2
-    """Resubmissions of a failed job; each resumes from the run's last checkpoint."""
+    """Resubmissions of a failed job; each resumes from the run's last checkpoint. The stage
+    follows KubeRay's retries (``jobDeploymentStatus: Retrying``) to the job's end."""
     active_deadline_seconds: int = 86400
-    """Give up after this long."""
+    """Give up on one attempt after this long (KubeRay's deadline counts per attempt)."""
     poll_seconds: float = 15.0
-    """How often the train stage checks the job."""
+    """How often the train stage checks the job (and looks for new submitter pods to stream
+    the logs of)."""
+    delete_on_success: bool = True
+    """Delete the RayJob (its RayCluster and submitter Job with it) when it succeeds; its log
+    is already in the stage's log. A failed or cancelled stage always deletes it."""
+    step_pool: str = "cpu"
+    """Pool of the pipeline step that submits the RayJob and waits for it (train and tune with
+    ray_job enabled): it only polls and streams logs, so a CPU pool (its node selector and
+    tolerations), with the small size below and no accelerator."""
+    step_image: str = "cpu"
+    """Image flavour of that step (a key of ``images``): no CUDA is needed to submit a job."""
+    step_cpu_request: str = "250m"
+    """CPU request of that step."""
+    step_memory_request: str = "1Gi"
+    """Memory request of that step (it reads the manifest and opens the MLflow run)."""
+    step_memory_limit: str = "4Gi"
+    """Memory limit of that step."""
 
 
 class PlatformConfig(Section):
@@ -198,6 +225,11 @@ class PlatformConfig(Section):
     """Secrets exposed as env to pipeline steps and Ray pods (S3, MLflow credentials)."""
     env: dict[str, str] = {}
     """Plain env vars of pipeline steps (MLFLOW_TRACKING_URI, DERMML_S3_ENDPOINT, DERMML_HOME)."""
+    step_labels: dict[str, str] = dict(STEP_LABELS)
+    """Labels of every pipeline step's pod (kfp-kubernetes ``add_pod_label``). The chart's
+    NetworkPolicies admit pods of its client namespaces (e.g. kubeflow) to MLflow and the Ray
+    head only when they carry all of these (``networkPolicy.pipelinePodLabels`` of
+    charts/dermml, the same by default): change both together."""
     data_pvc: str | None = None
     """PersistentVolumeClaim mounted at ``data_mount_path`` (alternative to S3)."""
     data_mount_path: str = "/data"
@@ -220,6 +252,29 @@ class PlatformConfig(Section):
 
     def pool_for(self, stage: str) -> Pool:
         return self.pool_named(self.stages.get(stage, self.default_pool), f"stage {stage!r}")
+
+    def submits_rayjob(self, stage: str) -> bool:
+        """Whether the pipeline step of ``stage`` only submits a RayJob and waits for it."""
+        return self.ray_job.enabled and stage in RAYJOB_STAGES
+
+    def step_pool(self, stage: str) -> Pool:
+        """Node placement and pod size of the pipeline step of ``stage``: the stage's pool, or,
+        for a step that submits a RayJob, ``ray_job.step_pool`` with the job's step size and no
+        accelerator (the RayJob's workers hold the GPUs)."""
+        if not self.submits_rayjob(stage):
+            return self.pool_for(stage)
+        job = self.ray_job
+        pool = self.pool_named(job.step_pool, "ray_job.step_pool")
+        return Pool.model_validate({
+            **pool.model_dump(exclude_none=True), "cpu_request": job.step_cpu_request,
+            "memory_request": job.step_memory_request, "cpu_limit": None,
+            "memory_limit": job.step_memory_limit, "accelerator_type": None,
+            "accelerator_limit": 0})
+
+    def step_flavour(self, stage: str, flavour: str) -> str:
+        """The image flavour of the pipeline step of ``stage`` whose component asks for
+        ``flavour``: ``ray_job.step_image`` for a step that submits a RayJob."""
+        return self.ray_job.step_image if self.submits_rayjob(stage) else flavour
 
     def image(self, flavour: str, what: str) -> str:
         """The image of ``flavour``; an unknown flavour is an error naming ``what`` asked."""

@@ -8,18 +8,34 @@ run, so a worker lost on a spot node (Ray ``FailureConfig``) or a resubmitted jo
 
 Where the job runs comes from the platform config (``platform.PlatformConfig``: ``ray_job``, the
 worker pool, images, secrets); what it trains and what each worker needs, from the task config.
+
+``run_rayjob`` is the stage's side of the job's life: create it, stream its submitter pods' logs
+(the Ray driver's output) into the stage's log, follow KubeRay's retries (``Retrying``, up to
+``backoffLimit``) to the end (Complete, Failed, ValidationFailed), and delete it when it fails,
+when the stage is cancelled (SIGTERM: a KFP run cancelled; Ctrl-C) and, with
+``ray_job.delete_on_success``, when it succeeds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from dermml.config import ConfigError
-from dermml.orchestration.platform import PlatformConfig, Pool, check_training_fits
+from dermml.orchestration.platform import (
+    PlatformConfig,
+    Pool,
+    RayJobConfig,
+    check_training_fits,
+)
 from dermml.tasks.base import TaskConfig
 
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "DERMML_S3_ENDPOINT", "AWS_ENDPOINT_URL",
@@ -34,7 +50,8 @@ HOME = "/home/dermml"
 
 
 class RayJobFailed(RuntimeError):
-    """The RayJob ended in FAILED (or its deadline passed); the message carries KubeRay's."""
+    """The RayJob ended without success (Failed, ValidationFailed, a STOPPED job, or our wait
+    ran out); the message carries KubeRay's reason and message."""
 
 
 def job_name(task: str, run_id: str) -> str:
@@ -162,60 +179,325 @@ def rayjob_manifest(task: str, cfg: TaskConfig, run_id: str, platform: PlatformC
             "spec": spec}
 
 
-def _custom_objects(api_client=None):
+# ----------------------------------------------------------------------------- lifecycle
+# KubeRay v1.7.0 (ray-operator/apis/ray/v1/rayjob_types.go, controllers/ray/rayjob_controller.go):
+# jobDeploymentStatus is the RayJob's own lifecycle, jobStatus the Ray job's. A failed attempt
+# with retries left (status.failed < spec.backoffLimit + 1) is written as jobStatus FAILED with
+# jobDeploymentStatus Retrying; KubeRay then deletes the attempt's RayCluster and submitter Job
+# and starts over (New -> Initializing -> Running). Only these are final:
+COMPLETE = "Complete"
+"""The Ray job ended: SUCCEEDED, or STOPPED (a failure for the stage)."""
+FINAL_FAILURES = ("Failed", "ValidationFailed")
+"""Failed: the last attempt failed (AppFailed), or a deadline or status check ran out, which
+KubeRay never retries. ValidationFailed: the spec is invalid; nothing happens until it changes."""
+API_OUTAGE_SECONDS = 300.0
+"""How long the wait rides out a Kubernetes API it cannot reach before giving up (the job runs
+on regardless; a stage that gives up deletes it)."""
+SUBMITTER_POD_SELECTOR = "batch.kubernetes.io/job-name={}"
+"""Pods of the submitter Job (K8sJobMode), which KubeRay names after the RayJob. Its container
+runs ``ray job submit`` and then follows the job's logs: its log is the job's driver log."""
+
+
+class RayJobCancelled(KeyboardInterrupt):
+    """The stage was cancelled (SIGTERM: a KFP run cancelled or its pod deleted; or Ctrl-C)
+    while its RayJob ran; the RayJob has been deleted."""
+
+
+def _api_client(api_client=None):
     from kubernetes import client, config
 
-    if api_client is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            # The library reads $KUBECONFIG once at import; read it now.
-            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.CustomObjectsApi(api_client)
+    if api_client is not None:
+        return api_client
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        # The library reads $KUBECONFIG once at import; read it now.
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    return client.ApiClient()
+
+
+def _custom_objects(api_client=None):
+    from kubernetes import client
+
+    return client.CustomObjectsApi(_api_client(api_client))
+
+
+def _say(name: str, namespace: str, message: str) -> None:
+    print(f"[rayjob {namespace}/{name}] {message}", flush=True)
 
 
 def submit_rayjob(manifest: dict[str, Any], api_client=None) -> str:
     api = _custom_objects(api_client)
     meta = manifest["metadata"]
     api.create_namespaced_custom_object("ray.io", "v1", meta["namespace"], "rayjobs", manifest)
+    _say(meta["name"], meta["namespace"], "created")
     return meta["name"]
 
 
-def wait_rayjob(name: str, namespace: str, poll_seconds: float = 15.0,
-                timeout: float = 86400.0, api_client=None) -> dict[str, Any]:
-    """Poll the RayJob until it succeeds (returns its status) or fails (raises)."""
-    api = _custom_objects(api_client)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        obj = api.get_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", name)
-        status = obj.get("status") or {}
-        if status.get("jobStatus") == "SUCCEEDED":
-            return status
-        if status.get("jobStatus") in ("FAILED", "STOPPED") or \
-                status.get("jobDeploymentStatus") == "Failed":
-            raise RayJobFailed(f"RayJob {namespace}/{name} {status.get('jobStatus')}: "
-                               f"{status.get('reason', '')} {status.get('message', '')}".strip())
+def delete_rayjob(name: str, namespace: str, api_client=None) -> bool:
+    """Delete the RayJob; KubeRay stops its Ray job and its RayCluster and submitter Job go with
+    it. False when it was already gone."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        _custom_objects(api_client).delete_namespaced_custom_object(
+            "ray.io", "v1", namespace, "rayjobs", name, propagation_policy="Background",
+            _request_timeout=60)
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    _say(name, namespace, "deleted")
+    return True
+
+
+class SubmitterLogs:
+    """Streams the logs of a RayJob's submitter pods (one per attempt, or per submitter retry)
+    into this process's stdout, each line prefixed with its pod's name. ``poll`` starts a
+    stream for every pod that has started since the last call; ``close`` waits for the open
+    streams to end (a pod's stream ends when its container does)."""
+
+    def __init__(self, name: str, namespace: str, api_client=None):
+        from kubernetes import client
+
+        self.name, self.namespace = name, namespace
+        self.core = client.CoreV1Api(_api_client(api_client))
+        self.started: set[str] = set()
+        self.threads: list[threading.Thread] = []
+        self.lock = threading.Lock()
+        self.warned = False
+
+    def poll(self) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pods = self.core.list_namespaced_pod(
+                self.namespace, label_selector=SUBMITTER_POD_SELECTOR.format(self.name),
+                _request_timeout=60).items
+        except Exception as error:  # e.g. RBAC without pods/list: no logs, still the job
+            if not self.warned:
+                self.warned = True
+                reason = (f"{error.status} {error.reason}" if isinstance(error, ApiException)
+                          else str(error))
+                _say(self.name, self.namespace, f"cannot list its submitter pods to stream "
+                     f"their logs ({reason})")
+            return
+        for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp or 0):
+            uid, phase = pod.metadata.uid, (pod.status.phase if pod.status else None)
+            if uid in self.started or phase not in ("Running", "Succeeded", "Failed"):
+                continue
+            try:
+                response = self.core.read_namespaced_pod_log(
+                    pod.metadata.name, self.namespace, follow=True, _preload_content=False)
+            except Exception:
+                continue  # not readable yet (container creating): the next poll tries again
+            self.started.add(uid)
+            thread = threading.Thread(target=self._copy, args=(pod.metadata.name, response),
+                                      name=f"logs-{pod.metadata.name}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _copy(self, pod: str, response) -> None:
+        prefix, pending = f"[{pod}] ", b""
+        try:
+            while True:
+                data = response.read1(65536)  # what has arrived, line by line as it comes
+                if not data:
+                    break
+                *lines, pending = (pending + data).split(b"\n")
+                self._write(prefix, lines)
+        except Exception as error:  # a dropped stream costs log lines, never the stage
+            self._write(prefix, [f"(log stream ended: {error})".encode()])
+        finally:
+            if pending:
+                self._write(prefix, [pending])
+            response.release_conn()
+
+    def _write(self, prefix: str, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        text = "".join(f"{prefix}{line.decode(errors='replace').rstrip()}\n" for line in lines)
+        with self.lock:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def close(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _describe(status: dict[str, Any]) -> str:
+    parts = [status.get("jobDeploymentStatus") or "New"]
+    if status.get("jobStatus"):
+        parts.append(f"job {status['jobStatus']}")
+    if status.get("reason"):
+        parts.append(status["reason"])
+    text = ", ".join(parts)
+    return f"{text}: {status['message']}" if status.get("message") else text
+
+
+def _get_rayjob(api, name: str, namespace: str, poll_seconds: float) -> dict[str, Any]:
+    """The RayJob, riding out an unreachable or overloaded API server for
+    ``API_OUTAGE_SECONDS``; a RayJob deleted by someone else ends the wait."""
+    from kubernetes.client.exceptions import ApiException
+
+    outage_since = None
+    while True:
+        try:
+            return api.get_namespaced_custom_object("ray.io", "v1", namespace, "rayjobs", name,
+                                                    _request_timeout=60)
+        except ApiException as error:
+            if error.status == 404:
+                raise RayJobFailed(f"RayJob {namespace}/{name} was deleted while the stage "
+                                   "waited for it") from None
+            if error.status not in (0, 429) and error.status < 500:
+                raise
+            problem = f"{error.status} {error.reason}"
+        except Exception as error:  # connection refused, reset, timed out
+            problem = str(error)
+        outage_since = outage_since or time.monotonic()
+        if time.monotonic() - outage_since > API_OUTAGE_SECONDS:
+            raise RayJobFailed(f"RayJob {namespace}/{name}: the Kubernetes API did not answer "
+                               f"for {API_OUTAGE_SECONDS:.0f}s ({problem})")
+        _say(name, namespace, f"Kubernetes API: {problem}; trying again")
         time.sleep(poll_seconds)
-    raise RayJobFailed(f"RayJob {namespace}/{name} did not finish in {timeout:.0f}s")
+
+
+def wait_rayjob(name: str, namespace: str, poll_seconds: float = 15.0,
+                timeout: float = 86400.0, api_client=None, logs: bool = True) -> dict[str, Any]:
+    """Poll the RayJob until KubeRay ends it; returns its status when the Ray job SUCCEEDED,
+    raises ``RayJobFailed`` otherwise (or after ``timeout`` seconds).
+
+    A failed attempt that KubeRay retries (``jobDeploymentStatus: Retrying``, up to
+    ``spec.backoffLimit`` times) is followed, not failed on: only Complete, Failed and
+    ValidationFailed end the wait. With ``logs``, the submitter pods' logs (the Ray job's
+    driver output) are streamed into this process's stdout meanwhile."""
+    api = _custom_objects(api_client)
+    streams = SubmitterLogs(name, namespace, api_client) if logs else None
+    deadline = time.monotonic() + timeout
+    seen, failed_attempts = "", 0
+    try:
+        while True:
+            obj = _get_rayjob(api, name, namespace, poll_seconds)
+            status = obj.get("status") or {}
+            if streams is not None:
+                streams.poll()
+            state, job_status = status.get("jobDeploymentStatus"), status.get("jobStatus")
+            attempts = (obj.get("spec") or {}).get("backoffLimit", 0) + 1
+            if int(status.get("failed") or 0) > failed_attempts:
+                failed_attempts = int(status["failed"])
+                if state != "Failed":
+                    _say(name, namespace, f"attempt {failed_attempts} of {attempts} failed "
+                         f"({status.get('reason') or job_status or 'FAILED'}); KubeRay "
+                         "retries it")
+            if _describe(status) != seen:
+                seen = _describe(status)
+                _say(name, namespace, seen)
+            if state == COMPLETE and job_status == "SUCCEEDED":
+                return status
+            if state == COMPLETE or state in FINAL_FAILURES:
+                reason = f", {status['reason']}" if status.get("reason") else ""
+                message = f": {status['message']}" if status.get("message") else ""
+                raise RayJobFailed(
+                    f"RayJob {namespace}/{name} ended {state} (job {job_status or 'not run'}"
+                    f"{reason}; {int(status.get('failed') or 0)} failed attempt(s), at most "
+                    f"{attempts}){message}")
+            if time.monotonic() >= deadline:
+                raise RayJobFailed(f"RayJob {namespace}/{name} did not finish in "
+                                   f"{timeout:.0f}s (last: {seen})")
+            time.sleep(poll_seconds)
+    except KeyboardInterrupt:
+        streams = None  # cancelled: the job is deleted next, and its streams end with it
+        raise
+    finally:
+        if streams is not None:
+            streams.poll()  # an attempt that started and ended between two polls
+            streams.close()  # the tail of the last attempt's log
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within: SIGTERM raises ``RayJobCancelled`` in the main thread (the default would end
+    the process without cleanup). KFP cancels a run by terminating its step pods, and Kubernetes
+    stops a container with SIGTERM. A second signal while cleaning up is ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def cancel(signum, frame):
+        nonlocal fired
+        if fired:
+            return
+        fired = True
+        raise RayJobCancelled(f"received {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, cancel)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_timeout(job: RayJobConfig) -> float:
+    """How long the stage waits at most: KubeRay's deadline counts per attempt."""
+    return (job.backoff_limit + 1) * job.active_deadline_seconds + 600.0
+
+
+def run_rayjob(manifest: dict[str, Any], job: RayJobConfig,
+               api_client=None) -> dict[str, Any]:
+    """Create the RayJob, stream its logs, wait for its end through KubeRay's retries, and
+    delete it when it fails, when this stage is cancelled (SIGTERM or Ctrl-C while waiting) or,
+    with ``job.delete_on_success`` (``ray_job`` of the platform config), when it succeeds."""
+    from kubernetes.client.exceptions import ApiException
+
+    name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
+    api_client = _api_client(api_client)
+    with _sigterm_raises():
+        try:
+            submit_rayjob(manifest, api_client)
+        except ApiException:
+            raise  # not created (e.g. it exists, or no RBAC): nothing of ours to delete
+        except BaseException:
+            _delete_quietly(name, namespace, api_client)  # cancelled while creating it
+            raise
+        try:
+            status = wait_rayjob(name, namespace, job.poll_seconds, wait_timeout(job),
+                                 api_client)
+        except KeyboardInterrupt:
+            _say(name, namespace, "stage cancelled: deleting the RayJob")
+            _delete_quietly(name, namespace, api_client)
+            raise
+        except BaseException:
+            _delete_quietly(name, namespace, api_client)
+            raise
+        if job.delete_on_success:
+            delete_rayjob(name, namespace, api_client)
+    return status
+
+
+def _delete_quietly(name: str, namespace: str, api_client) -> None:
+    """Delete the RayJob of a failed or cancelled stage; a failure to delete is reported, the
+    stage's own error is what it raises."""
+    try:
+        delete_rayjob(name, namespace, api_client)
+    except Exception as error:
+        _say(name, namespace, f"could not delete it ({error}); delete it with kubectl -n "
+             f"{namespace} delete rayjob {name}")
 
 
 def tune_as_rayjob(task: str, cfg: TaskConfig, concurrent: int, run_id: str,
                    platform: PlatformConfig, api_client=None) -> dict[str, Any]:
-    """Submit the search of parent run ``run_id`` as a RayJob whose ``concurrent x
-    ray.num_workers`` worker pods hold ``concurrent`` trials at once, and wait for it."""
+    """Run the search of parent run ``run_id`` as a RayJob whose ``concurrent x
+    ray.num_workers`` worker pods hold ``concurrent`` trials at once (``run_rayjob``)."""
     manifest = rayjob_manifest(task, cfg, run_id, platform, tune_entrypoint(task, run_id),
                                concurrent * cfg.ray.num_workers)
-    name = submit_rayjob(manifest, api_client)
-    job = platform.ray_job
-    return wait_rayjob(name, job.namespace, job.poll_seconds, job.active_deadline_seconds,
-                       api_client)
+    return run_rayjob(manifest, platform.ray_job, api_client)
 
 
 def train_as_rayjob(task: str, cfg: TaskConfig, run_id: str, platform: PlatformConfig,
                     api_client=None) -> dict[str, Any]:
-    """Submit the training RayJob for ``run_id`` (placed by ``platform``) and wait for it."""
-    manifest = rayjob_manifest(task, cfg, run_id, platform)
-    name = submit_rayjob(manifest, api_client)
-    job = platform.ray_job
-    return wait_rayjob(name, job.namespace, job.poll_seconds, job.active_deadline_seconds,
-                       api_client)
+    """Run the training RayJob for ``run_id`` (placed by ``platform``; ``run_rayjob``)."""
+    return run_rayjob(rayjob_manifest(task, cfg, run_id, platform), platform.ray_job,
+                      api_client)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -371,8 +372,14 @@ def test_network_policies_deny_by_default_and_allow_only_dermml_flows(profile):
     pod_peers = [p["podSelector"] for p in clients["from"] if "namespaceSelector" not in p]
     for component in ("serving", "ray", "pipeline-runner"):
         assert any(selects(s, labels[component]) for s in pod_peers), component
-    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}
+    # From kubeflow, DermML's step pods only (tests/kubernetes/test_network_policies.py).
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "dermml",
+                                            "app.kubernetes.io/component": "pipeline-runner"}}
             } in clients["from"]
+    assert not [p for p in clients["from"] if "namespaceSelector" in p and "podSelector" not in p
+                and p["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] ==
+                "kubeflow"]
     egress_ports = {p["port"] for rule in mlflow["egress"] for p in rule["ports"]}
     assert 5432 in egress_ports and egress_ports & {443, 9000}
     assert all(rule["to"] for rule in mlflow["egress"]), "an egress rule without peers allows all"
@@ -551,12 +558,54 @@ def test_database_migration_runs_as_a_hook_before_install_and_upgrade():
     annotations = job["metadata"]["annotations"]
     assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    assert container["command"] + container["args"] == [
-        "mlflow", "db", "upgrade", "$(MLFLOW_BACKEND_STORE_URI)"]
+    assert container["command"] == ["python", "-m", "dermml.orchestration.mlflow_db"]
     account = one(objects, "ServiceAccount", job["spec"]["template"]["spec"]["serviceAccountName"])
     # Created before the Job: pre-install hooks run before the release's own objects exist.
     assert int(account["metadata"]["annotations"]["helm.sh/hook-weight"]) < int(
         annotations["helm.sh/hook-weight"])
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_no_secret_reaches_a_command_line(profile):
+    """Credentials are Secret-backed env vars that no command or argument refers to: Kubernetes
+    expands ``$(VAR)`` in command/args into the process's argv, readable in
+    /proc/<pid>/cmdline and ps. The migration Job reads the DB URI from its env var."""
+    objects = render({**profile_values(profile), **SECRET_VALUES})
+    for name, template in pod_specs(objects).items():
+        for container in containers(template["spec"]):
+            secret_env = {env for env, item in env_of(container).items()
+                          if "secretKeyRef" in item.get("valueFrom", {})}
+            argv = container.get("command", []) + container.get("args", [])
+            for arg in argv:
+                assert not {v for v in re.findall(r"\$\((\w+)\)", arg)} & secret_env, (
+                    f"{name}/{container['name']}: {arg!r} puts a Secret on the command line")
+    job = one(objects, "Job", f"{RELEASE}-mlflow-migrate")
+    (migrate,) = job["spec"]["template"]["spec"]["containers"]
+    assert "args" not in migrate and "$(" not in " ".join(migrate["command"])
+    uri = env_of(migrate)["MLFLOW_BACKEND_STORE_URI"]
+    assert uri["valueFrom"]["secretKeyRef"] == {"name": "my-db-secret", "key": "uri"}
+
+
+def test_the_migration_command_reads_the_uri_from_the_environment(tmp_path):
+    """What the Job runs: MLflow's `db upgrade` with the URI from $MLFLOW_BACKEND_STORE_URI
+    (a SQLite file stands in for PostgreSQL); without it, a clear error."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "dermml.orchestration.mlflow_db"]
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{db}"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tables = {row[0] for row in sqlite3.connect(db).execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"alembic_version", "experiments", "runs", "registered_models"} <= tables
+    env.pop("MLFLOW_BACKEND_STORE_URI")
+    missing = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300,
+                             cwd=ROOT)
+    assert missing.returncode == 2 and "MLFLOW_BACKEND_STORE_URI is not set" in missing.stderr
 
 
 @pytest.mark.parametrize("profile", PROFILES)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -244,6 +245,44 @@ def test_kfp_kustomizations_pin_every_remote_base_to_a_release_tag():
     assert len(tags) == 1, f"cluster-scoped and platform parts from different releases: {tags}"
     names = {str(p.relative_to(KUSTOMIZE)) for p in (KUSTOMIZE / "kfp").rglob("kustomization.yaml")}
     assert names == {"kfp/kustomization.yaml", "kfp/cluster-scoped/kustomization.yaml"}
+
+
+KFP_SDK = ("kfp", "kfp-kubernetes")
+"""The SDK distributions that compile DermML's pipelines; the backend must be their release."""
+
+
+def kfp_backend_pins() -> dict[str, str]:
+    """Every remote base of infra/kustomize/kfp -> the KFP release tag it is pinned to."""
+    pins = {}
+    for path in sorted((KUSTOMIZE / "kfp").rglob("kustomization.yaml")):
+        for resource in load_yaml(path)["resources"]:
+            match = re.search(r"[?&]ref=v?([^&]+)", resource)
+            pins[f"{path.relative_to(ROOT)}: {resource}"] = match.group(1) if match else ""
+    return pins
+
+
+def sdk_backend_mismatches(sdk: dict[str, str], pins: dict[str, str]) -> list[str]:
+    return [f"{where} is KFP {tag}, but {dist} {version} compiles the pipelines"
+            for where, tag in pins.items() for dist, version in sdk.items() if tag != version]
+
+
+def test_kfp_backend_is_the_release_of_the_installed_kfp_sdk():
+    """kfp-kubernetes writes fields an older backend's driver refuses (2.17's
+    ``secretAsEnv[].optional`` fails every step on a 2.14 backend, kubeflow/pipelines#12495), so
+    the SDK installed here and the backend every kustomization installs must be one release; so
+    must the lock file the images install."""
+    sdk = {dist: importlib.metadata.version(dist) for dist in KFP_SDK}
+    pins = kfp_backend_pins()
+    assert len(pins) == 2, pins
+    assert not sdk_backend_mismatches(sdk, pins), "\n".join(sdk_backend_mismatches(sdk, pins))
+    lock = (ROOT / "requirements" / "lock.txt").read_text()
+    for dist, version in sdk.items():
+        assert re.search(rf"(?m)^{re.escape(dist)}=={re.escape(version)}$", lock), (dist, version)
+    # The check does catch the drift it is for.
+    stale = {"infra/kustomize/kfp/kustomization.yaml: ...?ref=2.14.3": "2.14.3"}
+    assert sdk_backend_mismatches({"kfp-kubernetes": "2.17.0"}, stale) == [
+        "infra/kustomize/kfp/kustomization.yaml: ...?ref=2.14.3 is KFP 2.14.3, but "
+        "kfp-kubernetes 2.17.0 compiles the pipelines"]
 
 
 def test_kind_cluster_has_a_tainted_fake_gpu_pool_shaped_like_the_chart_expects():

@@ -139,7 +139,7 @@ def test_rayjob_without_s3_checkpoints_is_refused_before_any_run(demo_data):
 
 
 def test_train_submits_a_rayjob_that_trains_inside_the_same_run(demo_data, tmp_path,
-                                                               monkeypatch):
+                                                               monkeypatch, capsys):
     with FakeKubeRay(tmp_path) as kuberay:
         monkeypatch.setenv("KUBECONFIG", str(kuberay.kubeconfig(tmp_path / "kubeconfig")))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
@@ -148,8 +148,15 @@ def test_train_submits_a_rayjob_that_trains_inside_the_same_run(demo_data, tmp_p
         outcome = train("segmentation", cfg, progress=False,
                         platform=rayjob_platform(poll_seconds=0.5))
         (job,) = kuberay.jobs.values()
+        (attempt,) = kuberay.attempts(job["metadata"]["name"])
 
     assert job["metadata"]["labels"]["dermml.io/mlflow-run"] == outcome.run_id
+    # The job's epoch lines are in the stage's own output, and the job is gone once it
+    # succeeded (ray_job.delete_on_success).
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines()
+            if line.startswith(f"[{attempt.pod}] epoch 3/3")], out[-3000:]
+    assert kuberay.deleted == [job["metadata"]["name"]]
     client = MlflowClient(tracking.tracking_uri())
     run = client.get_run(outcome.run_id)
     # Placement is the platform's: the run logs no ray.kubernetes.* (nor any platform) param.
@@ -170,7 +177,8 @@ def test_failed_rayjob_fails_the_run(demo_data, tmp_path, monkeypatch):
             "data.image_size=30"])  # not divisible by 2**depth: the job's training fails
         with pytest.raises(RayJobFailed, match="FAILED"):
             train("segmentation", cfg, progress=False,
-                  platform=rayjob_platform(poll_seconds=0.5))
+                  platform=rayjob_platform(poll_seconds=0.5, backoff_limit=0))
+        assert kuberay.deleted == list(kuberay.jobs)  # a failed stage leaves no RayJob
     experiment = MlflowClient(tracking.tracking_uri()).get_experiment_by_name(
         "dermml/segmentation")
     runs = MlflowClient(tracking.tracking_uri()).search_runs([experiment.experiment_id])

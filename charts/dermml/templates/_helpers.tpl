@@ -270,6 +270,22 @@ podSelector:
       values: {{ toJson .components }}
 {{- end }}
 
+{{/*
+DermML's pipeline step pods in one client namespace (e.g. kubeflow): namespace AND pod labels in
+one peer, so no other pod of that namespace matches. Call with (dict "ctx" $ "namespace" "kubeflow").
+*/}}
+{{- define "dermml.networkPolicy.pipelinePods" -}}
+{{- if empty .ctx.Values.networkPolicy.pipelinePodLabels }}
+{{- fail "networkPolicy.pipelinePodLabels must not be empty: it would admit every pod of networkPolicy.clientNamespaces" }}
+{{- end }}
+namespaceSelector:
+  matchLabels:
+    kubernetes.io/metadata.name: {{ .namespace }}
+podSelector:
+  matchLabels:
+    {{- toYaml .ctx.Values.networkPolicy.pipelinePodLabels | nindent 4 }}
+{{- end }}
+
 {{- define "dermml.networkPolicy.namespace" -}}
 namespaceSelector:
   matchLabels:
