@@ -106,6 +106,28 @@ def data_import(
     typer.echo(manifest_info(uri))
 
 
+@data_app.command("export")
+@cli_errors
+def data_export(
+    fmt: Annotated[str, typer.Argument(help="Format: stylegan (StyleGAN2-ADA dataset ZIP)")],
+    manifest: Annotated[str, typer.Argument(help="Manifest URI or dataset folder")],
+    out: Annotated[str, typer.Option(help="ZIP file to write (never overwritten)")],
+    label_column: Annotated[str, typer.Option(help="Column of the class ('' = unconditional)")]
+        = "label",
+    resolution: Annotated[int | None, typer.Option(
+        help="Centre-crop and resize to this power of two (required for mixed sizes)")] = None,
+    split: Annotated[str, typer.Option(help="Split(s) to export, comma-separated")] = "train",
+):
+    """Write a manifest in another tool's format (the reference StyleGAN2-ADA's dataset ZIP)."""
+    if fmt != "stylegan":
+        raise ValueError(f"unknown export format {fmt!r}; known formats: stylegan")
+    from dermml.data.stylegan_zip import export_stylegan_zip
+
+    summary = export_stylegan_zip(manifest, out, label_column=label_column,
+                                  resolution=resolution, split=split, progress=True)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
 @data_app.command("info")
 @cli_errors
 def data_info(manifest: Annotated[str, typer.Argument(help="Manifest URI or dataset folder")]):
@@ -356,7 +378,8 @@ def tune_cmd(
 @app.command("evaluate")
 @cli_errors
 def evaluate_cmd(
-    model_uri: Annotated[str, typer.Argument(help="runs:/ID/model or models:/NAME@ALIAS")],
+    model_uri: Annotated[str, typer.Argument(help="runs:/ID/model, models:/NAME@ALIAS, or a "
+                                                  "task name for its champion")],
     data: Annotated[str, typer.Option(help="Manifest URI")],
     splits: Annotated[str, typer.Option(help="Comma-separated splits, e.g. "
                                              "sl_test,external_test; a+b scores splits a and "
@@ -372,10 +395,15 @@ def evaluate_cmd(
                           "print one table with seconds/image, e.g. --compare sampler=ddpm "
                           "--compare sampler=ddim,steps=25 (repeat; k=v,k=v)")] = None,
 ):
-    """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow."""
+    """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow
+    (a GAN: FID, KID, precision and recall of its images against each split)."""
     from dermml.config import parse_params
     from dermml.evaluation.run import compare_settings, evaluate
-    from dermml.registry.gate import record_evaluation
+    from dermml.registry.gate import champion_uri, record_evaluation
+    from dermml.tasks import task_names
+
+    if model_uri in task_names():  # `dermml evaluate gan --data ...`: the champion
+        model_uri = champion_uri(model_uri)
 
     if compare:
         base = parse_params(param or [])

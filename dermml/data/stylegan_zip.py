@@ -142,7 +142,8 @@ def _check_size(image: np.ndarray, uri: str, first: tuple[str, tuple[int, int]] 
 def export_stylegan_zip(manifest_uri: str, out_zip: str, label_column: str = "label",
                         resolution: int | None = None, split: str | None = "train",
                         classes: Sequence[str] | None = None, progress: bool = False) -> dict:
-    """Write the images of ``split`` of a manifest (None: every row) as a StyleGAN dataset ZIP.
+    """Write the images of ``split`` (comma-separated splits; None: every row) of a manifest
+    as a StyleGAN dataset ZIP.
 
     Labels are the class indices of ``label_column`` in ``classes`` order (default: the
     column's sorted values over the whole manifest, so every split exports with the same
@@ -167,7 +168,7 @@ def export_stylegan_zip(manifest_uri: str, out_zip: str, label_column: str = "la
         raise FileExistsError(f"{out_zip} already exists; choose another output or delete it "
                               "first")
     manifest = read_manifest(manifest_uri)
-    rows = manifest.split(split) if split is not None else manifest.df.reset_index(drop=True)
+    rows = manifest.split(*split.split(",")) if split is not None else manifest.df.reset_index(drop=True)
     if rows.empty:
         raise StyleGANExportError(f"{manifest.uri}: no rows to export")
     class_names: list[str] = []

@@ -122,9 +122,32 @@ class TaskConfig(Section):
 
 def read_task_manifest(cfg: TaskConfig, uri: str | None = None) -> Manifest:
     """The manifest at ``uri`` (default ``cfg.data.manifest``) with the splits of
-    ``cfg.data.split_policy``: what training and evaluation split."""
-    return with_split_policy(read_manifest(uri or cfg.data.manifest), cfg.data.split_policy,
+    ``cfg.data.split_policy``: what training and evaluation split. A StyleGAN2-ADA dataset
+    ZIP (``.zip`` with ``dataset.json``) is imported once, next to DermML's other state."""
+    uri = uri or cfg.data.manifest
+    if uri.endswith(".zip"):
+        uri = imported_zip(uri)
+    return with_split_policy(read_manifest(uri), cfg.data.split_policy,
                              cfg.data.reference_order)
+
+
+def imported_zip(zip_uri: str) -> str:
+    """The manifest of a StyleGAN dataset ZIP, imported under ``$DERMML_HOME/imports`` on
+    first use (keyed by the ZIP's content) and reused after."""
+    import hashlib
+
+    from dermml import storage
+    from dermml.config import dermml_home
+    from dermml.data.importers.stage import import_dataset
+    from dermml.data.manifest import MANIFEST_FILENAME
+
+    digest = hashlib.sha256(storage.read_bytes(zip_uri)).hexdigest()[:12]
+    stem = zip_uri.rstrip("/").split("/")[-1][:-4]
+    out = str(dermml_home() / "imports" / f"{stem}-{digest}")
+    manifest = storage.join(out, MANIFEST_FILENAME)
+    if not storage.exists(manifest):
+        import_dataset("stylegan", zip_uri, out)
+    return manifest
 
 
 class Task(ABC):

@@ -234,3 +234,20 @@ def test_cli_generate_and_style_mix(trained, monkeypatch, tmp_path):
     result = runner.invoke(app, ["generate", "gan", outcome.model_uri, "--seeds", "x-1",
                                  "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "--seeds" in result.output
+
+
+def test_a_stylegan_zip_exported_from_a_manifest_trains_the_gan(colours, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+
+    archive = tmp_path / "colours.zip"
+    result = CliRunner().invoke(app, ["data", "export", "stylegan", colours, "--out",
+                                      str(archive), "--split", "train,val,test"])
+    assert result.exit_code == 0, result.output
+    task = get_task("gan")
+    cfg = task.prepare(gan_cfg(str(archive), 0.05, "metrics.every_ticks=0"),
+                       read_manifest(colours))
+    inputs = training_inputs(task, cfg)
+    assert len(inputs.train_set) + len(inputs.val_set) > 64
+    assert sorted(set(inputs.train_set.labels)) == [0, 1]
