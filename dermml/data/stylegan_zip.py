@@ -168,7 +168,8 @@ def export_stylegan_zip(manifest_uri: str, out_zip: str, label_column: str = "la
         raise FileExistsError(f"{out_zip} already exists; choose another output or delete it "
                               "first")
     manifest = read_manifest(manifest_uri)
-    rows = manifest.split(*split.split(",")) if split is not None else manifest.df.reset_index(drop=True)
+    rows = manifest.split(*split.split(",")) if split is not None \
+        else manifest.df.reset_index(drop=True)
     if rows.empty:
         raise StyleGANExportError(f"{manifest.uri}: no rows to export")
     class_names: list[str] = []
