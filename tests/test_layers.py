@@ -13,7 +13,8 @@ CORE = ["dermml.models.unet", "dermml.losses.segmentation", "dermml.metrics.segm
         "dermml.training.ema", "dermml.models.diffusion", "dermml.models.schedulers",
         "dermml.tasks", "dermml.synth3d.generate", "dermml.synth3d.blend",
         "dermml.synth3d.views", "dermml.synth3d.raster", "dermml.synth3d.features",
-        "dermml.models.stylegan2", "dermml.losses.gan", "dermml.data.ada"]
+        "dermml.models.stylegan2", "dermml.losses.gan", "dermml.data.ada",
+        "dermml.models.gan_sampling", "dermml.training.gan_loop", "dermml.tasks.gan"]
 FORBIDDEN = ["ray", "mlflow", "kfp", "kubernetes", "great_expectations"]
 
 

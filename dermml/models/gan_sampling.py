@@ -165,7 +165,7 @@ def project(G: nn.Module, target: np.ndarray, class_index: int = 0, steps: int =
                 for buf in noises.values():
                     buf -= buf.mean()
                     buf *= buf.square().mean().rsqrt()
-            losses.append(float(dist))
+            losses.append(float(dist.detach()))
             if progress is not None:
                 progress(step, losses[-1])
         with torch.no_grad():
