@@ -251,3 +251,17 @@ def test_a_stylegan_zip_exported_from_a_manifest_trains_the_gan(colours, tmp_pat
     inputs = training_inputs(task, cfg)
     assert len(inputs.train_set) + len(inputs.val_set) > 64
     assert sorted(set(inputs.train_set.labels)) == [0, 1]
+
+
+@pytest.mark.slow
+def test_two_ray_workers_train_one_gan_averaging_their_gradients(colours, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.setenv("DERMML_HOME", str(tmp_path / "home"))
+    overrides = [o for o in TINY if not o.startswith("ray.")] + [
+        f"data.manifest={colours}", "gan.kimg=0.5", "ray.enabled=true", "ray.num_workers=2"]
+    outcome = train("gan", resolve_config("gan", None, overrides), progress=False)
+    client = MlflowClient(tracking.tracking_uri())
+    kimg = [m.value for m in client.get_metric_history(outcome.run_id, "kimg")]
+    # Two workers of 8 images each: 16 images per iteration, 0.5 kimg in 32 iterations.
+    assert max(kimg) == pytest.approx(0.512, abs=0.001)
+    assert np.isfinite(outcome.metrics["best_val_gate"])
