@@ -10,7 +10,8 @@ from components.image import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def train_model(task: str, config: str, overrides: list, manifest_uri: str,
-                parent_run_id: str, platform: str = "", synthetic_manifest: str = ""
+                parent_run_id: str, platform: str = "", synthetic_manifest: str = "",
+                real_batch_ratio: float = 0.0
                 ) -> NamedTuple("TrainOutputs", run_id=str, model_uri=str):
     from collections import namedtuple
 
@@ -20,6 +21,8 @@ def train_model(task: str, config: str, overrides: list, manifest_uri: str,
 
     with failing_parent(parent_run_id):  # a bad override fails before the stage's run exists
         sets = [str(o) for o in overrides] + [f"data.manifest={manifest_uri}"]
+        if synthetic_manifest and real_batch_ratio > 0:  # real share of every mixed batch
+            sets.append(f"mix.real_batch_ratio={real_batch_ratio}")
         cfg = resolve_config(task, config or None, sets, synthetic_manifest=synthetic_manifest)
         outcome = train(task, cfg, parent_run_id=parent_run_id, progress=False,
                         platform=platform_from_json(platform))

@@ -61,11 +61,10 @@ def gan_augmentation_pipeline(manifest_uri: str = "", demo_root: str = "", demo_
                                 parent_run_id=parent.output)
     arms = {}
     for arm, synthetic in (("real", ""), ("real_gan", generated.output)):
-        mix = [f"mix.real_batch_ratio={real_batch_ratio}"] if arm != "real" else []
         trained = train_model(task="classification", config=classifier_config,
-                              overrides=classifier_overrides + mix, manifest_uri=manifest,
+                              overrides=classifier_overrides, manifest_uri=manifest,
                               parent_run_id=parent.output, platform=platform_json(),
-                              synthetic_manifest=synthetic)
+                              synthetic_manifest=synthetic, real_batch_ratio=real_batch_ratio)
         trained.set_display_name(f"train-classifier-{arm}")
         evaluated = evaluate_model(model_uri=trained.outputs["model_uri"], manifest_uri=manifest,
                                    splits=test_split, parent_run_id=parent.output,
@@ -73,8 +72,8 @@ def gan_augmentation_pipeline(manifest_uri: str = "", demo_root: str = "", demo_
         evaluated.set_display_name(f"evaluate-{arm}")
         arms[arm] = (trained, evaluated)
     compared = compare_models(task="classification",
-                              arms=[f"real={arms['real'][1].output}",
-                                    f"real_gan={arms['real_gan'][1].output}"],
+                              arms=[f"real={arms['real'][1].outputs['Output']}",
+                                    f"real_gan={arms['real_gan'][1].outputs['Output']}"],
                               split=test_split, metric=compare_metric,
                               n_resamples=bootstrap_resamples, parent_run_id=parent.output)
     finished = finish_pipeline_run(parent_run_id=parent.output).after(compared)
