@@ -92,6 +92,10 @@ class GanTrainConfig(Section):
     """Manifest column holding the class of each image."""
     grid_seeds: int = 8
     """Columns of the fake-image grid (fixed seeds; one row per class)."""
+    tf32: bool = True
+    """CUDA: TensorFloat-32 matmuls and convolutions (Ampere and newer; ~10 mantissa bits in
+    the products, float32 accumulation). The reference turns it off; benchmarks/gan.py
+    measures what it buys."""
     max_iterations: int = 0
     """Stop after N iterations whatever kimg says (0 = no cap); for smoke tests."""
 
@@ -200,6 +204,9 @@ def fit_gan(model, train_loader: Iterable, cfg: GanTrainConfig, num_classes: int
     torch.manual_seed(seed + rank)
     generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + rank)
     model.to(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
     pipe = None if cfg.aug == "noaug" else augment_pipe(cfg.augpipe)
     if pipe is not None:
         pipe.to(device)
