@@ -219,8 +219,9 @@ class AugmentPipe(nn.Module):
                                         self.rotate, self.aniso, self.xfrac))
         color = any(m > 0 for m in (self.brightness, self.contrast, self.lumaflip, self.hue,
                                     self.saturation))
-        if color and channels not in (1, 3):
-            raise ValueError(f"colour augmentation needs 1 or 3 channels, got {channels}")
+        if color and channels not in (1, 3, 4):
+            raise ValueError(f"colour augmentation needs 1 or 3 channels (or RGB + a mask "
+                             f"channel), got {channels}")
 
         if geometric:
             g_inv = self.geometric_matrix(n, width, height, device)
@@ -234,18 +235,26 @@ class AugmentPipe(nn.Module):
                                    align_corners=False)
             images = torch.where(identity[:, None, None, None], images, warped)
 
+        if color and channels == 4:  # RGB + mask: colour acts on RGB, geometry moved both
+            rgb = self._color(images[:, :3])
+            return torch.cat([rgb, images[:, 3:]], dim=1)
         if color:
-            c = self.color_matrix(n, channels, device)
-            identity = (c == torch.eye(4, device=device)).flatten(1).all(dim=1)
-            flat = images.reshape(n, channels, height * width)
-            if channels == 3:
-                out = c[:, :3, :3].to(flat.dtype) @ flat + c[:, :3, 3:].to(flat.dtype)
-            else:  # grey: the mean of the RGB rows acting on (l, l, l, 1)
-                rows = c[:, :3, :].mean(dim=1, keepdim=True).to(flat.dtype)  # [n, 1, 4]
-                out = flat * rows[:, :, :3].sum(dim=2, keepdim=True) + rows[:, :, 3:]
-            images = torch.where(identity[:, None, None, None], images,
-                                 out.reshape(n, channels, height, width))
+            images = self._color(images)
         return images
+
+    def _color(self, images: torch.Tensor) -> torch.Tensor:
+        """The colour transforms on RGB (3) or grey (1) channels."""
+        n, channels, height, width = images.shape
+        c = self.color_matrix(n, channels, images.device)
+        identity = (c == torch.eye(4, device=images.device)).flatten(1).all(dim=1)
+        flat = images.reshape(n, channels, height * width)
+        if channels == 3:
+            out = c[:, :3, :3].to(flat.dtype) @ flat + c[:, :3, 3:].to(flat.dtype)
+        else:  # grey: the mean of the RGB rows acting on (l, l, l, 1)
+            rows = c[:, :3, :].mean(dim=1, keepdim=True).to(flat.dtype)  # [n, 1, 4]
+            out = flat * rows[:, :, :3].sum(dim=2, keepdim=True) + rows[:, :, 3:]
+        return torch.where(identity[:, None, None, None], images,
+                           out.reshape(n, channels, height, width))
 
 
 AUGPIPE_SPECS: dict[str, dict[str, float]] = {

@@ -85,9 +85,9 @@ def style_mix(G: nn.Module, row_seeds: list[int], col_seeds: list[int], class_in
     ws = dict(zip(seeds, G.mapping(z, c, truncation_psi=truncation), strict=True))
 
     def image(w: torch.Tensor) -> np.ndarray:
-        return to_uint8(G.synthesis(w[None], noise_mode=noise_mode))[0]
+        return to_uint8(G.synthesis(w[None], noise_mode=noise_mode)[:, :3])[0]
 
-    blank = np.full((G.img_resolution, G.img_resolution, 3), 255, np.uint8)
+    blank = np.full((G.img_resolution, G.img_resolution, 3), 255, np.uint8)  # RGB tiles
     rows = [[blank] + [image(ws[s]) for s in col_seeds]]
     for r in row_seeds:
         row = [image(ws[r])]
@@ -152,7 +152,7 @@ def project(G: nn.Module, target: np.ndarray, class_index: int = 0, steps: int =
                 group["lr"] = initial_lr * lr_ramp
             w_noise = torch.randn(w_opt.shape, generator=generator).to(device) * w_noise_scale
             ws = (w_opt + w_noise).repeat(1, G.num_ws, 1)
-            synth = G.synthesis(ws, noise_mode="const")
+            synth = G.synthesis(ws, noise_mode="const")[:, :3]  # image + mask models: RGB
             dist = F.mse_loss(synth, target_t)
             if target_f is not None:
                 dist = dist + (features(synth) - target_f).square().sum(1).mean()
@@ -170,7 +170,7 @@ def project(G: nn.Module, target: np.ndarray, class_index: int = 0, steps: int =
                 progress(step, losses[-1])
         with torch.no_grad():
             w = w_opt.detach().repeat(1, G.num_ws, 1)
-            image = to_uint8(G.synthesis(w, noise_mode="const"))[0]
+            image = to_uint8(G.synthesis(w, noise_mode="const")[:, :3])[0]
     finally:
         with torch.no_grad():  # the generator keeps its own noise maps
             for name, buf in noises.items():

@@ -116,19 +116,24 @@ def generate_dataset(model_uri: str, out: str, seeds: list[int] | None = None,
     rows, todo = [], []
     for name, seed in plan:
         relative = f"images/{_safe(name)}/seed{seed:08d}.png"
+        mask = relative.replace("images/", "masks/") if model.cfg.gan.with_masks else None
         rows.append({"sample_id": f"gan-{_safe(name)}-{seed}", "image_uri": relative,
+                     "mask_uri": mask,
                      "label": name, "split": "train", "source": f"gan:{version}",
                      "width": model.cfg.data.image_size, "height": model.cfg.data.image_size,
                      "seed": int(seed), "truncation": psi, "model_version": version})
         if not storage.exists(storage.join(out, relative)):
-            todo.append((name, seed, relative))
+            todo.append((name, seed, relative, mask))
     batch = 16
     bar = tqdm(total=len(todo), desc="generating", unit="img", disable=not progress or None)
     for start in range(0, len(todo), batch):
         chunk = todo[start:start + batch]
-        requests = [{"class": c, "seed": s, "truncation": psi} for c, s, _ in chunk]
-        for (_, _, relative), prediction in zip(chunk, model.task.predict(
+        requests = [{"class": c, "seed": s, "truncation": psi} for c, s, _, _ in chunk]
+        for (_, _, relative, mask), prediction in zip(chunk, model.task.predict(
                 model.model, requests, model.cfg), strict=True):
+            if mask is not None:  # before the image: an image on disk means "done"
+                storage.write_bytes(storage.join(out, mask),
+                                    encode_png(prediction["mask"].astype(np.uint8) * 255))
             storage.write_bytes(storage.join(out, relative), encode_png(prediction["image"]))
         bar.update(len(chunk))
     bar.close()

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dermml.config import ConfigError, Section
-from dermml.data.datasets import ClassificationDataset
+from dermml.data.datasets import ClassificationDataset, SegmentationDataset
 from dermml.data.images import encode_png, to_base64
 from dermml.data.manifest import Manifest
 from dermml.metrics.gan import GanMetricsConfig
@@ -55,6 +55,35 @@ class GanConfig(TaskConfig):
     class_probs: list[float] = []
     """Frequency of each class in the training split (generated classes are drawn from it)."""
     serving: GanServingConfig = GanServingConfig()
+
+
+class ImageMaskDataset(Dataset):
+    """(RGB + mask as a fourth channel, class index) of a segmentation dataset's rows."""
+
+    def __init__(self, pairs: SegmentationDataset, labels: list[int]):
+        self.pairs, self.labels = pairs, list(labels)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def files(self, index: int) -> list[str]:
+        return self.pairs.files(index)
+
+    def load(self, index: int):
+        image, mask = self.pairs.load(index)
+        return np.concatenate([image, (mask[..., None] * 255).astype(np.uint8)], -1), \
+            self.labels[index]
+
+    def __getitem__(self, index: int):
+        image, mask = self.pairs[index]
+        return torch.cat([image, mask], 0), torch.tensor(self.labels[index])
+
+
+def rgb_and_mask(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Generated NHWC uint8 images split into RGB and (4-channel models) binary masks."""
+    if images.shape[-1] == 4:
+        return np.ascontiguousarray(images[..., :3]), images[..., 3] > 127
+    return images, None
 
 
 class Mirrored(Dataset):
@@ -145,7 +174,8 @@ class GanTask(Task):
     def build_model(self, cfg: GanConfig) -> nn.Module:
         if not cfg.classes:
             raise ValueError("classes are unknown: call prepare() with the training manifest")
-        return StyleGAN2(cfg.model, cfg.data.image_size, self.num_classes(cfg))
+        return StyleGAN2(cfg.model, cfg.data.image_size, self.num_classes(cfg),
+                         img_channels=4 if cfg.gan.with_masks else 3)
 
     def check_input_size(self, model: nn.Module, cfg: TaskConfig) -> None:
         return None  # prepare() checked the resolution
@@ -157,6 +187,9 @@ class GanTask(Task):
         else:
             rows["label"] = UNCONDITIONAL
         ds = ClassificationDataset(manifest, rows, cfg.data.image_size, cfg.classes)
+        if cfg.gan.with_masks:
+            ds = ImageMaskDataset(SegmentationDataset(manifest, rows, cfg.data.image_size),
+                                  ds.labels)
         return Mirrored(ds) if train and cfg.gan.mirror else ds
 
     def loss_step(self, cfg: GanConfig):
@@ -221,7 +254,8 @@ class GanTask(Task):
                 n = len(reals) if not cfg.metrics.num_real else min(len(reals),
                                                                      cfg.metrics.num_real)
                 picked = np.random.default_rng(cfg.metrics.seed).permutation(len(reals))[:n]
-                images = ((reals[int(i)][0] * 255).round().to(torch.uint8) for i in picked)
+                images = ((reals[int(i)][0][:3] * 255).round().to(torch.uint8)
+                          for i in picked)
                 cache["real"] = extract_features(extractor, images, cfg.metrics.batch_size,
                                                  device)
             return self.compare(G, cache["real"], cfg, device, truncation=1.0,
@@ -246,9 +280,10 @@ class GanTask(Task):
 
         def fakes():
             for start in range(0, n, step):
-                yield generate(G, classes[start:start + step] if G.c_dim else
-                               [0] * len(seeds[start:start + step]),
-                               seeds[start:start + step], truncation, noise_mode)
+                yield rgb_and_mask(generate(G, classes[start:start + step] if G.c_dim else
+                                            [0] * len(seeds[start:start + step]),
+                                            seeds[start:start + step], truncation,
+                                            noise_mode))[0]
 
         fake = extract_features(extractor, fakes(), step, device)
         return gan_metrics(real, fake, kid_subsets=cfg.metrics.kid_subsets,
@@ -261,8 +296,13 @@ class GanTask(Task):
         seeds = seeds or list(range(cfg.gan.grid_seeds))
         rows = range(len(cfg.classes)) if G.c_dim else [0]
         classes = [c for c in rows for _ in seeds]
-        images = generate(G, classes, seeds * len(rows), truncation, "const")
-        return image_grid(list(images), columns=len(seeds))
+        rgb, masks = rgb_and_mask(generate(G, classes, seeds * len(rows), truncation, "const"))
+        tiles = list(rgb)
+        if masks is not None:  # each row of images followed by its row of masks
+            tiles = [t for r in range(len(rows)) for t in (
+                list(rgb[r * len(seeds):(r + 1) * len(seeds)])
+                + list(masks[r * len(seeds):(r + 1) * len(seeds)]))]
+        return image_grid(tiles, columns=len(seeds))
 
     # --- serving ---------------------------------------------------------------------------
     def serving_state(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -314,18 +354,23 @@ class GanTask(Task):
                 for r in inputs]
         images = generate(G, [index[r["class"]] for r in inputs], [r["seed"] for r in inputs],
                           psis, cfg.serving.noise_mode)
-        return [{"image": img, "class": r["class"], "seed": r["seed"], "truncation": psi}
-                for img, r, psi in zip(images, inputs, psis, strict=True)]
+        rgb, masks = rgb_and_mask(images)
+        return [{"image": img, "mask": None if masks is None else masks[i], "class": r["class"],
+                 "seed": r["seed"], "truncation": psi}
+                for i, (img, r, psi) in enumerate(zip(rgb, inputs, psis, strict=True))]
 
     def encode_predictions(self, predictions: list[dict]) -> pd.DataFrame:
         return pd.DataFrame({"image": [to_base64(encode_png(p["image"])) for p in predictions],
+                             "mask": [to_base64(encode_png(p["mask"].astype(np.uint8) * 255))
+                                      if p.get("mask") is not None else ""
+                                      for p in predictions],
                              "class": [p["class"] for p in predictions],
                              "seed": [int(p["seed"]) for p in predictions],
                              "truncation": [float(p["truncation"]) for p in predictions]})
 
     def response_schema(self) -> list[tuple[str, str]]:
-        return [("image", "string"), ("class", "string"), ("seed", "long"),
-                ("truncation", "double")]
+        return [("image", "string"), ("mask", "string"), ("class", "string"),
+                ("seed", "long"), ("truncation", "double")]
 
     # --- evaluation ------------------------------------------------------------------------
     def evaluate_set(self, model, images: list[np.ndarray], cfg: GanConfig,

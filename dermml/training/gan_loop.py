@@ -88,6 +88,10 @@ class GanTrainConfig(Section):
     """Double the training set with horizontally flipped copies (the reference's --mirror)."""
     conditional: bool = True
     """Condition G and D on the class (needs at least two classes)."""
+    with_masks: bool = False
+    """Generate image + lesion-mask pairs: the manifest's masks train as a fourth channel
+    (geometric augmentation moves both, colour only the image), and generated samples carry
+    a mask, so they train segmentation too."""
     class_column: str = "label"
     """Manifest column holding the class of each image."""
     grid_seeds: int = 8
@@ -314,11 +318,11 @@ def fit_gan(model, train_loader: Iterable, cfg: GanTrainConfig, num_classes: int
         if ada is not None and ada.rt is not None:
             metrics["ada_rt"] = float(ada.rt)
         last_tick = cur_nimg >= total_nimg or tick == ticks - 1
-        snapshot = (tick + 1) % snapshot_ticks == 0 or last_tick
+        snapshot = last_tick or bool(snapshot_ticks and (tick + 1) % snapshot_ticks == 0)
         improved = False
         if snapshot:
             model.G_ema.eval()
-            if evaluate is not None:
+            if evaluate is not None and snapshot_ticks:  # 0: no metrics while training
                 with torch.no_grad():
                     metrics.update({f"val_{k}": v
                                     for k, v in evaluate(model.G_ema, device).items()})

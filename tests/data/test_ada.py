@@ -142,7 +142,19 @@ def test_factory_specs():
     with pytest.raises(ValueError, match="unknown augment pipe"):
         augment_pipe("xyz")
     with pytest.raises(ValueError, match="1 or 3 channels"):
-        augment_pipe("c", p=1.0)(torch.zeros(2, 4, 8, 8))
+        augment_pipe("c", p=1.0)(torch.zeros(2, 5, 8, 8))
+
+
+def test_a_mask_channel_moves_with_the_image_and_keeps_its_values():
+    torch.manual_seed(0)
+    image = torch.rand(4, 3, 16, 16)
+    mask = (torch.rand(4, 1, 16, 16) > 0.5).float()
+    torch.manual_seed(1)
+    out = augment_pipe("bgc", p=1.0)(torch.cat([image, mask], 1))
+    torch.manual_seed(1)
+    geom_only = augment_pipe("bg", p=1.0)(torch.cat([image, mask], 1))
+    assert out.shape == (4, 4, 16, 16)
+    assert torch.allclose(out[:, 3], geom_only[:, 3])  # colour leaves the mask alone
 
 
 # ----------------------------------------------------------------------------- the controller

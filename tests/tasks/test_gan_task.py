@@ -265,3 +265,24 @@ def test_two_ray_workers_train_one_gan_averaging_their_gradients(colours, tmp_pa
     # Two workers of 8 images each: 16 images per iteration, 0.5 kimg in 32 iterations.
     assert max(kimg) == pytest.approx(0.512, abs=0.001)
     assert np.isfinite(outcome.metrics["best_val_gate"])
+
+
+def test_an_image_and_mask_gan_makes_samples_that_train_segmentation(demo_data, tmp_path,
+                                                                     monkeypatch):
+    from dermml.synthesis.gan import generate_dataset
+
+    monkeypatch.setenv("DERMML_HOME", str(tmp_path / "home"))
+    cfg = gan_cfg(demo_data, 0.1, "gan.with_masks=true", "metrics.every_ticks=0",
+                  "gan.tick_kimg=0.1")
+    outcome = train("gan", cfg, progress=False)
+    made = generate_dataset(outcome.model_uri, str(tmp_path / "gen"), seeds=[0, 1],
+                            classes=["melanoma"], progress=False)
+    manifest = read_manifest(made.manifest_uri)
+    masks = [np.asarray(Image.open(manifest.resolve(u))) for u in manifest.df["mask_uri"]]
+    assert len(masks) == 2 and all(m.shape == (16, 16) and set(np.unique(m)) <= {0, 255}
+                                   for m in masks)
+    seg = resolve_config("segmentation", None, [f"data.manifest={demo_data}"],
+                         synthetic_manifest=made.manifest_uri)
+    inputs = training_inputs(get_task("segmentation"), seg, prepare=True)
+    image, mask = inputs.train_set[len(inputs.train_set) - 1]
+    assert image.shape[0] == 3 and mask.shape[0] == 1
