@@ -143,30 +143,29 @@ class SkinToneSettings:
 DEFAULT_SETTINGS = SkinToneSettings()
 
 
-def _as_float_rgb(image: np.ndarray) -> np.ndarray:
+def _as_rgb(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.ndim != 3 or image.shape[2] < 3:
         raise ValueError(f"expected an RGB image (H x W x 3), got shape {image.shape}")
-    image = image[..., :3]
-    if np.issubdtype(image.dtype, np.integer):
-        return image.astype(np.float64) / 255.0
-    return np.clip(image.astype(np.float64), 0.0, 1.0)
+    return image[..., :3]
 
 
 def _downsample(rgb: np.ndarray, mask: np.ndarray | None,
                 max_side: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Box-average ``rgb`` by the integer factor that brings it to ``max_side`` (a mask: any
-    lesion pixel in a box makes the box lesion)."""
+    """``rgb`` as float64 in [0, 1], box-averaged by the integer factor that brings it to
+    ``max_side`` (before any float copy of a large image); a mask: any lesion pixel in a box
+    makes the box lesion."""
+    scale = 255.0 if np.issubdtype(rgb.dtype, np.integer) else 1.0
     factor = math.ceil(max(rgb.shape[:2]) / max_side)
-    if factor <= 1:
-        return rgb, mask
-    h, w = (rgb.shape[0] // factor) * factor, (rgb.shape[1] // factor) * factor
-    rgb = rgb[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean((1, 3))
-    if mask is not None:
-        mask = mask[:h, :w].reshape(h // factor, factor, w // factor, factor).any((1, 3))
-    return rgb, mask
+    if factor > 1:
+        h, w = (rgb.shape[0] // factor) * factor, (rgb.shape[1] // factor) * factor
+        rgb = rgb[:h, :w].reshape(h // factor, factor, w // factor, factor, 3).mean(
+            (1, 3), dtype=np.float64)
+        if mask is not None:
+            mask = mask[:h, :w].reshape(h // factor, factor, w // factor, factor).any((1, 3))
+    return np.clip(np.asarray(rgb, dtype=np.float64) / scale, 0.0, 1.0), mask
 
 
 def _fit_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -200,7 +199,7 @@ def skin_pixels(image: np.ndarray, lesion_mask: np.ndarray | None = None,
     """(CIELAB image, boolean map of the healthy-skin pixels ``image_ita`` measures), both at
     the analysed (downsampled) size. ``lesion_mask`` (any size; resized by nearest neighbour)
     marks the lesion; None: the whole image is a candidate."""
-    rgb = _as_float_rgb(image)
+    rgb = _as_rgb(image)
     mask = None if lesion_mask is None else _fit_mask(lesion_mask, rgb.shape[:2])
     rgb, mask = _downsample(rgb, mask, settings.max_side)
     lab = srgb_to_lab(rgb)
