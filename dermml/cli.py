@@ -394,13 +394,21 @@ def evaluate_cmd(
         "--compare", help="Instead: evaluate once per serving-param set on the first split and "
                           "print one table with seconds/image, e.g. --compare sampler=ddpm "
                           "--compare sampler=ddim,steps=25 (repeat; k=v,k=v)")] = None,
+    min_group_size: Annotated[int, typer.Option(
+        help="Skin-tone groups with fewer test images are reported as 'too few' (count, no "
+             "metrics)")] = 10,
+    skin_type_column: Annotated[str | None, typer.Option(
+        help="Manifest column of known skin types to stratify by too (default: the first of "
+             "fitzpatrick, fitzpatrick_skin_type, fitzpatrick_scale, skin_type, skin_tone)")]
+        = None,
 ):
     """Metrics with bootstrap confidence intervals on one or more splits, logged to MLflow
-    (a GAN: FID, KID, precision and recall of its images against each split)."""
+    (a GAN: FID, KID, precision and recall of its images against each split), and per
+    skin-tone group (ITA of the healthy skin; the manifest's skin-type column)."""
     from dermml.config import parse_params
     from dermml.evaluation.run import compare_settings, evaluate
     from dermml.registry.gate import champion_uri, record_evaluation
-    from dermml.tasks import task_names
+    from dermml.tasks import get_task, task_names
 
     if model_uri in task_names():  # `dermml evaluate gan --data ...`: the champion
         model_uri = champion_uri(model_uri)
@@ -414,9 +422,17 @@ def evaluate_cmd(
         typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         return
     result = evaluate(model_uri, data, [s for s in splits.split(",") if s],
-                      n_resamples=resamples, alpha=alpha, params=parse_params(param or []))
+                      n_resamples=resamples, alpha=alpha, params=parse_params(param or []),
+                      min_group_size=min_group_size, skin_type=skin_type_column)
     record_evaluation(result)  # on a registered version: what the promotion gate compares
     typer.echo(result.table().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    by_group = result.group_table()
+    if not by_group.empty:  # the gate metric per skin-tone group
+        gate_metric = get_task(result.task).gate_metric
+        shown = by_group[by_group["metric"] == gate_metric].drop(columns="metric")
+        typer.echo(f"\n{gate_metric} by skin tone (too few: under {min_group_size} images):")
+        typer.echo(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}",
+                                   na_rep="-"))
     typer.echo(f"MLflow run: {result.run_id}  dataset version: {result.dataset_version}")
 
 
@@ -580,11 +596,17 @@ def registry_promote(
     metric: Annotated[str | None, typer.Option(help="Gate metric (default: the task's)")] = None,
     min_delta: Annotated[float, typer.Option(help="Required improvement over the champion")]
         = 0.0,
+    min_per_group: Annotated[list[str] | None, typer.Option(
+        "--min-per-group", help="Refuse when a skin-tone group (of at least the evaluation's "
+                                "min group size) scores below METRIC=VALUE, e.g. --min-per-group "
+                                "dice=0.7 (repeat for more metrics)")] = None,
 ):
-    """Promote to `champion` only if the gate passes against the current champion."""
-    from dermml.registry.gate import promote
+    """Promote to `champion` only if the gate passes against the current champion (and, with
+    --min-per-group, every reported skin-tone group reaches the floor)."""
+    from dermml.registry.gate import parse_floors, promote
 
-    decision = promote(task, version, data, split, metric, min_delta)
+    decision = promote(task, version, data, split, metric, min_delta,
+                       min_per_group=parse_floors(min_per_group or []))
     typer.echo(json.dumps(decision.__dict__, indent=2))
     if not decision.promoted:
         typer.secho(f"refused: {decision.reason}", fg="yellow", err=True)

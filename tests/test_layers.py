@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 CORE = ["dermml.models.unet", "dermml.losses.segmentation", "dermml.metrics.segmentation",
-        "dermml.metrics.gan", "dermml.data.stylegan_zip",
+        "dermml.metrics.gan", "dermml.metrics.skin_tone", "dermml.data.stylegan_zip",
         "dermml.data.manifest", "dermml.data.datasets", "dermml.data.demo",
         "dermml.data.importers", "dermml.data.splits", "dermml.training.loop",
         "dermml.training.ema", "dermml.models.diffusion", "dermml.models.schedulers",

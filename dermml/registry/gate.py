@@ -2,7 +2,9 @@
 
 Evaluation results are stored as tags on the model version, keyed by dataset version and split
 (``dermml.eval.<dataset12>.<split>.<metric>``), so a gate always compares the challenger and the
-champion on the very same test set; a champion never scored on that set is evaluated first.
+champion on the very same test set; a champion never scored on that set is evaluated first. The
+metrics per skin-tone group are one JSON tag per split (``dermml.eval_groups.<dataset12>.<split>``),
+which the gate's optional per-group floors (``min_per_group``) read.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import json
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 from mlflow.tracking import MlflowClient
 
@@ -42,6 +45,10 @@ def _now() -> str:
 
 def _eval_key(dataset_version: str, split: str, metric: str) -> str:
     return f"dermml.eval.{dataset_version[:12]}.{split}.{metric}"
+
+
+def _groups_key(dataset_version: str, split: str) -> str:
+    return f"dermml.eval_groups.{dataset_version[:12]}.{split}"
 
 
 def parse_model_uri(model_uri: str) -> tuple[str, str] | None:
@@ -94,6 +101,14 @@ def record_evaluation(result: EvaluationResult) -> bool:
         client.set_model_version_tag(name, version,
                                      f"dermml.eval_run.{dataset_version[:12]}.{split}",
                                      eval_run_id)
+        if split in result.groups:
+            groups = [{"stratifier": g.stratifier, "group": g.group, "n": g.n,
+                       "reported": g.reported,
+                       "metrics": {k: v for k, v in g.metrics.items() if math.isfinite(v)}}
+                      for g in result.groups[split]]
+            client.set_model_version_tag(name, version, _groups_key(dataset_version, split),
+                                         json.dumps({"min_group_size": result.min_group_size,
+                                                     "groups": groups}))
     return True
 
 
@@ -113,6 +128,9 @@ class GateDecision:
     champion_version: str | None
     champion_score: float | None
     reason: str
+    group_floors: list[dict] = field(default_factory=list)
+    """The per-group floors checked (``min_per_group``): stratifier, group, n, metric, value,
+    floor, passed, for every reported (not too few) skin-tone group."""
 
 
 def _score(name: str, version: str, manifest_uri: str, split: str, metric: str,
@@ -130,11 +148,84 @@ def _score(name: str, version: str, manifest_uri: str, split: str, metric: str,
     return score
 
 
+def stored_groups(name: str, version: str, dataset_version: str, split: str) -> dict | None:
+    """The metrics per skin-tone group stored by ``record_evaluation`` (None: none stored)."""
+    value = _client().get_model_version(name, version).tags.get(
+        _groups_key(dataset_version, split))
+    return None if value is None else json.loads(value)
+
+
+def _groups(name: str, version: str, manifest_uri: str, split: str,
+            parent_run_id: str | None) -> dict:
+    from dermml.data.manifest import read_manifest
+
+    dataset_version = read_manifest(manifest_uri).version
+    groups = stored_groups(name, version, dataset_version, split)
+    if groups is None:  # scored before evaluation reported groups
+        record_evaluation(evaluate(f"models:/{name}/{version}", manifest_uri, [split],
+                                   parent_run_id, n_resamples=200))
+        groups = stored_groups(name, version, dataset_version, split)
+    if groups is None:
+        raise RuntimeError(f"{name} v{version}: evaluation on {split} reported no skin-tone "
+                           "groups (a task scored as a set has none)")
+    return groups
+
+
+def parse_floors(items: list[str]) -> dict[str, float]:
+    """``["dice=0.7"]`` (``--min-per-group``) -> {"dice": 0.7}."""
+    from dermml.config import ConfigError, parse_key_value
+
+    floors = {}
+    for item in items:
+        metric, value = parse_key_value(item, "--min-per-group", "dice=0.7")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"--min-per-group {item!r}: the floor must be a number, e.g. "
+                              "--min-per-group dice=0.7")
+        floors[metric] = float(value)
+    return floors
+
+
+def check_group_floors(groups: dict, floors: dict[str, float], split: str) -> tuple[list[dict],
+                                                                                    str]:
+    """(checks, failure text) of ``floors`` (metric -> lowest value) on every reported group;
+    the text names each group below its floor, empty when none is."""
+    from dermml.config import ConfigError
+
+    reported = [g for g in groups["groups"] if g["reported"]]
+    known = {m for g in reported for m in g["metrics"]}
+    unknown = sorted(m for m in floors if reported and m not in known)
+    if unknown:
+        raise ConfigError(f"min_per_group: no metric {', '.join(unknown)} in the groups of "
+                          f"{split} (metrics: {', '.join(sorted(known))})")
+    checks = []
+    for g in reported:
+        for metric, floor in floors.items():
+            value = g["metrics"].get(metric)
+            checks.append({"stratifier": g["stratifier"], "group": g["group"], "n": g["n"],
+                           "metric": metric, "value": value, "floor": float(floor),
+                           "passed": value is None or value >= floor})
+    failed = [c for c in checks if not c["passed"]]
+    text = "; ".join(f"{split} {c['metric']} of skin-tone group {c['stratifier']}:{c['group']} "
+                     f"(n={c['n']}) {c['value']:.4f} is below the floor {c['floor']}"
+                     for c in failed)
+    return checks, text
+
+
 def promote(task: str, version: str, manifest_uri: str, split: str = "test",
             metric: str | None = None, min_delta: float = 0.0,
-            parent_run_id: str | None = None) -> GateDecision:
-    """Make ``version`` the champion if it beats the champion by ``min_delta`` on ``split``."""
+            parent_run_id: str | None = None,
+            min_per_group: dict[str, float] | None = None) -> GateDecision:
+    """Make ``version`` the champion if it beats the champion by ``min_delta`` on ``split``
+    and, with ``min_per_group`` (metric -> floor), no reported skin-tone group of ``split``
+    (ITA groups, and the manifest's skin-type column) scores below the metric's floor. Groups
+    of too few images are not checked; a floor is a lowest value (for metrics where higher
+    is better)."""
     t = get_task(task)
+    if min_per_group and not t.scores_per_sample:
+        from dermml.config import ConfigError
+
+        raise ConfigError(f"min_per_group: task {task!r} is scored as a set, not per image, so "
+                          "it has no metrics per skin-tone group")
     metric = metric or t.gate_metric
     sign = 1.0 if t.gate_mode == "max" else -1.0
     name, client = model_name(task), _client()
@@ -155,6 +246,15 @@ def promote(task: str, version: str, manifest_uri: str, split: str = "test",
         decision = GateDecision(passed, version, metric, challenger, champion_version, champion,
                                 f"{split} {metric} {challenger:.4f} {verdict} champion "
                                 f"v{champion_version} {champion:.4f} (min_delta {min_delta})")
+    if min_per_group:
+        groups = _groups(name, version, manifest_uri, split, parent_run_id)
+        decision.group_floors, failures = check_group_floors(groups, min_per_group, split)
+        if failures:
+            decision.promoted = False
+            decision.reason = f"{failures} (and: {decision.reason})"
+        elif not decision.group_floors:
+            decision.reason += (f"; per-group floors not checked: no skin-tone group of {split} "
+                                f"has {groups['min_group_size']} images")
     _record_decision(client, name, decision)
     return decision
 

@@ -1,8 +1,8 @@
-"""Skin tones by Individual Typology Angle (ITA) and their Fitzpatrick types I-VI.
+"""Skin colours of procedural bodies by Individual Typology Angle (ITA) and Fitzpatrick type.
 
-ITA = atan((L* - 50) / b*) in degrees (CIELAB, D65). The type boundaries are the ITA skin
-categories of Chardon et al. / Del Bino et al. (very light > 55 > light > 41 > intermediate > 28
-> tan > 10 > brown > -30 > dark), read as Fitzpatrick I..VI.
+The ITA definition, the type table (Chardon et al. / Del Bino et al. thresholds) and the
+sRGB <-> CIELAB conversion are the evaluation's (``dermml.metrics.skin_tone``): one table for
+the skin tones synthesis draws and the skin tones evaluation measures.
 """
 
 from __future__ import annotations
@@ -11,54 +11,17 @@ import math
 
 import numpy as np
 
-FITZPATRICK_TYPES = ("I", "II", "III", "IV", "V", "VI")
-ITA_RANGES = {"I": (55.0, 70.0), "II": (41.0, 55.0), "III": (28.0, 41.0), "IV": (10.0, 28.0),
-              "V": (-30.0, 10.0), "VI": (-60.0, -30.0)}
-"""ITA interval drawn from for each type (I and VI are open-ended; these are the drawn bounds)."""
+from dermml.metrics.skin_tone import (
+    FITZPATRICK_TYPES,
+    ITA_RANGES,
+    fitzpatrick_from_ita,
+    ita_from_lab,
+    lab_to_srgb,
+    srgb_to_lab,
+)
 
-
-def fitzpatrick_from_ita(ita: float) -> str:
-    """The Fitzpatrick type whose ITA interval holds ``ita``."""
-    for name in FITZPATRICK_TYPES[:-1]:
-        if ita > ITA_RANGES[name][0]:
-            return name
-    return "VI"
-
-
-def ita_from_lab(lab: np.ndarray) -> float:
-    """ITA in degrees of a CIELAB colour (L*, a*, b*)."""
-    lightness, _, b = (float(v) for v in np.asarray(lab).reshape(3))
-    return math.degrees(math.atan2(lightness - 50.0, b))
-
-
-_D65 = np.array([0.95047, 1.0, 1.08883])
-_SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
-                         [0.2126729, 0.7151522, 0.0721750],
-                         [0.0193339, 0.1191920, 0.9503041]])
-
-
-def lab_to_srgb(lab: np.ndarray) -> np.ndarray:
-    """CIELAB (..., 3) -> sRGB in [0, 1] (D65), clipped."""
-    lab = np.asarray(lab, dtype=np.float64)
-    fy = (lab[..., 0] + 16) / 116
-    fx = fy + lab[..., 1] / 500
-    fz = fy - lab[..., 2] / 200
-    f = np.stack([fx, fy, fz], -1)
-    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _D65
-    rgb = xyz @ np.linalg.inv(_SRGB_TO_XYZ).T
-    rgb = np.where(rgb <= 0.0031308, 12.92 * rgb, 1.055 * np.clip(rgb, 0, None) ** (1 / 2.4)
-                   - 0.055)
-    return np.clip(rgb, 0, 1)
-
-
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB in [0, 1] (..., 3) -> CIELAB (D65)."""
-    rgb = np.asarray(rgb, dtype=np.float64)
-    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    xyz = linear @ _SRGB_TO_XYZ.T / _D65
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
-                     200 * (f[..., 1] - f[..., 2])], -1)
+__all__ = ["FITZPATRICK_TYPES", "ITA_RANGES", "draw_skin_tone", "fitzpatrick_from_ita",
+           "ita_from_lab", "lab_to_srgb", "measure_skin_tone", "skin_colour", "srgb_to_lab"]
 
 
 def skin_colour(ita: float, rng: np.random.Generator) -> np.ndarray:
