@@ -1,5 +1,6 @@
-"""GAN components: images of a registered generator (GPU pool), and the comparison of models
-trained with and without them (one table and plot in the pipeline's parent run)."""
+"""Synthetic-data components: images of a registered generator (GPU pool), the comparison of
+models trained with and without them, and the whole synthetic-value measurement (arms x
+fractions x seeds; one table and plot in the pipeline's parent run)."""
 
 from kfp import dsl
 
@@ -34,3 +35,20 @@ def compare_models(task: str, arms: list, split: str, metric: str, n_resamples: 
     table = comparison.table
     print(table.to_string(index=False))
     return table.to_json(orient="records")
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def measure_synthetic_value(task: str, manifest_uri: str, sources: list, fractions: str,
+                            seeds: str, config: str, overrides: list, test_split: str,
+                            n_resamples: int, parent_run_id: str) -> str:
+    from dermml.evaluation.synthetic_value import measure_synthetic_value as measure
+    from dermml.orchestration.tracking import failing_parent
+
+    with failing_parent(parent_run_id):
+        named = dict(str(s).split("=", 1) for s in sources)  # "name=manifest URI"
+        value = measure(task, manifest_uri, named,
+                        [float(f) for f in fractions.split(",") if f.strip()],
+                        [int(s) for s in seeds.split(",") if s.strip()], config or None,
+                        [str(o) for o in overrides], test_split, parent_run_id, n_resamples)
+    print(value.table.to_string(index=False))
+    return value.table.to_json(orient="records")

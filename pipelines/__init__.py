@@ -11,6 +11,10 @@ from pipelines.gan_augmentation import (
     gan_augmentation_pipeline,
 )
 from pipelines.synthesis import build_synthesis_pipeline, synthesis_pipeline
+from pipelines.synthetic_value import (
+    build_synthetic_value_pipeline,
+    synthetic_value_pipeline,
+)
 from pipelines.training import build_training_pipeline, training_pipeline
 from pipelines.tuning import build_tuning_pipeline, tuning_pipeline
 
@@ -24,7 +28,11 @@ PIPELINES = {"training": PipelineDef("training", training_pipeline, build_traini
                                              build_gan_augmentation_pipeline,
                                              trains=(("gan", "gan_config", "gan_overrides"),
                                                      ("classification", "classifier_config",
-                                                      "classifier_overrides")))}
+                                                      "classifier_overrides"))),
+             "synthetic-value": PipelineDef("synthetic-value", synthetic_value_pipeline,
+                                            build_synthetic_value_pipeline,
+                                            trains=(("", "config", "overrides"),
+                                                    ("gan", "gan_config", "gan_overrides")))}
 
 
 def get_pipeline(name: str) -> PipelineDef:

@@ -39,15 +39,16 @@ def per_sample_records(evaluation_run_id: str, split: str = "test") -> pd.DataFr
 
 def compare_arms(task_name: str, arms: dict[str, pd.DataFrame], metric: str,
                  n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0) -> Comparison:
-    """Compare per-sample records of ``arms`` (name -> records; the first is the baseline).
+    """Compare per-sample records of ``arms`` (name -> records; the first is the baseline;
+    with one arm, its metrics and intervals alone).
 
     Every arm must have scored the same samples; the difference of each metric from the
     baseline is bootstrapped over the same resamples of samples."""
     from dermml.tasks import get_task
 
     task = get_task(task_name)
-    if len(arms) < 2:
-        raise ValueError(f"compare at least two arms (got {list(arms)})")
+    if not arms:
+        raise ValueError("no arms to compare")
     names = list(arms)
     ids = [set(df["sample_id"]) for df in arms.values()]
     if any(s != ids[0] for s in ids[1:]):

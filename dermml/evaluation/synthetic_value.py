@@ -86,6 +86,24 @@ def combine_manifests(uris: dict[str, str], out: str, split: str = "train") -> s
     return manifest_uri
 
 
+def usable_sources(task: str, cfg, sources: dict[str, str]) -> dict[str, str]:
+    """Drop (in place) the sources ``task`` cannot train on (e.g. 3D views without diagnosis
+    labels for classification); returns name -> why for each one dropped."""
+    from dermml.tasks import get_task
+    from dermml.training.inputs import training_inputs
+
+    skipped = {}
+    for name in list(sources):
+        probe = cfg.model_copy(update={"mix": cfg.mix.model_copy(update={
+            "synthetic_manifest": sources[name]})})
+        try:
+            training_inputs(get_task(task), probe, prepare=True)
+        except (ValueError, KeyError) as exc:
+            skipped[name] = str(exc).splitlines()[0][:300]
+            del sources[name]
+    return skipped
+
+
 def synthetic_share(n_real: int, n_synthetic: int, fraction: float) -> float:
     """``mix.synthetic_fraction`` that adds ``fraction × n_real`` synthetic samples."""
     if n_synthetic <= 0:
@@ -110,6 +128,7 @@ def measure_synthetic_value(task: str, manifest_uri: str, sources: dict[str, str
         key = "-".join(sorted(sources))
         sources["both"] = combine_manifests(sources, storage.join(root, key))
     base = resolve_config(task, config, [*(overrides or []), f"data.manifest={manifest_uri}"])
+    skipped = usable_sources(task, base, sources)
     n_real = len(read_manifest(manifest_uri).split(*base.data.train_split.split(",")))
     sizes = {name: len(read_manifest(uri).split(base.mix.synthetic_split))
              for name, uri in sources.items()}
@@ -134,6 +153,11 @@ def measure_synthetic_value(task: str, manifest_uri: str, sources: dict[str, str
         runs.setdefault(arm.name, []).append(outcome.run_id)
     gate = get_task(task).gate_metric
     table = value_table(task, records, gate, n_resamples, alpha, min_group_size)
+    if skipped:
+        table = pd.concat([table, pd.DataFrame([{"arm": name, "source": name, "group": "all",
+                                                 "note": f"skipped: {why}"}
+                                                for name, why in skipped.items()])],
+                          ignore_index=True)
     if parent_run_id:
         log_synthetic_value(table, gate, parent_run_id)
     return SyntheticValue(table, runs)

@@ -50,6 +50,20 @@ def resolve_config(path: str | None = None, overrides: list[str] | None = None
     return load_config(Synth3DConfig, path, overrides)
 
 
+def default_out(cfg: Synth3DConfig, root: str = "") -> str:
+    """Where a synthesis without an explicit output goes: ``root`` (default
+    ``$DERMML_HOME/synthetic``) / ``synth3d-<digest of the settings>``, so the same settings
+    resume the same folder and other settings never overwrite it."""
+    import hashlib
+    import json
+
+    from dermml.config import dermml_home
+
+    digest = hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+                            .encode()).hexdigest()[:12]
+    return storage.join(root or str(dermml_home() / "synthetic"), f"synth3d-{digest}")
+
+
 def procedural_seed(cfg: Synth3DConfig, index: int) -> int:
     return cfg.seed * 100_003 + index
 
