@@ -26,6 +26,12 @@ from components import (
 from dermml.orchestration.platform import platform_json
 from pipelines.gate import place_steps
 
+DEMO_GAN = ["gan.with_masks=true", "data.image_size=32", "model.z_dim=64", "model.w_dim=64",
+            "model.mapping_layers=2", "model.channel_base=2048", "model.channel_max=64",
+            "gan.kimg=1", "gan.tick_kimg=0.5", "metrics.every_ticks=0", "gan.mirror=true"]
+"""The default GAN: image + mask pairs, small and short (CPU minutes). At full size pass
+``gan_config`` (e.g. configs/gan/auto.yaml) and ``gan_overrides=["gan.with_masks=true"]``."""
+
 
 class SyntheticValueOutputs(NamedTuple):
     parent_run_id: str
@@ -39,13 +45,13 @@ def synthetic_value_pipeline(task: str = "segmentation", config: str = "",
                              manifest_uri: str = "", demo_root: str = "", demo_n: int = 160,
                              demo_size: int = 64, seed: int = 0,
                              synthetic_root: str = "", bodies: str = "procedural:2",
-                             views: int = 20, view_size: int = 64, blend: str = "paste",
+                             views: int = 10, view_size: int = 64, blend: str = "paste",
                              synth3d_config: str = "",
                              synth3d_overrides: list = [],  # noqa: B006
                              gan_config: str = "",
-                             gan_overrides: list = ["gan.with_masks=true"],  # noqa: B006
+                             gan_overrides: list = DEMO_GAN,  # noqa: B006
                              synthetic_per_class: str = "",
-                             fractions: str = "0.5,1.0", seeds: str = "0,1",
+                             fractions: str = "0.5", seeds: str = "0,1",
                              test_split: str = "test",
                              bootstrap_resamples: int = 200) -> SyntheticValueOutputs:
     parent = start_pipeline_run(task=task, pipeline="synthetic-value")
