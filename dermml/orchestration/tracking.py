@@ -380,6 +380,17 @@ class RunLog:
     def image(self, image: np.ndarray, artifact_file: str) -> None:
         self.client.log_image(self.run_id, image, artifact_file)
 
+    def file(self, data: bytes, artifact_file: str) -> None:
+        """``data`` as the artifact ``artifact_file`` (folders included in the path)."""
+        import tempfile
+
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as handle:
+                handle.write(data)
+            self.client.log_artifact(self.run_id, path, folder or None)
+
     def params(self, params: dict[str, Any]) -> None:
         """One request for all of ``params`` (values as text)."""
         from mlflow.entities import Param

@@ -51,8 +51,14 @@ def training_hooks(run_id: str, epochs: int, gate_metric: str, uri: str = "",
         except Exception as exc:  # an image is never worth a training run
             log.warning("could not log %s to run %s: %s", artifact_file, run.run_id, exc)
 
+    def on_artifact(artifact_file: str, data: bytes) -> None:
+        try:
+            run.file(data, artifact_file)
+        except Exception as exc:  # a snapshot upload is never worth a training run
+            log.warning("could not log %s to run %s: %s", artifact_file, run.run_id, exc)
+
     return Hooks(on_step=on_step, on_epoch_end=on_epoch_end, on_image=on_image,
-                 on_tags=run.tags)
+                 on_artifact=on_artifact, on_tags=run.tags)
 
 
 def log_loss_curve(run: tracking.RunLog, gate_metric: str) -> None:

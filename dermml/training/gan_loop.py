@@ -330,6 +330,9 @@ def fit_gan(model, train_loader: Iterable, cfg: GanTrainConfig, num_classes: int
                 with torch.no_grad():
                     hooks.on_image(f"fakes/fakes_{cur_nimg:010d}img.png",
                                    grid(model.G_ema))
+            if hooks.on_artifact is not None and rank == 0:  # the reference's snapshot pickles
+                hooks.on_artifact(f"snapshots/G_ema_{cur_nimg:010d}img.pt",
+                                  _state_bytes(model.G_ema))
             current = metrics.get(f"val_{gate_metric}")
             improved = current is not None and math.isfinite(current) and (
                 result.best_metric is None or sign * current > sign * result.best_metric)
@@ -357,6 +360,14 @@ def fit_gan(model, train_loader: Iterable, cfg: GanTrainConfig, num_classes: int
     if result.best_model is None:
         result.best_model = _cpu_state(model)
     return result
+
+
+def _state_bytes(module: torch.nn.Module) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+    return buf.getvalue()
 
 
 def _unique_optimizers(phases: list[Phase]) -> list[torch.optim.Optimizer]:

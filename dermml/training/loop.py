@@ -94,6 +94,8 @@ class Hooks:
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
     on_image: Callable[[str, Any], None] | None = None
     """``(artifact path, RGB uint8 array)``: an image for humans (e.g. a GAN's fake grid)."""
+    on_artifact: Callable[[str, bytes], None] | None = None
+    """``(artifact path, bytes)``: a file for the run (e.g. a GAN's network snapshot)."""
     on_tags: Callable[[dict[str, str]], None] | None = None
     """Facts about the run found while training (e.g. the GAN metrics' feature extractor)."""
 

@@ -88,6 +88,8 @@ def test_training_lowers_fid_and_logs_grids_and_the_extractor(trained, monkeypat
     assert run.data.params["gan.kimg"] == "2.0"
     fakes = {a.path for a in client.list_artifacts(outcome.run_id, "fakes")}
     assert len(fakes) == 8
+    snapshots = [a.path for a in client.list_artifacts(outcome.run_id, "snapshots")]
+    assert len(snapshots) == 8 and snapshots[-1].endswith("0000002000img.pt")
     assert outcome.metrics["best_val_gate"] == pytest.approx(min(fid))
 
 
