@@ -781,7 +781,10 @@ def lineage_cmd(
     context)."""
     from dermml.orchestration.lineage import lineage, render
 
-    info = lineage(ref, namespace or _serving_config(platform).namespace)
+    serving = _serving_config(platform)
+    if namespace:
+        serving = serving.model_copy(update={"namespace": namespace})
+    info = lineage(ref, serving)
     typer.echo(json.dumps(info, indent=2, default=str) if as_json else render(info))
 
 

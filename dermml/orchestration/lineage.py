@@ -22,6 +22,7 @@ import json
 from typing import Any
 
 from dermml.orchestration import tracking
+from dermml.orchestration.platform import ServingConfig
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -111,11 +112,17 @@ def _serving(name: str, alias: str, version: str, namespace: str, api_client) ->
     return {"cluster": "reachable", "namespace": namespace, "inference_services": rows}
 
 
-def lineage(ref: str, namespace: str = "dermml", api_client=None) -> dict[str, Any]:
-    """Everything known about ``NAME@ALIAS``, oldest link first (see the module doc)."""
+def lineage(ref: str, serving: ServingConfig | None = None,
+            api_client=None) -> dict[str, Any]:
+    """Everything known about ``NAME@ALIAS``, oldest link first (see the module doc);
+    ``serving`` (the platform's) names the InferenceServices' namespace and where KServe
+    reads the artifacts from."""
     from mlflow.tracking import MlflowClient
 
+    from dermml.orchestration.kserve import artifact_storage_uri
     from dermml.registry.gate import alias_history, storage_location
+
+    serving = serving or ServingConfig()
 
     name, alias = parse_ref(ref)
     uri = tracking.configure()
@@ -131,6 +138,11 @@ def lineage(ref: str, namespace: str = "dermml", api_client=None) -> dict[str, A
                        or train.data.tags.get("mlflow.parentRunId"))
     pipeline = _run(client, pipeline_id)
     tags = mv.tags
+    location = storage_location(name, version)
+    try:
+        storage_uri = artifact_storage_uri(location, serving.artifacts_destination)
+    except ValueError:  # e.g. a local store: nothing KServe could serve
+        storage_uri = None
     return {
         "model": name, "alias": alias, "version": version,
         "dataset": ({"version": train.data.tags.get(tracking.TAG_DATASET_VERSION),
@@ -144,14 +156,14 @@ def lineage(ref: str, namespace: str = "dermml", api_client=None) -> dict[str, A
                          if pipeline is not None else None),
         "evaluations": _evaluations(client, mv),
         "registry": {"name": name, "version": version, "aliases": aliases, "source": mv.source,
-                     "storage_location": storage_location(name, version),
+                     "storage_location": location, "storage_uri": storage_uri,
                      "run_id": mv.run_id, "registered_at": tags.get("dermml.registered_at"),
                      "registered_by": tags.get("dermml.registered_by"),
                      "gate": json.loads(tags.get("dermml.gate", "null")),
                      "previous_champion": tags.get("dermml.previous_champion"),
                      "last_rollout": json.loads(tags.get("dermml.serving", "null"))},
         "alias_history": alias_history(name, alias),
-        "serving": _serving(name, alias, version, namespace, api_client),
+        "serving": _serving(name, alias, version, serving.namespace, api_client),
     }
 
 
@@ -193,7 +205,9 @@ def render(info: dict[str, Any]) -> str:
     r = info["registry"]
     add("-> registry", f"{r['name']} v{r['version']} (aliases: {', '.join(r['aliases'])}), "
         f"registered {r['registered_at'] or '?'} by {r['registered_by'] or '?'}, "
-        f"stored at {r['storage_location']}")
+        f"stored at {r['storage_location']}"
+        + (f" (KServe: {r['storage_uri']})" if r["storage_uri"] not in
+           (None, r["storage_location"]) else ""))
     gate = r["gate"]
     if gate:
         add("   gate", f"{'promoted' if gate['promoted'] else 'refused'}: {gate['reason']}")
