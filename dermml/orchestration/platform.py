@@ -7,7 +7,9 @@ KubeRay RayJob. A task config says only what to train and what its Ray workers n
 (``ray.num_workers``, ``ray.use_gpu``, ``ray.cpus_per_worker``);
 ``check_training_fits`` refuses a task whose workers no node of the platform could take.
 
-``k8s.place`` applies this config to pipeline steps, ``rayjob.rayjob_manifest`` to RayJobs.
+``k8s.place`` applies this config to pipeline steps, ``rayjob.rayjob_manifest`` to RayJobs;
+its ``serving`` section says whether and how KServe follows the registry's champion
+(``kserve.py``: namespace, canary share, how a canary is judged).
 """
 
 from __future__ import annotations
@@ -237,7 +239,8 @@ class CanaryAnalysis(Section):
     requests_query: str = ('sum(increase(revision_app_request_count{{namespace_name='
                            '"{namespace}",revision_name="{revision}"}}[{window}]))')
     """PromQL of the canary's requests in the window (Knative queue-proxy metric);
-    ``{namespace}``, ``{revision}`` and ``{window}`` are filled in."""
+    ``{namespace}``, ``{revision}`` and ``{window}`` are filled in (Python ``str.format``: the
+    query's own braces are doubled)."""
     errors_query: str = ('sum(increase(revision_app_request_count{{namespace_name='
                          '"{namespace}",revision_name="{revision}",'
                          'response_code_class="5xx"}}[{window}]))')

@@ -479,3 +479,62 @@ def test_the_training_pipeline_ends_with_a_rollout_step_with_kserve_serving(tmp_
     assert k8s_config(k8s, executor)["nodeSelector"]["labels"] == {"dermml.io/pool": "cpu"}
     compiled = rollout["inputs"]["parameters"]["platform"]["runtimeValue"]["constant"]
     assert PlatformConfig.model_validate_json(compiled).serving.kserve is True
+
+
+def test_the_rollout_stage_records_the_outcome_in_the_pipeline_run(cluster, registry):
+    """What the pipelines' rollout step runs: a canary judged healthy, the verdict on a
+    ``rollout`` child run of the pipeline; a second promotion whose canary fails fails the
+    stage and its pipeline run."""
+    from mlflow.tracking import MlflowClient
+
+    from dermml.orchestration import tracking
+    from dermml.serving.rollout import roll_out
+
+    served_by_v1(cluster, registry)
+    platform = PlatformConfig(serving=serving_config(cluster))
+    assert "not promoted" in roll_out("segmentation", "9", False, platform)
+    registry.promote(registry.add(0.80))
+    cluster.metrics[registry.uri("2")] = {"requests": 400, "errors": 0, "p95_ms": 100.0}
+    parent = tracking.start_pipeline_run("segmentation", "training")
+
+    summary = roll_out("segmentation", "2", True, platform, parent)
+
+    assert f"{ISVC}: rolled-out v2" in summary
+    client = MlflowClient(tracking.configure())
+    (run,) = client.search_runs([client.get_run(parent).info.experiment_id],
+                                "tags.`dermml.stage` = 'rollout'")
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["dermml.serving.result"] == "rolled-out"
+    assert f"{ISVC}-predictor-00002" in run.data.tags["dermml.serving.revisions"]
+    assert run.data.metrics[f"canary.{ISVC}.error_rate"] == 0.0
+
+    registry.promote(registry.add(0.90))
+    cluster.metrics[registry.uri("3")] = {"requests": 400, "errors": 400, "p95_ms": 100.0}
+    with pytest.raises(kserve.CanaryRolledBack):
+        roll_out("segmentation", "3", True, platform, parent)
+    assert client.get_run(parent).info.status == "FAILED"
+    assert registry.champion() == "2"
+    assert cluster.served(NAMESPACE, ISVC) == {registry.uri("2"): 100}
+
+
+def test_serving_rollout_exits_1_after_a_rollback(cluster, registry, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+
+    served_by_v1(cluster, registry)
+    serving = serving_config(cluster)
+    promote_v2(cluster, registry, serving)
+    cluster.metrics[registry.uri("2")] = {"requests": 400, "errors": 100, "p95_ms": 100.0}
+    platform = tmp_path / "platform.yaml"
+    platform.write_text(yaml.safe_dump({"serving": serving.model_dump(mode="json")}))
+
+    result = CliRunner().invoke(app, ["serving", "rollout", "--task", "segmentation",
+                                      "--platform", str(platform)])
+
+    assert result.exit_code == 1, result.output
+    assert "rolled back" in result.output and "error rate over the limit" in result.output
+    status = CliRunner().invoke(app, ["serving", "status", "--task", "segmentation",
+                                      "--platform", str(platform)])
+    (row,) = yaml.safe_load(status.output)
+    assert (row["version"], row["rollout"]) == ("1", "rolled-back")
