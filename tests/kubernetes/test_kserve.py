@@ -328,6 +328,8 @@ def test_a_promotion_puts_the_new_champion_on_a_canary(cluster, registry):
     notes = isvc["metadata"]["annotations"]
     assert notes[kserve.MODEL_VERSION] == "2" and notes[kserve.ROLLOUT] == "canary"
     assert (notes[kserve.PREVIOUS_VERSION], notes[kserve.PREVIOUS_URI]) == ("1", registry.uri("1"))
+    # What the API server would have refused it could not store: the patched object is valid.
+    assert not crd_errors({k: v for k, v in isvc.items() if k != "status"})
     # KServe splits the traffic once the new revision is ready: 10% latest, 90% prev.
     assert cluster.served(NAMESPACE, ISVC) == {registry.uri("2"): 10, registry.uri("1"): 90}
     # The patch carried the resourceVersion it was computed from (no lost update).
@@ -538,3 +540,24 @@ def test_serving_rollout_exits_1_after_a_rollback(cluster, registry, tmp_path):
                                       "--platform", str(platform)])
     (row,) = yaml.safe_load(status.output)
     assert (row["version"], row["rollout"]) == ("1", "rolled-back")
+
+
+def test_serving_manifest_prints_valid_objects_for_the_champion(registry, tmp_path):
+    from typer.testing import CliRunner
+
+    from dermml.cli import app
+
+    registry.promote(registry.add(0.70))
+    platform = tmp_path / "platform.yaml"
+    platform.write_text(yaml.safe_dump({"serving": {"kserve": True}}))
+    result = CliRunner().invoke(app, ["serving", "manifest", SEG, "--name", ISVC,
+                                      "--platform", str(platform)])
+    assert result.exit_code == 0, result.output
+    runtime, isvc = yaml.safe_load_all(result.output)
+    for obj in (runtime, isvc):
+        assert not crd_errors(obj), crd_errors(obj)[:5]
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == registry.uri("1")
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    assert isvc["metadata"]["annotations"][kserve.MODEL_VERSION] == "1"
+    uri = CliRunner().invoke(app, ["serving", "storage-uri", SEG, "--platform", str(platform)])
+    assert uri.output.strip() == registry.uri("1")
