@@ -32,8 +32,9 @@ app.add_typer(pipeline_app, name="pipeline")
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (files, config, flags): reported in one line, not a traceback."""
     from dermml.errors import input_errors
+    from dermml.orchestration.k8s import NoCluster
 
-    return (*input_errors(), FileExistsError, FileNotFoundError, KeyError, ValueError)
+    return (*input_errors(), NoCluster, FileExistsError, FileNotFoundError, KeyError, ValueError)
 
 
 def _is_mlflow_input_error(exc: BaseException) -> bool:

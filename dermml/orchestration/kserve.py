@@ -338,13 +338,17 @@ def revision_state(isvc: dict) -> tuple[str, str]:
         return "pending", "KServe has not seen the change yet"
     predictor = predictor_status(isvc)
     created, ready = predictor.get("latestCreatedRevision"), predictor.get("latestReadyRevision")
-    failure = ((status.get("modelStatus") or {}).get("lastFailureInfo") or {})
+    # Knative marks the configuration failed when its newest revision cannot start (e.g. the
+    # model does not load); KServe's model status says the same for a failed load.
     config = _condition(isvc, "PredictorConfigurationReady")
     if config is not None and config.get("status") == "False":
         return "failed", (f"revision {created}: {config.get('reason', '')} "
                           f"{config.get('message', '')}").strip()
-    if failure and failure.get("modelRevisionName") in (created, None):
-        return "failed", f"revision {created}: {failure.get('reason')} {failure.get('message')}"
+    model = status.get("modelStatus") or {}
+    if model.get("transitionStatus") in ("BlockedByFailedLoad", "InvalidSpec"):
+        failure = model.get("lastFailureInfo") or {}
+        return "failed", (f"revision {created}: {model['transitionStatus']} "
+                          f"{failure.get('reason', '')} {failure.get('message', '')}").strip()
     if created and created == ready:
         return "ready", f"revision {created} ready"
     return "pending", f"revision {created or '(none yet)'} not ready (ready: {ready or 'none'})"

@@ -561,3 +561,21 @@ def test_serving_manifest_prints_valid_objects_for_the_champion(registry, tmp_pa
     assert isvc["metadata"]["annotations"][kserve.MODEL_VERSION] == "1"
     uri = CliRunner().invoke(app, ["serving", "storage-uri", SEG, "--platform", str(platform)])
     assert uri.output.strip() == registry.uri("1")
+
+
+@pytest.mark.parametrize(("status", "state"), [
+    ({"observedGeneration": 1}, "pending"),  # KServe has not seen generation 2 yet
+    ({"observedGeneration": 2, "components": {"predictor": {
+        "latestCreatedRevision": "r-2", "latestReadyRevision": "r-1"}}}, "pending"),
+    ({"observedGeneration": 2, "components": {"predictor": {
+        "latestCreatedRevision": "r-2", "latestReadyRevision": "r-2"}}}, "ready"),
+    ({"observedGeneration": 2, "components": {"predictor": {"latestCreatedRevision": "r-2"}},
+      "conditions": [{"type": "PredictorConfigurationReady", "status": "False",
+                      "reason": "RevisionFailed"}]}, "failed"),
+    ({"observedGeneration": 2, "components": {"predictor": {"latestCreatedRevision": "r-2"}},
+      "modelStatus": {"transitionStatus": "BlockedByFailedLoad",
+                      "lastFailureInfo": {"reason": "ModelLoadFailed"}}}, "failed"),
+])
+def test_the_newest_revision_is_ready_failed_or_pending(status, state):
+    isvc = {"metadata": {"generation": 2}, "status": status}
+    assert kserve.revision_state(isvc)[0] == state
