@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 
 app = typer.Typer(help="DermML: dermatology imaging MLOps (data, validate, synth3d, train, tune, "
-                  "evaluate, registry, serve, pipeline, demo).", no_args_is_help=True,
+                  "evaluate, registry, serve, serving, lineage, pipeline, demo).",
+                  no_args_is_help=True,
                   pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Datasets: procedural demo data, importers, info.",
                        no_args_is_help=True)
@@ -20,16 +21,20 @@ registry_app = typer.Typer(help="Model registry: register, promote, rollback, hi
                            no_args_is_help=True)
 pipeline_app = typer.Typer(help="KFP pipelines: run locally, compile to YAML.",
                            no_args_is_help=True)
+serving_app = typer.Typer(help="KServe serving that follows the registry: rollout, status, sync, "
+                          "storage-uri, manifest.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
+app.add_typer(serving_app, name="serving")
 app.add_typer(pipeline_app, name="pipeline")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input (files, config, flags): reported in one line, not a traceback."""
     from dermml.errors import input_errors
+    from dermml.orchestration.k8s import NoCluster
 
-    return (*input_errors(), FileExistsError, FileNotFoundError, KeyError, ValueError)
+    return (*input_errors(), NoCluster, FileExistsError, FileNotFoundError, KeyError, ValueError)
 
 
 def _is_mlflow_input_error(exc: BaseException) -> bool:
@@ -600,9 +605,12 @@ def registry_promote(
         "--min-per-group", help="Refuse when a skin-tone group (of at least the evaluation's "
                                 "min group size) scores below METRIC=VALUE, e.g. --min-per-group "
                                 "dice=0.7 (repeat for more metrics)")] = None,
+    platform: Annotated[str | None, typer.Option(help="Platform config (its `serving` section: "
+                                                      "KServe follows the champion)")] = None,
 ):
     """Promote to `champion` only if the gate passes against the current champion (and, with
-    --min-per-group, every reported skin-tone group reaches the floor)."""
+    --min-per-group, every reported skin-tone group reaches the floor); with KServe serving
+    (platform config `serving.kserve`) the new champion then starts as a canary."""
     from dermml.registry.gate import parse_floors, promote
 
     decision = promote(task, version, data, split, metric, min_delta,
@@ -611,16 +619,50 @@ def registry_promote(
     if not decision.promoted:
         typer.secho(f"refused: {decision.reason}", fg="yellow", err=True)
         raise typer.Exit(3)
+    _follow_registry(task, platform, "promotion", decision.version)
 
 
 @registry_app.command("rollback")
 @cli_errors
-def registry_rollback(task: Annotated[str, typer.Option(help="Task name")] = "segmentation",
-                      reason: Annotated[str, typer.Option(help="Why")] = "manual rollback"):
-    """Give `champion` back to the version the current champion replaced."""
+def registry_rollback(
+    task: Annotated[str, typer.Option(help="Task name")] = "segmentation",
+    reason: Annotated[str, typer.Option(help="Why")] = "manual rollback",
+    platform: Annotated[str | None, typer.Option(help="Platform config (its `serving` section: "
+                                                      "KServe follows the champion)")] = None,
+):
+    """Give `champion` back to the version the current champion replaced; with KServe serving
+    the InferenceServices get its storageUri back too."""
     from dermml.registry.gate import rollback
 
-    typer.echo(f"champion is now version {rollback(task, reason)}")
+    version = rollback(task, reason)
+    typer.echo(f"champion is now version {version}")
+    _follow_registry(task, platform, "rollback", version, reason)
+
+
+def _follow_registry(task: str, platform: str | None, event: str, version: str,
+                     reason: str = "") -> None:
+    """After the champion moved: the InferenceServices that serve it follow (KServe serving,
+    ``serving.kserve`` of the platform config); without a cluster, say how to catch up."""
+    from dermml.orchestration import kserve
+    from dermml.orchestration.k8s import NoCluster
+    from dermml.orchestration.platform import load_platform
+
+    serving = load_platform(platform).serving
+    if not serving.kserve:
+        return
+    try:
+        if event == "promotion":
+            changes = kserve.follow_promotion(task, version, serving)
+        else:
+            changes = kserve.follow_rollback(task, serving, reason=f"registry rollback: {reason}")
+    except NoCluster as error:
+        typer.secho(f"InferenceServices not updated ({error}); where a kube context is, run: "
+                    f"dermml serving {'rollout' if event == 'promotion' else 'sync'} "
+                    f"--task {task}", fg="yellow", err=True)
+        return
+    typer.echo(kserve.describe(changes))
+    if any(c.action == "canary" for c in changes):
+        typer.echo(f"judge the canary: dermml serving rollout --task {task}")
 
 
 @registry_app.command("history")
@@ -647,6 +689,126 @@ def serve_cmd(
 
     cmd = serve_command(model_uri, port, host)
     os.execve(cmd[0], cmd, serve_env())
+
+
+# ----------------------------------------------------------------------------- serving (KServe)
+TaskOpt = Annotated[str, typer.Option(help="Task name (registered model dermml-<task>)")]
+ServingPlatformOpt = Annotated[str | None, typer.Option(
+    help="Platform config (its `serving` section: namespace, canary, analysis); default "
+         "$DERMML_PLATFORM or configs/platform/default.yaml")]
+
+
+def _serving_config(platform: str | None):
+    from dermml.orchestration.platform import load_platform
+
+    return load_platform(platform).serving
+
+
+@serving_app.command("rollout")
+@cli_errors
+def serving_rollout(task: TaskOpt = "segmentation", platform: ServingPlatformOpt = None):
+    """Judge the canary of the champion (readiness, error rate, p95 latency) and roll it out,
+    or roll it back (previous storageUri, `champion` moved back). Exit 1 after a rollback."""
+    from dermml.orchestration import kserve
+
+    try:
+        changes = kserve.rollout(task, _serving_config(platform))
+    except kserve.CanaryRolledBack as failed:
+        typer.echo(kserve.describe(failed.changes))
+        typer.secho(f"rolled back: {failed}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(kserve.describe(changes))
+
+
+@serving_app.command("sync")
+@cli_errors
+def serving_sync(task: TaskOpt = "segmentation", platform: ServingPlatformOpt = None):
+    """Point the InferenceServices at the champion now, without a canary (after a registry
+    change made without a cluster)."""
+    from dermml.orchestration import kserve
+
+    typer.echo(kserve.describe(kserve.follow_rollback(task, _serving_config(platform),
+                                                      reason="sync with the registry")))
+
+
+@serving_app.command("status")
+@cli_errors
+def serving_status(task: TaskOpt = "segmentation", platform: ServingPlatformOpt = None):
+    """What serves dermml-<task>: version, storageUri, rollout state, revisions, traffic."""
+    from dermml.orchestration import kserve
+    from dermml.registry.gate import model_name
+
+    serving = _serving_config(platform)
+    typer.echo(json.dumps(kserve.status(model_name(task), serving.namespace), indent=2))
+
+
+@serving_app.command("storage-uri")
+@cli_errors
+def serving_storage_uri(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    platform: ServingPlatformOpt = None,
+):
+    """The storageUri KServe downloads a registered version from (the chart's
+    serving.models[].storageUri at the first install)."""
+    from dermml.orchestration import kserve
+    from dermml.registry.gate import parse_model_uri
+
+    ref = parse_model_uri(model_uri)
+    if ref is None:
+        raise ValueError(f"{model_uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+    typer.echo(kserve.storage_uri(ref[0], ref[1], _serving_config(platform)))
+
+
+@serving_app.command("manifest")
+@cli_errors
+def serving_manifest(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS the service follows")],
+    name: Annotated[str, typer.Option(help="InferenceService name")] = "",
+    runtime: Annotated[str, typer.Option(help="ServingRuntime name")] = "dermml-mlserver",
+    deployment_mode: Annotated[str, typer.Option(help="Knative or Standard")] = "Knative",
+    platform: ServingPlatformOpt = None,
+):
+    """The ServingRuntime and InferenceService (YAML) for MODEL_URI's current version, as
+    charts/dermml renders them with serving.mode=kserve (kubectl apply -f - without Helm)."""
+    import yaml
+
+    from dermml.orchestration import kserve
+    from dermml.orchestration.platform import load_platform
+    from dermml.registry.gate import version_of
+
+    config = load_platform(platform)
+    registered, alias = kserve.parse_alias_uri(model_uri)
+    version = version_of(registered, alias)
+    objects = [
+        kserve.serving_runtime(kserve.RuntimeSpec(runtime, config.serving.namespace,
+                                                  config.image("cpu", "the serving runtime"))),
+        kserve.inference_service(kserve.ServedModel(
+            name or registered, config.serving.namespace, model_uri,
+            kserve.storage_uri(registered, version, config.serving), version, runtime,
+            deployment_mode=deployment_mode))]
+    typer.echo(yaml.safe_dump_all(objects, sort_keys=False).rstrip())
+
+
+# ----------------------------------------------------------------------------- lineage
+@app.command("lineage")
+@cli_errors
+def lineage_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME@ALIAS, e.g. dermml-segmentation@champion")],
+    platform: ServingPlatformOpt = None,
+    namespace: Annotated[str | None, typer.Option(help="Namespace of the InferenceServices "
+                                                       "(default: the platform's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+):
+    """Dataset version -> validation report -> training run -> evaluation -> registry version
+    -> alias history -> the InferenceService revision serving it ("no cluster" without a kube
+    context)."""
+    from dermml.orchestration.lineage import lineage, render
+
+    serving = _serving_config(platform)
+    if namespace:
+        serving = serving.model_copy(update={"namespace": namespace})
+    info = lineage(ref, serving)
+    typer.echo(json.dumps(info, indent=2, default=str) if as_json else render(info))
 
 
 # ----------------------------------------------------------------------------- pipeline

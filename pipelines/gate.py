@@ -1,13 +1,24 @@
 """The tail that every model-producing pipeline shares: register the model as challenger,
-evaluate it, promote it through the gate, close the parent run; and the placement of steps."""
+evaluate it, promote it through the gate, (with KServe serving) roll the new champion out,
+close the parent run; and the placement of steps."""
 
-from components import evaluate_model, finish_pipeline_run, promote_model, register_model
+from components import (
+    evaluate_model,
+    finish_pipeline_run,
+    promote_model,
+    register_model,
+    roll_out_model,
+)
 from dermml.orchestration.k8s import place
+from dermml.orchestration.platform import active_platform, platform_json
 
 
 def register_evaluate_promote(task: str, model_uri, manifest_uri, parent, test_split: str,
                               min_delta: float, bootstrap_resamples: int) -> dict:
-    """Steps by stage name: register -> evaluate -> promote (gate) -> finish."""
+    """Steps by stage name: register -> evaluate -> promote (gate) -> [rollout] -> finish.
+
+    The rollout step is there when the platform in force has ``serving.kserve``: the
+    InferenceServices serving the champion follow the promotion (canary, judged)."""
     registered = register_model(model_uri=model_uri, task=task, parent_run_id=parent.output)
     evaluated = evaluate_model(model_uri=registered.outputs["version_uri"],
                                manifest_uri=manifest_uri, splits=test_split,
@@ -15,9 +26,14 @@ def register_evaluate_promote(task: str, model_uri, manifest_uri, parent, test_s
     promoted = promote_model(task=task, version=registered.outputs["version"],
                              manifest_uri=manifest_uri, split=test_split,
                              min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
-    finished = finish_pipeline_run(parent_run_id=parent.output).after(promoted)
-    return {"register": registered, "evaluate": evaluated, "promote": promoted,
-            "finish": finished}
+    steps = {"register": registered, "evaluate": evaluated, "promote": promoted}
+    last = promoted
+    if active_platform().serving.kserve:
+        last = steps["rollout"] = roll_out_model(
+            task=task, version=registered.outputs["version"], promoted=promoted.output,
+            parent_run_id=parent.output, platform=platform_json())
+    steps["finish"] = finish_pipeline_run(parent_run_id=parent.output).after(last)
+    return steps
 
 
 def place_steps(stages: dict) -> None:

@@ -127,7 +127,7 @@ def test_the_dermml_import_graph_has_no_cycle():
 
 PLACEMENT = ("kubernetes", "kfp", "dermml.orchestration.k8s", "dermml.orchestration.rayjob",
              "dermml.orchestration.platform", "dermml.orchestration.kfp_local",
-             "dermml.orchestration.kfp_client")
+             "dermml.orchestration.kfp_client", "dermml.orchestration.kserve")
 
 
 def test_tasks_say_what_to_train_and_know_nothing_of_where_it_runs():
@@ -153,4 +153,15 @@ def test_dermml_never_imports_the_layers_above_it():
         for module, path in _module_names().items() if module != "dermml.cli"
         for name in imported_names(path, module)
         if name.split(".")[0] in ("pipelines", "components"))
+    assert not offenders, offenders
+
+
+def test_the_registry_knows_nothing_of_where_models_are_served():
+    """The gate moves aliases; following them on Kubernetes (KServe canary, rollback) is the
+    orchestration layer's, called by the CLI and the pipelines' rollout step."""
+    offenders = sorted(
+        f"{module} imports {name}"
+        for module, path in _module_names().items() if module.startswith("dermml.registry")
+        for name in imported_names(path, module)
+        if any(name == p or name.startswith(f"{p}.") for p in PLACEMENT))
     assert not offenders, offenders

@@ -5,11 +5,39 @@ of the component's flavour, the stage's pool (node selector, tolerations, reques
 accelerator), the Secrets as env vars, the plain env, the pod labels the chart's NetworkPolicies
 admit (``step_labels``) and the data volume, with kfp / kfp-kubernetes. ``kfp.local`` ignores
 these settings, so local runs are unchanged.
+
+``api_client()`` is the one way DermML reaches the Kubernetes API (RayJobs, InferenceServices):
+the pod's service account in a cluster, else ``$KUBECONFIG`` / ``~/.kube/config``.
 """
 
 from __future__ import annotations
 
+import os
+
 from dermml.orchestration.platform import active_platform, flavour_of
+
+
+class NoCluster(RuntimeError):
+    """No Kubernetes API to talk to: neither in a pod nor a kube context here."""
+
+
+def api_client(api_client=None):
+    """A Kubernetes ``ApiClient``: ``api_client`` when given, else the in-cluster service
+    account, else the current context of ``$KUBECONFIG`` (read now: the library reads it once
+    at import). ``NoCluster`` when there is neither."""
+    from kubernetes import client, config
+
+    if api_client is not None:
+        return api_client
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        try:
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+        except (config.ConfigException, OSError) as error:
+            raise NoCluster(f"no Kubernetes cluster: not in a pod and no kube context "
+                            f"({error})") from None
+    return client.ApiClient()
 
 
 def place(task, stage: str):

@@ -7,7 +7,9 @@ KubeRay RayJob. A task config says only what to train and what its Ray workers n
 (``ray.num_workers``, ``ray.use_gpu``, ``ray.cpus_per_worker``);
 ``check_training_fits`` refuses a task whose workers no node of the platform could take.
 
-``k8s.place`` applies this config to pipeline steps, ``rayjob.rayjob_manifest`` to RayJobs.
+``k8s.place`` applies this config to pipeline steps, ``rayjob.rayjob_manifest`` to RayJobs;
+its ``serving`` section says whether and how KServe follows the registry's champion
+(``kserve.py``: namespace, canary share, how a canary is judged).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import contextlib
 import os
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from dermml.config import ConfigError, Section, load_config, shipped_config
 
@@ -208,6 +210,69 @@ class RayJobConfig(Section):
     """Memory limit of that step."""
 
 
+class CanaryAnalysis(Section):
+    """How the rollout step judges a canary (``dermml.orchestration.kserve.rollout``): the
+    canary revision must become ready, then its error rate and p95 latency, read from
+    Prometheus over the analysis window, must stay under the limits."""
+
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    """Prometheus HTTP API the step queries (``/api/v1/query``); it must scrape Knative's
+    queue-proxy metrics of the serving namespace."""
+    analysis_seconds: float = 600.0
+    """How long the canary takes its share of traffic before it is judged (the query window
+    grows with it, up to this long)."""
+    poll_seconds: float = 30.0
+    """How often the step reads the InferenceService and the metrics meanwhile; a canary past
+    the error limit with enough requests is rolled back at once."""
+    ready_timeout_seconds: float = 900.0
+    """How long a new revision may take to become ready (download and load the model) before
+    it counts as failed."""
+    min_requests: int = 20
+    """Requests the canary must have served for its error rate and latency to count."""
+    max_error_rate: float = 0.01
+    """Highest share of 5xx answers of the canary."""
+    max_p95_latency_ms: float = 2000.0
+    """Highest 95th percentile of the canary's request latency, in milliseconds."""
+    when_no_traffic: Literal["rollback", "promote"] = "rollback"
+    """What a canary that served fewer than ``min_requests`` gets: no evidence is no
+    promotion (rollback), or trust the offline gate (promote)."""
+    requests_query: str = ('sum(increase(revision_app_request_count{{namespace_name='
+                           '"{namespace}",revision_name="{revision}"}}[{window}]))')
+    """PromQL of the canary's requests in the window (Knative queue-proxy metric);
+    ``{namespace}``, ``{revision}`` and ``{window}`` are filled in (Python ``str.format``: the
+    query's own braces are doubled)."""
+    errors_query: str = ('sum(increase(revision_app_request_count{{namespace_name='
+                         '"{namespace}",revision_name="{revision}",'
+                         'response_code_class="5xx"}}[{window}]))')
+    """PromQL of the canary's 5xx answers in the window."""
+    p95_query: str = ('histogram_quantile(0.95, sum by (le) (rate('
+                      'revision_app_request_latencies_bucket{{namespace_name="{namespace}",'
+                      'revision_name="{revision}"}}[{window}])))')
+    """PromQL of the canary's 95th percentile latency in milliseconds."""
+
+
+class ServingConfig(Section):
+    """Serving on KServe that follows the registry: after a promotion (and a rollback) the
+    InferenceServices that serve ``models:/<model>@champion`` (found by their
+    ``dermml.io/registered-model`` label, set by charts/dermml with ``serving.mode: kserve``)
+    get the champion's artifacts as ``storageUri``, first as a canary."""
+
+    kserve: bool = False
+    """Update the InferenceServices when the champion changes (the pipelines then end with a
+    rollout step; ``dermml registry promote/rollback`` patch them too)."""
+    namespace: str = "dermml"
+    """Namespace of the InferenceServices (the chart's release namespace)."""
+    canary_traffic_percent: int = Field(10, ge=0, le=100)
+    """Share of traffic the new champion gets while it is judged; 0 or 100 (or an
+    InferenceService in Standard mode, which cannot split traffic) rolls it out at once."""
+    artifacts_destination: str = "s3://dermml-mlflow/artifacts"
+    """Where the MLflow server keeps proxied artifacts (the chart's
+    ``mlflow.artifactsDestination``): a model version stored at ``mlflow-artifacts:/PATH``
+    is served from ``<artifacts_destination>/PATH``."""
+    analysis: CanaryAnalysis = CanaryAnalysis()
+    """How a canary is judged."""
+
+
 class PlatformConfig(Section):
     """Where and how pipeline steps and training run on Kubernetes."""
 
@@ -236,6 +301,8 @@ class PlatformConfig(Section):
     """Where ``data_pvc`` is mounted."""
     ray_job: RayJobConfig = RayJobConfig()
     """Training as a KubeRay RayJob."""
+    serving: ServingConfig = ServingConfig()
+    """KServe serving that follows the registry's champion (canary rollout, rollback)."""
 
     _source: str = PrivateAttr("the platform config")
 

@@ -204,16 +204,9 @@ class RayJobCancelled(KeyboardInterrupt):
 
 
 def _api_client(api_client=None):
-    from kubernetes import client, config
+    from dermml.orchestration.k8s import api_client as k8s_api_client
 
-    if api_client is not None:
-        return api_client
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        # The library reads $KUBECONFIG once at import; read it now.
-        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-    return client.ApiClient()
+    return k8s_api_client(api_client)
 
 
 def _custom_objects(api_client=None):

@@ -5,6 +5,12 @@ Evaluation results are stored as tags on the model version, keyed by dataset ver
 champion on the very same test set; a champion never scored on that set is evaluated first. The
 metrics per skin-tone group are one JSON tag per split (``dermml.eval_groups.<dataset12>.<split>``),
 which the gate's optional per-group floors (``min_per_group``) read.
+
+Every move of an alias (register -> challenger, promote -> champion, rollback) is also appended
+to the registered model as one ``dermml.alias_event.<time>`` tag (``alias_history``), so the
+lineage of a version shows who moved which alias when, and why. This module knows nothing of
+where a model is served: the orchestration layer (``orchestration/kserve.py``) follows the
+champion after ``promote`` and ``rollback``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,17 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+ALIAS_EVENT = "dermml.alias_event."
+"""Prefix of the registered model's alias-history tags (one per move, keyed by its time)."""
+
+
+def task_of(name: str) -> str:
+    """The task of registered model ``dermml-<task>`` (the inverse of ``model_name``)."""
+    if not name.startswith("dermml-"):
+        raise ValueError(f"{name!r} is not a DermML registered model (dermml-<task>)")
+    return name.removeprefix("dermml-")
+
+
 def _eval_key(dataset_version: str, split: str, metric: str) -> str:
     return f"dermml.eval.{dataset_version[:12]}.{split}.{metric}"
 
@@ -74,7 +91,9 @@ def register(model_uri: str, task: str, description: str = "") -> str:
     name = model_name(task)
     version = mlflow.register_model(model_uri, name).version
     client = _client()
+    previous = _alias_version(client, name, CHALLENGER)
     client.set_registered_model_alias(name, CHALLENGER, version)
+    _record_alias_event(client, name, CHALLENGER, str(version), previous, "register")
     client.set_model_version_tag(name, version, "dermml.registered_at", _now())
     client.set_model_version_tag(name, version, "dermml.registered_by", getpass.getuser())
     if description:
@@ -265,6 +284,8 @@ def _record_decision(client: MlflowClient, name: str, decision: GateDecision) ->
     if not decision.promoted or decision.champion_version == decision.version:
         return
     client.set_registered_model_alias(name, CHAMPION, decision.version)
+    _record_alias_event(client, name, CHAMPION, decision.version, decision.champion_version,
+                        "promote", decision.reason)
     for key, value in (("promoted_at", record["at"]), ("promoted_by", record["by"]),
                        ("promotion_reason", decision.reason),
                        ("previous_champion", decision.champion_version or "")):
@@ -279,6 +300,8 @@ def rollback(task: str, reason: str = "rollback") -> str:
     if not previous:
         raise ValueError(f"{name} v{current.version} replaced no champion; nothing to roll back to")
     client.set_registered_model_alias(name, CHAMPION, previous)
+    _record_alias_event(client, name, CHAMPION, previous, str(current.version), "rollback",
+                        reason)
     client.set_model_version_tag(name, current.version, "dermml.rolled_back",
                                  json.dumps({"at": _now(), "by": getpass.getuser(),
                                              "reason": reason, "restored": previous}))
@@ -302,6 +325,53 @@ def history(task: str) -> list[dict]:
                      "run_id": mv.run_id, "gate": json.loads(mv.tags.get("dermml.gate", "null")),
                      "previous_champion": mv.tags.get("dermml.previous_champion")})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+def _record_alias_event(client: MlflowClient, name: str, alias: str, version: str,
+                        previous: str | None, action: str, reason: str = "") -> None:
+    """Append one alias move to the registered model's history (never overwritten: the key is
+    the time of the move, to the microsecond)."""
+    at = dt.datetime.now(dt.UTC)
+    event = {"alias": alias, "version": str(version), "previous": previous, "action": action,
+             "reason": reason, "at": at.isoformat(timespec="seconds"), "by": getpass.getuser()}
+    client.set_registered_model_tag(name, f"{ALIAS_EVENT}{at.strftime('%Y%m%dT%H%M%S.%fZ')}",
+                                    json.dumps(event))
+
+
+def alias_history(name: str, alias: str | None = None) -> list[dict]:
+    """The alias moves of registered model ``name`` (of ``alias`` only, when given), oldest
+    first: alias, version, previous, action (register, promote, rollback), reason, at, by."""
+    tags = _client().get_registered_model(name).tags
+    events = [json.loads(value) for key, value in sorted(tags.items())
+              if key.startswith(ALIAS_EVENT)]
+    return [e for e in events if alias is None or e["alias"] == alias]
+
+
+def version_of(name: str, alias: str) -> str:
+    """The version ``name@alias`` points at (an MlflowException when there is none)."""
+    return str(_client().get_model_version_by_alias(name, alias).version)
+
+
+def storage_location(name: str, version: str) -> str:
+    """Where the artifacts of ``name`` version ``version`` are stored (the model's folder in
+    the artifact store: ``s3://...``, or ``mlflow-artifacts:/...`` behind a proxying server)."""
+    return _client().get_model_version_download_uri(name, str(version))
+
+
+def record_serving(name: str, version: str, record: dict) -> None:
+    """Note on the version how it was rolled out (``dermml.serving``: where, which revision,
+    the verdict), for its lineage; written by the orchestration layer that serves it."""
+    _client().set_model_version_tag(name, str(version), "dermml.serving",
+                                    json.dumps({**record, "at": _now()}))
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
 
 
 def _champion_version(client, name: str) -> str | None:

@@ -186,7 +186,9 @@ A serving.models entry with defaults filled in (only name and modelUri are requi
 {{- $defaults := dict
   "resources" (dict)
   "hpa" (dict "enabled" false "minReplicas" 1 "maxReplicas" 3 "targetCPUUtilizationPercentage" 70)
-  "pdb" (dict "enabled" false "minAvailable" 1) }}
+  "pdb" (dict "enabled" false "minAvailable" 1)
+  "storageUri" ""
+  "version" "" }}
 {{- $model := mergeOverwrite $defaults (deepCopy .) }}
 {{- /* set, not merged: mergeOverwrite would not let an explicit 0 replace a default. */}}
 {{- if not (hasKey $model "replicas") }}
@@ -290,4 +292,37 @@ podSelector:
 namespaceSelector:
   matchLabels:
     kubernetes.io/metadata.name: {{ . }}
+{{- end }}
+
+{{/*
+KServe mode (serving.mode: kserve). Labels of an InferenceService: KServe copies them onto the
+predictor pods, so they leave out the release's selector labels (app.kubernetes.io/name and
+instance), which the chart's default-deny NetworkPolicy selects: Knative's activator and
+gateway must reach those pods, and their storage initializer S3. dermml.io/release names the
+release instead.
+*/}}
+{{- define "dermml.kserve.labels" -}}
+helm.sh/chart: {{ include "dermml.chart" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: dermml
+app.kubernetes.io/component: inference
+dermml.io/release: {{ .Release.Name }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "dermml.kserve.runtimeName" -}}
+{{- default (printf "%s-mlserver" (include "dermml.fullname" .)) .Values.serving.kserve.runtimeName }}
+{{- end }}
+
+{{/* The registered model of a models:/<name>@<alias> URI. Call with the URI. */}}
+{{- define "dermml.kserve.registeredModel" -}}
+{{- $ref := trimPrefix "models:/" . }}
+{{- $parts := splitList "@" $ref }}
+{{- if or (eq $ref .) (ne (len $parts) 2) }}
+{{- fail (printf "serving.mode=kserve follows a registry alias: modelUri %q must be models:/<name>@<alias>" .) }}
+{{- end }}
+{{- first $parts }}
 {{- end }}
