@@ -79,8 +79,17 @@ def to_table(df: pd.DataFrame) -> pa.Table:
         raise ManifestError(f"duplicate sample_id values: {dupes[:5]}")
     extra = [c for c in df.columns if c not in COLUMNS]
     schema = SCHEMA
-    for name in extra:
-        schema = schema.append(pa.field(name, pa.infer_type(df[name].tolist())))
+    for name in extra:  # typed by their present values (a NaN first must not make text float)
+        absent = df[name].isna().to_numpy()
+        present = [v for v, gone in zip(df[name].tolist(), absent, strict=True) if not gone]
+        kind = pa.infer_type(present) if present else pa.string()
+        if pa.types.is_null(kind):
+            kind = pa.string()
+        schema = schema.append(pa.field(name, kind))
+        if not pa.types.is_floating(kind):
+            df[name] = pd.Series([None if gone else v for v, gone in
+                                  zip(df[name].tolist(), absent, strict=True)], dtype=object,
+                                 index=df.index)
     return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
 
 
