@@ -83,8 +83,9 @@ def runtime_closure() -> dict[str, str]:
         via.setdefault(name, parent)
         try:
             dist = distribution(req.name)
-        except PackageNotFoundError:
-            raise AssertionError(f"{req.name} (needed by {parent}) is not installed: make install")
+        except PackageNotFoundError as error:
+            raise AssertionError(
+                f"{req.name} (needed by {parent}) is not installed: make install") from error
         for text in dist.requires or []:
             dep = Requirement(text)
             envs = [{"extra": extra} for extra in ["", *sorted(needed[name])]]

@@ -27,14 +27,21 @@ CHART = ROOT / "charts" / "dermml"
 CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "k8s-crds"
 KUBE_VERSION = "1.33"
 RELEASE = NAMESPACE = "dermml"
-PROFILES = {"default": None, "local": "values-local.yaml", "gpu": "values-gpu.yaml"}
+PROFILES = {"default": None, "local": "values-local.yaml", "gpu": "values-gpu.yaml",
+            # Every optional switch on (IRSA, auth, monitoring, Ingresses with cert-manager).
+            "everything": "ci/everything-values.yaml"}
+# Custom resources validated elsewhere: KubeRay's against its CRDs (below), Prometheus
+# Operator's monitors field by field (no CRD offline: tests/kubernetes/test_observability.py).
+CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 IMAGE_UID = 10001
 GPU = "nvidia.com/gpu"
 # Env vars that carry credentials wherever the chart sets them.
 CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_BACKEND_STORE_URI",
                   "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                   "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                  "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                  "DERMML_MLFLOW_PIPELINE_USERNAME", "DERMML_MLFLOW_PIPELINE_PASSWORD",
+                  "DERMML_MLFLOW_READER_USERNAME", "DERMML_MLFLOW_READER_PASSWORD"}
 SECRET_LIKE_NAME = re.compile(r"PASSWORD|SECRET|KEY|TOKEN|CREDENTIAL|BACKEND_STORE_URI")
 
 
@@ -172,7 +179,7 @@ def test_chart_lints_without_warnings(profile):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_builtin_objects_are_valid_kubernetes_1_33(profile):
-    builtin = [o for o in rendered(profile) if not o["apiVersion"].startswith("ray.io/")]
+    builtin = [o for o in rendered(profile) if not o["apiVersion"].startswith(CUSTOM_GROUPS)]
     assert builtin
     for obj in builtin:
         try:
@@ -340,8 +347,10 @@ def test_pipeline_runner_rbac_is_least_privilege(profile):
     secrets = granted["", "secrets"]
     assert secrets["verbs"] == ["get"]
     values = merged_values(profile)
+    # S3 keys only without IRSA (then the pods get AWS credentials from their ServiceAccount).
+    s3_keys = [] if values["s3"]["irsa"]["enabled"] else [values["s3"]["existingSecret"]]
     assert sorted(secrets["resourceNames"]) == sorted(
-        [values["s3"]["existingSecret"], values["mlflowClient"]["existingSecret"]])
+        s3_keys + [values["mlflowClient"]["existingSecret"]])
     (binding,) = of_kind(objects, "RoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
@@ -469,6 +478,7 @@ SECRET_VALUES = {
     "mlflow": {"backendStore": {"existingSecret": "my-db-secret", "uriKey": "uri"},
                "auth": {"enabled": True, "existingSecret": "my-auth-secret"}},
     "mlflowClient": {"existingSecret": "my-client-secret"},
+    "mlflowReader": {"existingSecret": "my-reader-secret"},
 }
 
 
@@ -481,16 +491,25 @@ def test_credentials_are_referenced_from_existing_secrets_never_inlined():
                        "MLFLOW_TRACKING_PASSWORD": "my-client-secret",
                        "MLFLOW_AUTH_ADMIN_USERNAME": "my-auth-secret",
                        "MLFLOW_AUTH_ADMIN_PASSWORD": "my-auth-secret",
-                       "MLFLOW_FLASK_SERVER_SECRET_KEY": "my-auth-secret"}
+                       "MLFLOW_FLASK_SERVER_SECRET_KEY": "my-auth-secret",
+                       "DERMML_MLFLOW_PIPELINE_USERNAME": "my-client-secret",
+                       "DERMML_MLFLOW_PIPELINE_PASSWORD": "my-client-secret",
+                       "DERMML_MLFLOW_READER_USERNAME": "my-reader-secret",
+                       "DERMML_MLFLOW_READER_PASSWORD": "my-reader-secret"}
+    # The model servers are MLflow readers; everyone else with MLflow credentials is the
+    # pipeline identity (steps, Ray).
+    reader = {"MLFLOW_TRACKING_USERNAME": "my-reader-secret",
+              "MLFLOW_TRACKING_PASSWORD": "my-reader-secret"}
     seen = set()
-    all_containers = [c for t in pod_specs(objects).values() for c in containers(t["spec"])]
-    for container in all_containers:
-        for name, item in env_of(container).items():
-            if SECRET_LIKE_NAME.search(name):
-                assert "value" not in item, f"{container['name']}: {name} has a literal value"
-            if name in CREDENTIAL_ENV:
-                seen.add(name)
-                assert item["valueFrom"]["secretKeyRef"]["name"] == expected_secret[name], name
+    for pod, template in pod_specs(objects).items():
+        for container in containers(template["spec"]):
+            expected = {**expected_secret, **(reader if "-serving-" in pod else {})}
+            for name, item in env_of(container).items():
+                if SECRET_LIKE_NAME.search(name):
+                    assert "value" not in item, f"{container['name']}: {name} has a literal value"
+                if name in CREDENTIAL_ENV:
+                    seen.add(name)
+                    assert item["valueFrom"]["secretKeyRef"]["name"] == expected[name], (pod, name)
     assert seen == CREDENTIAL_ENV
     # The auth config file (it names the auth DB) comes from the Secret as a volume.
     mlflow_pod = one(objects, "Deployment", f"{RELEASE}-mlflow")["spec"]["template"]["spec"]
