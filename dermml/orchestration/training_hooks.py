@@ -35,10 +35,12 @@ def ray_gauges(run_id: str):
         if not ray.is_initialized():
             return None
         from ray.util.metrics import Gauge
-    except Exception:  # Ray missing or too old: metrics are never worth a training run
+
+        gauges = {name: Gauge(f"dermml_{name}", description=text, tag_keys=("mlflow_run_id",))
+                  for name, text in RAY_GAUGES.items()}
+    except Exception as exc:  # metrics are never worth a training run
+        log.warning("no Ray training metrics: %s", exc)
         return None
-    gauges = {name: Gauge(f"dermml_{name}", description=text, tag_keys=("mlflow_run_id",))
-              for name, text in RAY_GAUGES.items()}
     tags = {"mlflow_run_id": run_id}
 
     def record(metrics: dict[str, float]) -> None:
