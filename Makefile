@@ -39,18 +39,35 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check dermml components pipelines tests benchmarks
 
-# Re-pin after editing requirements/*.in (keeps the install reproducible).
+# Re-pin after editing requirements/*.in (keeps the install reproducible). Two files:
+# lock-runtime.txt, the runtime closure of base.in that the images install, and lock.txt, the
+# same pins plus the dev tools of dev.in (pytest, moto, ruff, ...) for `make install`.
 lock:
 	rm -rf /tmp/dermml-lock && $(PYTHON) -m venv /tmp/dermml-lock
-	/tmp/dermml-lock/bin/pip install -q -r requirements/base.in -r requirements/dev.in
+	/tmp/dermml-lock/bin/pip install -q -r requirements/base.in
+	{ sed -n '/^#/p' requirements/lock-runtime.txt; \
+	  /tmp/dermml-lock/bin/pip freeze --exclude-editable; } > /tmp/dermml-lock/runtime.txt
+	mv /tmp/dermml-lock/runtime.txt requirements/lock-runtime.txt
+	/tmp/dermml-lock/bin/pip install -q -r requirements/dev.in -c requirements/lock-runtime.txt
 	/tmp/dermml-lock/bin/pip freeze --exclude-editable > requirements/lock.txt
 
-# Container images of the components (needs a Docker engine; none runs on the CI machine).
+# Container images of the components (needs a Docker engine; none runs on the CI machine), each
+# with an SPDX SBOM written by syft (https://github.com/anchore/syft) from the built image:
+# $(SBOM_DIR)/dermml-$(TAG).spdx.json and dermml-gpu-$(TAG).spdx.json. Attach them to the pushed
+# images with e.g. `cosign attest --type spdxjson --predicate <sbom> <image>@<digest>`.
+SBOM_DIR ?= build/sbom
+SYFT ?= syft
+
 images:
+	@command -v $(SYFT) >/dev/null || { echo "make images writes SBOMs with syft: install it" \
+		"(https://github.com/anchore/syft#installation) or set SYFT=/path/to/syft"; exit 1; }
 	docker build -f components/Dockerfile --build-arg DERMML_GIT_COMMIT=$(GIT_COMMIT) \
 		-t $(IMAGE):$(TAG) .
 	docker build -f components/Dockerfile.gpu --build-arg DERMML_GIT_COMMIT=$(GIT_COMMIT) \
 		-t $(IMAGE_GPU):$(TAG) .
+	mkdir -p $(SBOM_DIR)
+	$(SYFT) docker:$(IMAGE):$(TAG) -o spdx-json=$(SBOM_DIR)/dermml-$(TAG).spdx.json
+	$(SYFT) docker:$(IMAGE_GPU):$(TAG) -o spdx-json=$(SBOM_DIR)/dermml-gpu-$(TAG).spdx.json
 
 clean:
 	rm -rf $(VENV) .dermml .pytest_cache

@@ -27,14 +27,21 @@ CHART = ROOT / "charts" / "dermml"
 CRD_DIR = Path(__file__).resolve().parents[3] / "shared" / "k8s-crds"
 KUBE_VERSION = "1.33"
 RELEASE = NAMESPACE = "dermml"
-PROFILES = {"default": None, "local": "values-local.yaml", "gpu": "values-gpu.yaml"}
+PROFILES = {"default": None, "local": "values-local.yaml", "gpu": "values-gpu.yaml",
+            # Every optional switch on (IRSA, auth, monitoring, Ingresses with cert-manager).
+            "everything": "ci/everything-values.yaml"}
+# Custom resources validated elsewhere: KubeRay's against its CRDs (below), Prometheus
+# Operator's monitors field by field (no CRD offline: tests/kubernetes/test_observability.py).
+CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 IMAGE_UID = 10001
 GPU = "nvidia.com/gpu"
 # Env vars that carry credentials wherever the chart sets them.
 CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_BACKEND_STORE_URI",
                   "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                   "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                  "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+                  "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                  "DERMML_MLFLOW_PIPELINE_USERNAME", "DERMML_MLFLOW_PIPELINE_PASSWORD",
+                  "DERMML_MLFLOW_READER_USERNAME", "DERMML_MLFLOW_READER_PASSWORD"}
 SECRET_LIKE_NAME = re.compile(r"PASSWORD|SECRET|KEY|TOKEN|CREDENTIAL|BACKEND_STORE_URI")
 
 
@@ -172,7 +179,7 @@ def test_chart_lints_without_warnings(profile):
 
 @pytest.mark.parametrize("profile", PROFILES)
 def test_builtin_objects_are_valid_kubernetes_1_33(profile):
-    builtin = [o for o in rendered(profile) if not o["apiVersion"].startswith("ray.io/")]
+    builtin = [o for o in rendered(profile) if not o["apiVersion"].startswith(CUSTOM_GROUPS)]
     assert builtin
     for obj in builtin:
         try:
@@ -340,8 +347,10 @@ def test_pipeline_runner_rbac_is_least_privilege(profile):
     secrets = granted["", "secrets"]
     assert secrets["verbs"] == ["get"]
     values = merged_values(profile)
+    # S3 keys only without IRSA (then the pods get AWS credentials from their ServiceAccount).
+    s3_keys = [] if values["s3"]["irsa"]["enabled"] else [values["s3"]["existingSecret"]]
     assert sorted(secrets["resourceNames"]) == sorted(
-        [values["s3"]["existingSecret"], values["mlflowClient"]["existingSecret"]])
+        s3_keys + [values["mlflowClient"]["existingSecret"]])
     (binding,) = of_kind(objects, "RoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                   "name": role["metadata"]["name"]}
@@ -469,6 +478,7 @@ SECRET_VALUES = {
     "mlflow": {"backendStore": {"existingSecret": "my-db-secret", "uriKey": "uri"},
                "auth": {"enabled": True, "existingSecret": "my-auth-secret"}},
     "mlflowClient": {"existingSecret": "my-client-secret"},
+    "mlflowReader": {"existingSecret": "my-reader-secret"},
 }
 
 
@@ -481,16 +491,25 @@ def test_credentials_are_referenced_from_existing_secrets_never_inlined():
                        "MLFLOW_TRACKING_PASSWORD": "my-client-secret",
                        "MLFLOW_AUTH_ADMIN_USERNAME": "my-auth-secret",
                        "MLFLOW_AUTH_ADMIN_PASSWORD": "my-auth-secret",
-                       "MLFLOW_FLASK_SERVER_SECRET_KEY": "my-auth-secret"}
+                       "MLFLOW_FLASK_SERVER_SECRET_KEY": "my-auth-secret",
+                       "DERMML_MLFLOW_PIPELINE_USERNAME": "my-client-secret",
+                       "DERMML_MLFLOW_PIPELINE_PASSWORD": "my-client-secret",
+                       "DERMML_MLFLOW_READER_USERNAME": "my-reader-secret",
+                       "DERMML_MLFLOW_READER_PASSWORD": "my-reader-secret"}
+    # The model servers are MLflow readers; everyone else with MLflow credentials is the
+    # pipeline identity (steps, Ray).
+    reader = {"MLFLOW_TRACKING_USERNAME": "my-reader-secret",
+              "MLFLOW_TRACKING_PASSWORD": "my-reader-secret"}
     seen = set()
-    all_containers = [c for t in pod_specs(objects).values() for c in containers(t["spec"])]
-    for container in all_containers:
-        for name, item in env_of(container).items():
-            if SECRET_LIKE_NAME.search(name):
-                assert "value" not in item, f"{container['name']}: {name} has a literal value"
-            if name in CREDENTIAL_ENV:
-                seen.add(name)
-                assert item["valueFrom"]["secretKeyRef"]["name"] == expected_secret[name], name
+    for pod, template in pod_specs(objects).items():
+        for container in containers(template["spec"]):
+            expected = {**expected_secret, **(reader if "-serving-" in pod else {})}
+            for name, item in env_of(container).items():
+                if SECRET_LIKE_NAME.search(name):
+                    assert "value" not in item, f"{container['name']}: {name} has a literal value"
+                if name in CREDENTIAL_ENV:
+                    seen.add(name)
+                    assert item["valueFrom"]["secretKeyRef"]["name"] == expected[name], (pod, name)
     assert seen == CREDENTIAL_ENV
     # The auth config file (it names the auth DB) comes from the Secret as a volume.
     mlflow_pod = one(objects, "Deployment", f"{RELEASE}-mlflow")["spec"]["template"]["spec"]
@@ -685,3 +704,97 @@ def test_optional_objects_are_valid_kubernetes_too():
         "containers"][0]["args"]
     assert "--app-name=basic-auth" in args
     assert any(a.startswith("--allowed-hosts=") and "mlflow.example.com" in a for a in args)
+
+
+IRSA_ROLES = {"mlflow": "arn:aws:iam::123456789012:role/dermml-mlflow-s3",
+              "ray": "arn:aws:iam::123456789012:role/dermml-ray-s3",
+              "pipelineRunner": "arn:aws:iam::123456789012:role/dermml-pipeline-runner-s3"}
+
+
+def test_irsa_annotates_the_s3_service_accounts_and_drops_the_static_keys():
+    objects = rendered("everything")
+    assert merged_values("everything")["s3"]["irsa"]["roleArns"] == IRSA_ROLES
+    annotated = {sa["metadata"]["name"]: sa["metadata"].get("annotations", {}).get(
+        "eks.amazonaws.com/role-arn") for sa in of_kind(objects, "ServiceAccount")}
+    assert annotated[f"{RELEASE}-mlflow"] == IRSA_ROLES["mlflow"]
+    assert annotated[f"{RELEASE}-ray"] == IRSA_ROLES["ray"]
+    assert annotated[f"{RELEASE}-pipeline-runner"] == IRSA_ROLES["pipelineRunner"]
+    # Model servers read models through MLflow's proxy: no AWS role.
+    assert annotated[f"{RELEASE}-serving"] is None
+    for name, template in pod_specs(objects).items():
+        for container in containers(template["spec"]):
+            env = env_of(container)
+            assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), name
+            if (name.startswith(("RayCluster/", f"Deployment/{RELEASE}-mlflow"))
+                    and container["name"] != "metrics"):
+                assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1", name
+    assert "dermml-s3" not in yaml.safe_dump_all(objects)  # not even referenced
+    # Static keys (kind/MinIO) are still the default.
+    mlflow = one(rendered("local"), "Deployment", f"{RELEASE}-mlflow")
+    assert "AWS_ACCESS_KEY_ID" in env_of(mlflow["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_irsa_without_a_role_fails_with_the_value_to_set():
+    with pytest.raises(helm.HelmRenderError, match="s3.irsa.roleArns.ray is required"):
+        render({"s3": {"irsa": {"enabled": True, "roleArns": {
+            "mlflow": IRSA_ROLES["mlflow"], "pipelineRunner": IRSA_ROLES["pipelineRunner"]}}}})
+    with pytest.raises(helm.HelmValuesError):
+        render({"s3": {"irsa": {"enabled": True, "roleArns": {"mlflow": "dermml-mlflow"}}}})
+
+
+def test_the_auth_bootstrap_job_runs_after_install_and_upgrade_with_secret_env_only():
+    from dermml.orchestration.mlflow_auth import default_models
+
+    objects = rendered("everything")
+    job = one(objects, "Job", f"{RELEASE}-mlflow-auth")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["python", "-m", "dermml.orchestration.mlflow_auth"]
+    values = merged_values("everything")["mlflow"]["auth"]["bootstrap"]
+    assert sorted(values["registeredModels"]) == sorted(default_models())  # every task
+    assert {f"--model={m}" for m in default_models()} | {"--reader=alice"} <= set(
+        container["args"])
+    env = env_of(container)
+    assert env["MLFLOW_TRACKING_URI"]["value"] == (
+        f"http://{RELEASE}-mlflow.{NAMESPACE}.svc.cluster.local:5000")
+    secrets = {name: item["valueFrom"]["secretKeyRef"]["name"] for name, item in env.items()
+               if "valueFrom" in item}
+    assert secrets == {"MLFLOW_AUTH_ADMIN_USERNAME": "dermml-mlflow-auth",
+                       "MLFLOW_AUTH_ADMIN_PASSWORD": "dermml-mlflow-auth",
+                       "DERMML_MLFLOW_PIPELINE_USERNAME": "dermml-mlflow",
+                       "DERMML_MLFLOW_PIPELINE_PASSWORD": "dermml-mlflow",
+                       "DERMML_MLFLOW_READER_USERNAME": "dermml-mlflow-reader",
+                       "DERMML_MLFLOW_READER_PASSWORD": "dermml-mlflow-reader"}
+    assert pod["automountServiceAccountToken"] is False
+    # The default deny is in force when it runs: its own egress to MLflow, and MLflow admits it.
+    from test_network_policies import admitted_ports
+
+    policies = {p["metadata"]["name"]: p for p in of_kind(objects, "NetworkPolicy")}
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert admitted_ports(policies[f"{RELEASE}-mlflow"], NAMESPACE, labels, {5000}) == {5000}
+    (egress,) = policies[f"{RELEASE}-mlflow-auth"]["spec"]["egress"]
+    assert egress["ports"] == [{"protocol": "TCP", "port": 5000}]
+    assert selects(policies[f"{RELEASE}-mlflow-auth"]["spec"]["podSelector"], labels)
+    # Without auth there is no Job and MLflow admits no bootstrap pod.
+    plain = rendered("default")
+    assert not [j for j in of_kind(plain, "Job") if j["metadata"]["name"].endswith("-auth")]
+    mlflow = {p["metadata"]["name"]: p for p in of_kind(plain, "NetworkPolicy")}[
+        f"{RELEASE}-mlflow"]
+    assert not admitted_ports(mlflow, NAMESPACE, labels, {5000})
+
+
+def test_the_mlflow_server_runs_the_basic_auth_app_from_secrets_only():
+    objects = rendered("everything")
+    pod = one(objects, "Deployment", f"{RELEASE}-mlflow")["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert "--app-name=basic-auth" in server["args"]
+    env = env_of(server)
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/etc/mlflow-auth/basic_auth.ini"
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts["/etc/mlflow-auth"]["name"]]
+    assert mounts["/etc/mlflow-auth"]["readOnly"] is True
+    assert volume["secret"]["secretName"] == "dermml-mlflow-auth"
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "dermml-mlflow-auth"

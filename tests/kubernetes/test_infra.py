@@ -327,6 +327,54 @@ def test_eks_gpu_node_group_matches_the_chart_gpu_profile_and_scales_from_zero()
     assert {"vpc-cni", "aws-ebs-csi-driver"} <= addons
 
 
+def test_eks_gives_each_s3_service_account_its_own_role_on_its_buckets_only():
+    """IRSA: one IAM role per ServiceAccount that touches S3 (the chart's, by the names it
+    renders, and KFP's step account), created role-only (the chart annotates its accounts),
+    allowed only object access on the DermML buckets, never s3:* or every bucket."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_chart import rendered
+
+    config = load_yaml(INFRA / "eks" / "cluster.yaml")
+    accounts = {(a["metadata"]["namespace"], a["metadata"]["name"]): a
+                for a in config["iam"]["serviceAccounts"]}
+    chart = load_yaml(CHART / "ci" / "everything-values.yaml")["s3"]["irsa"]["roleArns"]
+    annotated = {sa["metadata"]["name"]: sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+                 for sa in rendered("everything") if sa["kind"] == "ServiceAccount"
+                 and "eks.amazonaws.com/role-arn" in sa["metadata"].get("annotations", {})}
+    assert set(annotated.values()) == set(chart.values())
+    gpu_values = load_yaml(CHART / "values-gpu.yaml")
+    artifacts = re.match(r"s3://([^/]+)", gpu_values["mlflow"]["artifactsDestination"]).group(1)
+    buckets = {}
+    for name, arn in annotated.items():
+        account = accounts[("dermml", name)]
+        assert account["roleOnly"] is True, name  # the chart owns the ServiceAccount
+        assert arn.endswith(f":role/{account['roleName']}"), (name, arn)
+    for key, account in accounts.items():
+        if "attachPolicy" not in account:
+            continue
+        resources = set()
+        for statement in account["attachPolicy"]["Statement"]:
+            assert statement["Effect"] == "Allow"
+            assert all(a.startswith("s3:") and "*" not in a for a in statement["Action"]), key
+            resources |= set(statement["Resource"])
+        assert all(re.fullmatch(r"arn:aws:s3:::dermml-[a-z-]+(/\*)?", r) for r in resources), key
+        buckets[key] = {r.split(":::")[1].split("/")[0] for r in resources}
+    assert buckets[("dermml", "dermml-mlflow")] == {artifacts}
+    assert buckets[("dermml", "dermml-ray")] == {"dermml-data"}
+    assert buckets[("dermml", "dermml-pipeline-runner")] == {"dermml-data"}
+    assert "dermml-data" in buckets[("kubeflow", "pipeline-runner")]
+    assert artifacts not in buckets[("kubeflow", "pipeline-runner")]
+
+
+def test_eks_installs_metrics_server_for_the_serving_autoscaler():
+    config = load_yaml(INFRA / "eks" / "cluster.yaml")
+    assert "metrics-server" in {a["name"] for a in config["addons"]}
+    hpa = load_yaml(CHART / "values-gpu.yaml")["serving"]["models"][0]["hpa"]
+    assert hpa["enabled"] is True  # what needs it
+
+
 def test_chart_gpu_profile_uses_the_pool_label_the_clusters_set():
     """The contract between chart and infra, stated once: pool label and GPU taint key."""
     assert gpu_worker_group()["nodeSelector"]["dermml.io/pool"] == "gpu"
@@ -343,6 +391,8 @@ def test_readme_names_the_secrets_and_keys_the_chart_reads():
             values["mlflow"]["backendStore"]["uriKey"]],
         values["mlflowClient"]["existingSecret"]: [values["mlflowClient"]["usernameKey"],
                                                    values["mlflowClient"]["passwordKey"]],
+        values["mlflowReader"]["existingSecret"]: [values["mlflowReader"]["usernameKey"],
+                                                   values["mlflowReader"]["passwordKey"]],
         values["mlflow"]["auth"]["existingSecret"]: [
             values["mlflow"]["auth"][k] for k in ("adminUsernameKey", "adminPasswordKey",
                                                   "flaskSecretKeyKey", "configKey")],

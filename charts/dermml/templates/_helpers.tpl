@@ -154,12 +154,32 @@ localhost (kubectl port-forward), the Ingress host and mlflow.allowedHosts. MLfl
   value: /tmp/dermml
 {{- end }}
 
-{{/* S3 credentials (from the existing Secret) and region. */}}
+{{/*
+S3 credentials (from the existing Secret) and region. With s3.irsa.enabled no keys: the EKS pod
+identity webhook gives pods of an annotated ServiceAccount web-identity credentials.
+*/}}
 {{- define "dermml.s3Env" -}}
+{{- if not .Values.s3.irsa.enabled }}
 {{ include "dermml.secretEnv" (dict "name" "AWS_ACCESS_KEY_ID" "secret" .Values.s3.existingSecret "key" .Values.s3.accessKeyIdKey) }}
 {{ include "dermml.secretEnv" (dict "name" "AWS_SECRET_ACCESS_KEY" "secret" .Values.s3.existingSecret "key" .Values.s3.secretAccessKeyKey) }}
+{{- end }}
 - name: AWS_DEFAULT_REGION
   value: {{ .Values.s3.region | quote }}
+{{- end }}
+
+{{/*
+The eks.amazonaws.com/role-arn annotation of a ServiceAccount with IRSA, as an `annotations:`
+block (nothing without IRSA). Call with (dict "ctx" $ "role" "mlflow"); fails without the ARN.
+*/}}
+{{- define "dermml.irsaAnnotations" -}}
+{{- if .ctx.Values.s3.irsa.enabled }}
+{{- $arn := get .ctx.Values.s3.irsa.roleArns .role }}
+{{- if not $arn }}
+{{- fail (printf "s3.irsa.roleArns.%s is required with s3.irsa.enabled (the IAM role of that ServiceAccount, infra/eks/cluster.yaml)" .role) }}
+{{- end }}
+annotations:
+  eks.amazonaws.com/role-arn: {{ $arn | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Where MLflow clients send runs, plus their credentials when auth is on. */}}
@@ -169,6 +189,16 @@ localhost (kubectl port-forward), the Ingress host and mlflow.allowedHosts. MLfl
 {{- if .Values.mlflow.auth.enabled }}
 {{ include "dermml.secretEnv" (dict "name" "MLFLOW_TRACKING_USERNAME" "secret" .Values.mlflowClient.existingSecret "key" .Values.mlflowClient.usernameKey) }}
 {{ include "dermml.secretEnv" (dict "name" "MLFLOW_TRACKING_PASSWORD" "secret" .Values.mlflowClient.existingSecret "key" .Values.mlflowClient.passwordKey) }}
+{{- end }}
+{{- end }}
+
+{{/* Where model servers read models, with the reader identity's credentials when auth is on. */}}
+{{- define "dermml.mlflowReaderEnv" -}}
+- name: MLFLOW_TRACKING_URI
+  value: {{ include "dermml.trackingUri" . | quote }}
+{{- if .Values.mlflow.auth.enabled }}
+{{ include "dermml.secretEnv" (dict "name" "MLFLOW_TRACKING_USERNAME" "secret" .Values.mlflowReader.existingSecret "key" .Values.mlflowReader.usernameKey) }}
+{{ include "dermml.secretEnv" (dict "name" "MLFLOW_TRACKING_PASSWORD" "secret" .Values.mlflowReader.existingSecret "key" .Values.mlflowReader.passwordKey) }}
 {{- end }}
 {{- end }}
 
@@ -325,4 +355,22 @@ dermml.io/release: {{ .Release.Name }}
 {{- fail (printf "serving.mode=kserve follows a registry alias: modelUri %q must be models:/<name>@<alias>" .) }}
 {{- end }}
 {{- first $parts }}
+{{- end }}
+
+{{/* What RayJob pods may use (rayJobPolicy), as JSON lists; the defaults are DermML's own. */}}
+{{- define "dermml.rayJobPolicy.allowedImages" -}}
+{{- $p := .Values.rayJobPolicy }}
+{{- toJson (default (list .Values.image.repository .Values.gpuImage.repository) $p.allowedImages | uniq) }}
+{{- end }}
+
+{{- define "dermml.rayJobPolicy.allowedServiceAccounts" -}}
+{{- toJson (default (list (include "dermml.ray.fullname" .)) .Values.rayJobPolicy.allowedServiceAccounts) }}
+{{- end }}
+
+{{- define "dermml.rayJobPolicy.allowedSecrets" -}}
+{{- $default := list .Values.mlflowClient.existingSecret }}
+{{- if not .Values.s3.irsa.enabled }}
+{{- $default = append $default .Values.s3.existingSecret }}
+{{- end }}
+{{- toJson (default $default .Values.rayJobPolicy.allowedSecrets) }}
 {{- end }}
