@@ -222,44 +222,46 @@ class MultitaskTask(Task):
             out = model(batch["image"])
             probs = torch.softmax(out["lesion"].float(), 1)
             lesion = probs[:, LESION] > threshold
-            rows = batch["has_lesion"]
-            if rows.any():
-                pred, truth = lesion[rows], batch["lesion"][rows] > 0.5
-                tp = (pred & truth).flatten(1).sum(1).double()
-                fp = (pred & ~truth).flatten(1).sum(1).double()
-                fn = (~pred & truth).flatten(1).sum(1).double()
-                sums["lesion_dice_sum"] += torch.where(
-                    2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), 1.0).sum()
-                sums["lesion_iou_sum"] += torch.where(
-                    tp + fp + fn > 0, tp / (tp + fp + fn).clamp(min=1), 1.0).sum()
-                sums["lesion_n"] += rows.sum()
+            # Samples without a target count with weight 0 (masks, not indexing: no sync).
+            rows = batch["has_lesion"].double()
+            truth = batch["lesion"] > 0.5
+            tp = (lesion & truth).flatten(1).sum(1).double()
+            fp = (lesion & ~truth).flatten(1).sum(1).double()
+            fn = (~lesion & truth).flatten(1).sum(1).double()
+            dice = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1),
+                               1.0)
+            iou = torch.where(tp + fp + fn > 0, tp / (tp + fp + fn).clamp(min=1), 1.0)
+            sums["lesion_dice_sum"] += (dice * rows).sum()
+            sums["lesion_iou_sum"] += (iou * rows).sum()
+            sums["lesion_n"] += rows.sum()
             self._count(sums, "seg", seg_labels(probs, lesion), batch["seg"], batch["has_seg"],
                         3)
             if "anatomy" in out:
                 self._count(sums, "anatomy", out["anatomy"].argmax(1), batch["anatomy"],
                             batch["has_anatomy"], 8)
             if "depth" in out:
-                valid = (batch["depth"] > 0) & batch["has_depth"].view(-1, 1, 1)
-                p = depth_from_log(out["depth"][:, 0])[valid].double()
-                t = batch["depth"][valid].double()
-                sums["depth_abs_rel_sum"] += ((p - t).abs() / t).sum()
-                sums["depth_sq_sum"] += (p - t).pow(2).sum()
-                sums["depth_delta1"] += (torch.maximum(p / t, t / p) < 1.25).sum()
-                sums["depth_n"] += valid.sum()
+                known = ((batch["depth"] > 0) & batch["has_depth"].view(-1, 1, 1)).double()
+                p = depth_from_log(out["depth"][:, 0]).double()
+                t = batch["depth"].double().clamp(min=1e-6)
+                sums["depth_abs_rel_sum"] += ((p - t).abs() / t * known).sum()
+                sums["depth_sq_sum"] += ((p - t).pow(2) * known).sum()
+                sums["depth_delta1"] += ((torch.maximum(p / t, t / p) < 1.25) * known).sum()
+                sums["depth_n"] += known.sum()
         host = {k: v.cpu().numpy() for k, v in sums.items()}
         return _summary(host)
 
     @staticmethod
     def _count(sums: dict, prefix: str, pred: torch.Tensor, truth: torch.Tensor,
                rows: torch.Tensor, n: int) -> None:
-        if not rows.any():
-            return
-        pred, truth = pred[rows].flatten(), truth[rows].flatten()
-        inter = torch.bincount(pred[pred == truth], minlength=n)[:n]
-        union = torch.bincount(pred, minlength=n)[:n] + torch.bincount(truth, minlength=n)[:n]
+        """Add the per-class intersections, unions and pixels of the samples in ``rows``."""
+        weight = rows.view(-1, 1, 1).expand_as(pred).flatten().double()
+        pred, truth = pred.flatten(), truth.flatten()
+        inter = torch.bincount(pred, weights=weight * (pred == truth), minlength=n)[:n]
+        union = torch.bincount(pred, weights=weight, minlength=n)[:n] + \
+            torch.bincount(truth, weights=weight, minlength=n)[:n] - inter
         sums[f"{prefix}_inter"] += inter
-        sums[f"{prefix}_union"] += union - inter
-        sums[f"{prefix}_pixels"] += pred.numel()
+        sums[f"{prefix}_union"] += union
+        sums[f"{prefix}_pixels"] += weight.sum()
 
     @torch.no_grad()
     def outputs(self, model, images: list[np.ndarray], cfg: MultitaskConfig) -> list[dict]:

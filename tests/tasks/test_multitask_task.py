@@ -169,6 +169,24 @@ def test_rows_without_a_target_add_nothing_to_its_head(demo_data, synth_views):
     assert lesion_head_loss(a, lesion, no, seg, no) == 0
 
 
+def test_validation_and_evaluation_share_one_definition_of_every_metric(synth_views):
+    """At the input size (no resizing either way) the per-epoch validation and the per-sample
+    records aggregated as evaluation aggregates them give the same numbers."""
+    task = get_task("multitask")
+    cfg = cfg_for(synth_views, ALL_HEADS, "data.val_split=test", "serving.threshold=0.3")
+    manifest = read_manifest(synth_views)
+    rows = manifest.split("test")
+    parts = build_parts(training_inputs(task, cfg))
+    model = parts.model.eval()
+    with torch.no_grad():
+        validated = task.validate(model, parts.val_loader, torch.device("cpu"), cfg)
+    images = [parts.val_loader.dataset.load(i)[0] for i in range(len(rows))]
+    evaluated = task.aggregate(task.score(task.predict(model, images, cfg), rows, manifest))
+    assert set(validated) == set(evaluated)
+    for name, value in validated.items():
+        assert evaluated[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
 @pytest.fixture(scope="module")
 def trained(synth_views, tmp_path_factory):
     """A tracked multi-head run (two epochs on the synth3d views) and its MLflow home."""
