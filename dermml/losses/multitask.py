@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dermml.data.multitask import LESION
+
 LOG_DEPTH_RANGE = (-8.0, 5.0)
 """Log-depth outputs are clamped to this range (0.3 mm .. 148 m) before ``exp``."""
 

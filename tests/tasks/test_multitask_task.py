@@ -169,6 +169,24 @@ def test_rows_without_a_target_add_nothing_to_its_head(demo_data, synth_views):
     assert lesion_head_loss(a, lesion, no, seg, no) == 0
 
 
+def test_real_and_synthetic_samples_train_together(demo_data, synth_views):
+    """DermSynth3D's setting: real lesion masks (train split of the demo data) mixed half and
+    half with synth3d views; validation on the real set reports lesion metrics only."""
+    task = get_task("multitask")
+    cfg = task.prepare(cfg_for(demo_data, ALL_HEADS, f"mix.synthetic_manifest={synth_views}",
+                               "mix.real_batch_ratio=0.5", "train.epochs=1",
+                               "train.max_steps_per_epoch=3"), read_manifest(demo_data))
+    parts = build_parts(training_inputs(task, cfg))
+    batch = next(iter(parts.train_loader))
+    assert batch["has_lesion"].all() and batch["has_seg"].sum() == 2
+    assert torch.equal(batch["has_seg"], batch["has_anatomy"])
+    assert torch.equal(batch["has_seg"], batch["has_depth"])
+    result = run_loop(task, cfg, parts, torch.device("cpu"))
+    (epoch,) = result.history
+    assert np.isfinite(epoch["train_loss"])
+    assert {k for k in epoch if k.startswith("val_")} == {"val_lesion_dice", "val_lesion_iou"}
+
+
 def test_validation_and_evaluation_share_one_definition_of_every_metric(synth_views):
     """At the input size (no resizing either way) the per-epoch validation and the per-sample
     records aggregated as evaluation aggregates them give the same numbers."""
