@@ -478,7 +478,7 @@ def predict_cmd(
                                      ("ensemble", ensemble)) if v is not None})
     model = load_python_model(model_uri)
     response = model.predict(None, request_frame([load_image(u) for u in images]), params)
-    for column in ("mask", "label_map"):
+    for column in ("mask", "label_map", "lesion_mask", "skin_mask", "anatomy", "depth"):
         if column in response:
             for uri, encoded in zip(images, response[column], strict=True):
                 name = f"{uri.rstrip('/').split('/')[-1].rsplit('.', 1)[0]}_{column}.png"

@@ -205,6 +205,18 @@ class Augmenter:
         out = self.pipeline(image=image, mask=encode_mask(mask))
         return out["image"], decode_mask(out["mask"], mask.dtype)
 
+    def with_masks(self, image: np.ndarray, masks: list[np.ndarray]
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """As ``__call__`` for several pixel-aligned maps at once (bool or integer each, e.g.
+        a lesion map, an anatomy map and a depth map in integer units): one draw of the
+        geometry moves the image and every map."""
+        self._reseed_in_worker()
+        if not masks:
+            return self.pipeline(image=image)["image"], []
+        out = self.pipeline(image=image, masks=[encode_mask(m) for m in masks])
+        return out["image"], [decode_mask(o, m.dtype)
+                              for o, m in zip(out["masks"], masks, strict=True)]
+
     def _reseed_in_worker(self) -> None:
         info = torch.utils.data.get_worker_info()
         if info is None or self._worker == (info.id, info.seed):

@@ -192,7 +192,7 @@ def serving_params(cfg: TaskConfig) -> ParamSchema:
 
 def signature_for(task_name: str, cfg: TaskConfig) -> ModelSignature:
     task = get_task(task_name)
-    outputs = Schema([ColSpec(t, name) for name, t in task.response_schema()])
+    outputs = Schema([ColSpec(t, name) for name, t in task.response_schema_for(cfg)])
     params = serving_params(cfg)
     inputs = Schema([ColSpec(kind, name, required=(name, kind) != ("truncation", "double"))
                      for name, kind in task.request_columns])

@@ -333,6 +333,11 @@ class Task(ABC):
         """(column, mlflow type) pairs of the serving response."""
         return []
 
+    def response_schema_for(self, cfg: TaskConfig) -> list[tuple[str, str]]:
+        """The response columns of a model trained with ``cfg`` (the signature's outputs): all
+        of ``response_schema`` unless the config leaves some out (multitask: its heads)."""
+        return self.response_schema()
+
 
 _REGISTRY: dict[str, Task] = {}
 
