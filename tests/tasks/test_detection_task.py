@@ -392,3 +392,42 @@ def test_sgd_momentum_is_a_loop_setting():
     kept = with_hyperparameters({"optimizer": rmsprop.state_dict()},
                                 LoopConfig(optimizer="rmsprop", momentum=0.5))
     assert kept["optimizer"]["param_groups"][0]["momentum"] == 0.9  # not SGD's setting
+
+
+def test_pretrained_weights_from_a_local_file(tmp_path):
+    """A backbone's ImageNet-style weights or a whole detector checkpoint (another class
+    count: its box predictor is skipped); over pretrained weights batch norm is frozen and
+    three stages train, and the served network is rebuilt the same way without the file."""
+    import torch
+    from torchvision.models import resnet18
+
+    from dermml.models.detection import DetectorConfig, build_detector
+    from dermml.tasks import get_task
+
+    backbone_file = tmp_path / "resnet18.pth"
+    torch.save(resnet18(weights=None).state_dict(), backbone_file)
+    cfg = DetectorConfig(backbone="resnet18", box_head_size=64, pretrained=str(backbone_file))
+    model = build_detector(cfg, num_classes=1, image_size=64)
+    weights = torch.load(backbone_file, weights_only=True)
+    assert torch.equal(model.backbone.body.conv1.weight, weights["conv1.weight"])
+    assert torch.equal(model.backbone.body.layer4[1].bn2.running_var,
+                       weights["layer4.1.bn2.running_var"])
+    assert type(model.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
+    trainable = {n.split(".")[2] for n, p in model.named_parameters()
+                 if n.startswith("backbone.body.") and p.requires_grad}
+    assert trainable == {"layer2", "layer3", "layer4"}
+
+    detector_file = tmp_path / "detector.pth"
+    other = build_detector(cfg.model_copy(update={"pretrained": ""}), 4, 64)
+    torch.save({"model": other.state_dict()}, detector_file)
+    loaded = build_detector(cfg.model_copy(update={"pretrained": str(detector_file),
+                                                   "norm": "batch"}), 1, 64)
+    assert torch.equal(loaded.rpn.head.conv[0][0].weight, other.rpn.head.conv[0][0].weight)
+    assert loaded.roi_heads.box_predictor.cls_score.out_features == 2  # lesion + background
+
+    task = get_task("detection")
+    task_cfg = task.config_cls(classes=["lesion"], model=cfg,
+                               data={"image_size": 64, "batch_size": 2})
+    served = task.build_to_load(task_cfg)   # no weights file needed, same layers
+    served.load_state_dict(model.state_dict())
+    assert type(served.backbone.body.bn1).__name__ == "FrozenBatchNorm2d"
