@@ -1,5 +1,5 @@
-"""Pictures for humans: mask boundaries drawn over images and image grids (numpy only), and the
-training loss curve (matplotlib, imported only when drawn)."""
+"""Pictures for humans: mask boundaries and boxes drawn over images and image grids (numpy and
+PIL only), and the training loss curve (matplotlib, imported only when drawn)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,46 @@ def overlay_boundaries(image: np.ndarray, ground_truth: np.ndarray | None,
     if prediction is not None:
         out[mask_boundary(prediction)] = PREDICTION_RGB
     return out
+
+
+BOX_TRUTH_RGB = (0, 220, 0)
+BOX_PREDICTION_RGB = (230, 0, 0)
+
+
+def draw_boxes(image: np.ndarray, truth=(), predicted=(), scores=(), labels=(),
+               side: int = 192, max_side: int = 512) -> np.ndarray:
+    """``image`` with ground-truth boxes in green and predicted ones in red, each prediction
+    with its score (and class, when ``labels`` are given) above it. Boxes are COCO [x, y, w, h]
+    in ``image``'s pixels; the picture is scaled to a shorter side of at least ``side`` px (a
+    longer side of at most ``max_side``) so 1-px lines and the text stay readable."""
+    from PIL import ImageDraw
+
+    h, w = image.shape[:2]
+    scale = side / min(h, w) if min(h, w) < side else 1.0
+    if max(h, w) * scale > max_side:
+        scale = max_side / max(h, w)
+    picture = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    if scale != 1.0:
+        picture = picture.resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                 Image.BILINEAR)
+    pen = ImageDraw.Draw(picture)
+
+    def corners(box):
+        x, y, bw, bh = (float(v) * scale for v in box)
+        return [x, y, x + bw, y + bh]
+
+    for box in truth:
+        pen.rectangle(corners(box), outline=BOX_TRUTH_RGB, width=2)
+    labels = list(labels) or [""] * len(predicted)
+    for box, score, label in zip(predicted, scores, labels, strict=True):
+        x0, y0, x1, y1 = corners(box)
+        pen.rectangle([x0, y0, x1, y1], outline=BOX_PREDICTION_RGB, width=2)
+        text = f"{label} {score:.2f}".strip()
+        ty = y0 - 11 if y0 >= 11 else y1 + 1
+        left, top, right, bottom = pen.textbbox((x0, ty), text)
+        pen.rectangle([left - 1, top - 1, right + 1, bottom + 1], fill=(0, 0, 0))
+        pen.text((x0, ty), text, fill=BOX_PREDICTION_RGB)
+    return np.asarray(picture)
 
 
 def image_grid(tiles: list[np.ndarray], columns: int = 4, pad: int = 2,

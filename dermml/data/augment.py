@@ -1,6 +1,8 @@
-"""Training augmentation: one albumentations pipeline over an image and its (optional) mask.
+"""Training augmentation: one albumentations pipeline over an image and its (optional) mask,
+or over an image and its boxes (``build_box_augment``: flips and 90-degree rotations only).
 
-Geometry moves image and mask together; colour, blur, hair and dropout touch the image only.
+Geometry moves image and mask (or boxes) together; colour, blur, hair and dropout touch the
+image only.
 """
 
 from __future__ import annotations
@@ -290,6 +292,48 @@ def _quiet(transform: type, **kwargs: Any) -> A.BasicTransform:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return transform(**kwargs)
+
+
+class BoxAugmenter(Augmenter):
+    """``augment(image, boxes, labels) -> (image, boxes, labels)``: COCO [x, y, w, h] boxes
+    (N, 4) in pixels move with the image (``build_box_augment``)."""
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._reseed_in_worker()
+        out = self.pipeline(image=image, bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                            labels=np.asarray(labels, np.int64))
+        return (out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4),
+                np.asarray(out["labels"], np.int64))
+
+
+BOX_GEOMETRY = ("rotate_degrees", "scale", "elastic")
+"""Geometry options that boxes cannot follow exactly (a rotated box is not a box)."""
+
+
+def box_augment_problems(cfg: AugmentConfig) -> list[str]:
+    """Why ``cfg`` cannot augment images with boxes (empty: it can)."""
+    problems = [f"augment.{name}" for name in BOX_GEOMETRY if getattr(cfg, name) > 0]
+    if cfg.policy != "dermml":
+        problems.append(f"augment.policy={cfg.policy}")
+    return problems
+
+
+def build_box_augment(cfg: AugmentConfig, seed: int | None = None) -> BoxAugmenter | None:
+    """The training augmentation of images with boxes: flips and 90-degree rotations (which
+    move boxes exactly) and the image-only transforms; None when all is off."""
+    problems = box_augment_problems(cfg)
+    if problems:
+        raise ValueError(f"{', '.join(problems)}: boxes follow only flips and 90-degree "
+                         "rotations (augment.flips); set these to 0 / dermml")
+    ops: list[A.BasicTransform] = []
+    if cfg.flips:
+        ops += [A.HorizontalFlip(), A.VerticalFlip(), A.RandomRotate90()]
+    ops += pixel_ops(cfg)
+    if not ops:
+        return None
+    params = A.BboxParams(format="coco", label_fields=["labels"], clip=True)
+    return BoxAugmenter(A.Compose(ops, bbox_params=params, seed=seed), seed)
 
 
 def build_augment(cfg: AugmentConfig, seed: int | None = None) -> Augmenter | None:

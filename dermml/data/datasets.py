@@ -200,3 +200,92 @@ def class_pixel_counts(dataset: AttributeDataset, max_samples: int | None = None
     for i in indices:
         counts += np.bincount(dataset.load(i)[1].ravel(), minlength=counts.size)
     return counts
+
+
+class DetectionDataset(Dataset):
+    """(image, target) pairs for torchvision detectors: ``target`` holds ``boxes`` (N, 4) as
+    [x0, y0, x1, y1] at ``image_size`` and ``labels`` (N,) as class index + 1 (0 is the
+    background). Boxes come from the manifest's ``boxes`` column or from the connected
+    components of the row's mask (``dermml.data.boxes``), in full-size pixels, and are scaled
+    with the image; ``augment`` (a ``BoxAugmenter``) moves them with the image."""
+
+    def __init__(self, manifest: Manifest, rows: pd.DataFrame, image_size: int,
+                 class_names: list[str], settings, augment=None):
+        from dermml.data.boxes import box_labels, box_sources, column_boxes, valid_boxes
+
+        self.image_uris = [manifest.resolve(u) for u in rows["image_uri"]]
+        self.sample_ids = rows["sample_id"].tolist()
+        self.class_names = list(class_names)
+        self.settings = settings
+        self.sources = box_sources(rows, settings.source, manifest.uri)
+        self.mask_uris = [manifest.resolve(u) if s == "mask" else None
+                          for u, s in zip(rows["mask_uri"], self.sources, strict=True)]
+        # Column boxes are read now; mask boxes on first load (the mask is read then anyway).
+        self._boxes: list[tuple[list, list] | None] = []
+        self._mask_labels: list[str | None] = []
+        for (_, row), source in zip(rows.iterrows(), self.sources, strict=True):
+            if source == "column":
+                boxes = column_boxes(row.get("boxes"))
+                self._boxes.append(valid_boxes(boxes, box_labels(row, len(boxes), source,
+                                                                 settings.labels)))
+                self._mask_labels.append(None)
+            else:
+                self._boxes.append(None)
+                self._mask_labels.append(box_labels(row, 1, source, settings.labels)[0])
+        index = {name: i for i, name in enumerate(self.class_names)}
+        unknown = sorted({label for entry, mask_label in zip(self._boxes, self._mask_labels,
+                                                             strict=True)
+                          for label in (entry[1] if entry else [mask_label])
+                          if label not in index})
+        if unknown:
+            raise ValueError(f"{manifest.uri}: box labels {unknown} are not in the classes "
+                             f"{self.class_names}; add them to classes or set "
+                             "boxes.labels=lesion")
+        self.index = index
+        self.image_size = image_size
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.image_uris)
+
+    def files(self, index: int) -> list[str]:
+        """The files sample ``index`` reads."""
+        mask = self.mask_uris[index]
+        return [self.image_uris[index], *([mask] if mask else [])]
+
+    def full_size_boxes(self, index: int, image: np.ndarray | None = None
+                        ) -> tuple[list[list[float]], list[str]]:
+        """Boxes [x, y, w, h] (full-size pixels) and classes of sample ``index``."""
+        from dermml.data.boxes import mask_boxes
+
+        if self._boxes[index] is None:
+            mask = load_mask(self.mask_uris[index])
+            if image is not None:
+                check_same_size(mask, self.mask_uris[index], image, self.image_uris[index])
+            boxes = mask_boxes(mask, self.settings.min_area)
+            self._boxes[index] = (boxes, [self._mask_labels[index]] * len(boxes))
+        return self._boxes[index]
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The resized image, its boxes [x, y, w, h] (N, 4) at ``image_size`` and their class
+        indices (N,), before augmentation."""
+        from dermml.data.boxes import scale_boxes
+
+        image = load_image(self.image_uris[index])
+        boxes, labels = self.full_size_boxes(index, image)
+        h, w = image.shape[:2]
+        size = self.image_size
+        scaled = scale_boxes(boxes, size / w, size / h)
+        return (resize_image(image, size), scaled,
+                np.array([self.index[label] for label in labels], np.int64))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from dermml.data.boxes import xywh_to_xyxy
+
+        image, boxes, labels = self.load(index)
+        if self.augment is not None:
+            image, boxes, labels = self.augment(image, boxes, labels)
+        xyxy = xywh_to_xyxy(boxes)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        return image_to_tensor(image), {"boxes": torch.from_numpy(xyxy[keep]),
+                                        "labels": torch.from_numpy(labels[keep] + 1)}

@@ -9,5 +9,6 @@ from dermml.tasks import attributes  # noqa: E402,F401  isort: skip
 from dermml.tasks import segdiff  # noqa: E402,F401  isort: skip
 from dermml.tasks import gan  # noqa: E402,F401  isort: skip
 from dermml.tasks import multitask  # noqa: E402,F401  isort: skip
+from dermml.tasks import detection  # noqa: E402,F401  isort: skip
 
 __all__ = ["Task", "get_task", "register_task", "task_names"]

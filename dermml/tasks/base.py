@@ -242,6 +242,12 @@ class Task(ABC):
                            False)
         return train, val
 
+    def collate_fn(self, cfg: TaskConfig):
+        """How the loaders batch samples, or None for torch's default (stacked tensors). A task
+        whose samples differ in shape returns a picklable module-level function (detection:
+        lists of images and of box targets)."""
+        return None
+
     @abstractmethod
     def loss_step(self, cfg: TaskConfig):
         """``f(model, batch) -> loss`` for the training loop."""

@@ -15,7 +15,8 @@ read.
 
 ``build_loaders`` assembles the loaders for one (data-parallel) rank: the training sampler
 (shuffle, class oversampling, the mixed real/synthetic batch sampler, or a
-``DistributedSampler`` with several workers), batch size, loader workers and pinned memory.
+``DistributedSampler`` with several workers), batch size, loader workers, pinned memory and
+the task's ``collate_fn``.
 ``sampler_epochs`` tells the epoch-aware samplers the epoch.
 """
 
@@ -154,6 +155,9 @@ def build_loaders(inputs: TrainingInputs, device: torch.device | None = None,
     persistent = data.loader_workers > 0 and not data.progressive_resize.sizes
     common: dict[str, Any] = {"num_workers": data.loader_workers, "pin_memory": pin,
                               "persistent_workers": persistent}
+    collate = get_task(inputs.task).collate_fn(cfg)
+    if collate is not None:  # e.g. detection: lists of images and box targets
+        common["collate_fn"] = collate
     train_set = inputs.train_set
     if inputs.batch_sampler is not None:  # the sampler composes the batches itself
         batch_sampler = copy.copy(inputs.batch_sampler)  # sharding changes it: not the shared

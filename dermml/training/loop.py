@@ -33,6 +33,8 @@ class LoopConfig(Section):
     """Decoupled weight decay (AdamW) or L2 (SGD)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam/AdamW betas (DermoSegDiff: 0.7, 0.99)."""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum (DermSynth3D's detector: 0.95)."""
     optimizer: Literal["adamw", "adam", "sgd", "rmsprop"] = "adamw"
     """Optimizer; fused kernels are used on CUDA."""
     scheduler: Literal["cosine", "constant", "plateau"] = "cosine"
@@ -123,7 +125,7 @@ def build_optimizer(model: nn.Module, cfg: LoopConfig,
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=cfg.lr, alpha=0.9, momentum=0.9, eps=1e-3,
                                    weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
@@ -273,11 +275,12 @@ def with_hyperparameters(state: dict, cfg: LoopConfig) -> dict:
 
     Population-based training restarts a trial from another trial's checkpoint with perturbed
     settings; the optimizer, LR schedule and plateau states would otherwise bring the old
-    learning rate, weight decay and betas back. The peak learning rate is replaced where the
-    schedule keeps it (its base rates), and the current rate is scaled by the same factor, so
-    warm-up, cosine decay and plateau reductions keep their place. Settings read from the
-    config at every step (loss weights, augmentation) need nothing here; the optimizer kind and
-    the network's shape cannot change (``load_state_dict`` would fail)."""
+    learning rate, weight decay, betas and (SGD) momentum back. The peak learning rate is
+    replaced where the schedule keeps it (its base rates), and the current rate is scaled by
+    the same factor, so warm-up, cosine decay and plateau reductions keep their place.
+    Settings read from the config at every step (loss weights, augmentation) need nothing
+    here; the optimizer kind and the network's shape cannot change (``load_state_dict`` would
+    fail)."""
     state = dict(state)
     groups = [dict(g) for g in state["optimizer"]["param_groups"]]
     scales = []
@@ -290,6 +293,8 @@ def with_hyperparameters(state: dict, cfg: LoopConfig) -> dict:
         group["weight_decay"] = cfg.weight_decay
         if "betas" in group:
             group["betas"] = tuple(cfg.betas)
+        if "nesterov" in group:  # SGD's (RMSprop's momentum is not the momentum setting)
+            group["momentum"] = cfg.momentum
     state["optimizer"] = {**state["optimizer"], "param_groups": groups}
     for key in ("scheduler", "plateau"):  # both hold base rates (with plateau reductions)
         part = state.get(key)
