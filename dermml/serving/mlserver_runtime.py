@@ -11,7 +11,8 @@ subclass changes only those:
   message; its V2 ``predict`` does not, so a refused request there is HTTP 500
   (``{"error": "mlflow.exceptions.MlflowException: <reason>"}``). Here the exceptions whose
   HTTP status is 4xx (the pyfunc's ``INVALID_PARAMETER_VALUE``, MLflow's schema checks) become
-  MLServer's ``InferenceError``: HTTP 400, the reason in ``error``.
+  MLServer's ``InferenceError``: HTTP 400, the reason in ``error``; so do inputs its codecs
+  cannot decode (stock: HTTP 500 ``builtins.ValueError: ...``).
 - Where the model runs: its ``predict`` is a coroutine that calls the pyfunc directly, so each
   inference worker runs one request at a time on its event-loop (main) thread. On a busy CPU
   torch's OpenMP team on that thread stalls (benchmarks/README.md: 5-10x slower than the same
@@ -43,8 +44,13 @@ class DermmlMLflowRuntime(MLflowRuntime):
             raise
 
     def _predict(self, payload: InferenceRequest) -> InferenceResponse:
-        """``MLflowRuntime.predict``'s body (mlserver-mlflow 1.7.1), run in a thread."""
-        decoded = self.decode_request(payload)
+        """``MLflowRuntime.predict``'s body (mlserver-mlflow 1.7.1), run in a thread; an input
+        its codecs cannot decode (e.g. ``FP64`` data that are strings) is a bad request, not
+        a 500."""
+        try:
+            decoded = self.decode_request(payload)
+        except (ValueError, TypeError) as exc:
+            raise InferenceError(f"cannot decode the inputs: {exc}") from None
         params = None
         if payload.parameters and payload.parameters.model_extra:
             params = payload.parameters.model_extra

@@ -132,6 +132,8 @@ def test_responses_name_the_version_served_even_after_the_alias_moves(servers, d
      "unknown params ['treshold']; this model takes ['threshold']"),
     ([{"name": "picture", "datatype": "BYTES", "shape": [1], "data": ["x"]}], None,
      "Model is missing inputs ['image']"),
+    ([{"name": "image", "datatype": "FP64", "shape": [1], "data": ["x"]}], None,
+     "cannot decode the inputs: could not convert string to float"),
 ])
 def test_refused_v2_request_is_http_400_with_its_reason(servers, inputs, parameters, reason):
     response = v2_post(servers["urls"]["v2"], inputs, parameters)
