@@ -10,7 +10,9 @@
   output per response column and the served ``model_name``/``model_version``.
 
 Both return the same table: the task's response columns, then ``model_name`` and
-``model_version``. A refused request raises ``PredictionError`` with the HTTP status and the
+``model_version`` (on mlflow only when the server was started with a registered model's
+identity; a V2 server always names its model, ``model`` without a version for a run's or a
+path's model). A refused request raises ``PredictionError`` with the HTTP status and the
 server's reason (``message`` on mlflow, ``error`` on v2).
 """
 
