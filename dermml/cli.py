@@ -679,16 +679,32 @@ def registry_history(task: Annotated[str, typer.Option(help="Task name")] = "seg
 @cli_errors
 def serve_cmd(
     model_uri: Annotated[str, typer.Argument(help="e.g. models:/dermml-segmentation@champion")],
-    port: Annotated[int, typer.Option(help="Port")] = 5001,
+    port: Annotated[int, typer.Option(help="Port (HTTP)")] = 5001,
     host: Annotated[str, typer.Option(help="Interface")] = "127.0.0.1",
+    protocol: Annotated[str, typer.Option(
+        help="mlflow: `mlflow models serve` (POST /invocations); v2: MLServer, the Open "
+             "Inference Protocol (POST /v2/models/NAME/infer)")] = "mlflow",
+    workers: Annotated[int, typer.Option(
+        help="Server processes (mlflow) / MLServer parallel inference workers (v2)")] = 1,
+    workdir: Annotated[str | None, typer.Option(
+        help="v2: folder for MLServer's settings and the downloaded model "
+             "(default $DERMML_HOME/serving/NAME-VERSION)")] = None,
 ):
-    """Serve a model over HTTP with `mlflow models serve` (POST /invocations)."""
+    """Serve a model over HTTP; a registry alias is resolved once, and responses name the
+    model and version served (docs/serving.md)."""
     import os
 
-    from dermml.serving.server import serve_command, serve_env
+    from dermml.serving.server import launch, prepare
 
-    cmd = serve_command(model_uri, port, host)
-    os.execve(cmd[0], cmd, serve_env())
+    served, workdir, model_path = prepare(model_uri, protocol, workdir)
+    spec = launch(served, protocol, port, host, workers, workdir, model_path)
+    identity = f"{served.name} version {served.version}" if served.version else "unregistered"
+    where = (f"{spec.url}/v2/models/{served.v2_name}/infer (MLServer settings in {spec.cwd})"
+             if protocol == "v2" else f"{spec.url}/invocations")
+    typer.echo(f"serving {served.uri} ({identity}) over {protocol} at {where}", err=True)
+    if spec.cwd:
+        os.chdir(spec.cwd)
+    os.execve(spec.command[0], spec.command, spec.env)
 
 
 # ----------------------------------------------------------------------------- serving (KServe)

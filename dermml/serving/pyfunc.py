@@ -37,6 +37,19 @@ IMAGE_REQUEST = [(IMAGE_COLUMN, "string")]
 """The request of image tasks; a task with other ``request_columns`` decodes its own rows."""
 BUNDLE_ARTIFACT = "model_bundle"
 
+MODEL_NAME_ENV = "DERMML_MODEL_NAME"
+MODEL_VERSION_ENV = "DERMML_MODEL_VERSION"
+"""The registered name and version of the model a server serves, set by the process that
+started it (``dermml.serving.server``) after resolving the alias through the registry; a model
+loaded with them set answers every row with ``model_name`` and ``model_version``."""
+IDENTITY_COLUMNS = ("model_name", "model_version")
+
+
+def served_identity() -> tuple[str, str] | None:
+    """(name, version) from ``$DERMML_MODEL_NAME``/``$DERMML_MODEL_VERSION``, else None."""
+    name, version = os.environ.get(MODEL_NAME_ENV), os.environ.get(MODEL_VERSION_ENV)
+    return (name, version) if name and version else None
+
 
 def _bad_request(message: str) -> MlflowException:
     # INVALID_PARAMETER_VALUE makes the scoring server answer HTTP 400 instead of 500.
@@ -103,9 +116,24 @@ class DermmlModel(mlflow.pyfunc.PythonModel):
         self.model = self.task.build_to_load(self.cfg)
         self.task.load_serving_state(self.model, bundle["state_dict"])
         self.model.to(serving_device()).eval()
+        self.identity = served_identity()
         _record_requested_params()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):
+        return self._response(self._predict_rows(model_input, params))
+
+    def _response(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The response rows as every server can encode them: the served identity appended
+        (when known), text as plain ``object`` columns. pandas 3 infers its ``str`` dtype for
+        text, which MLServer 1.7's codecs cannot map to a V2 datatype (``KeyError: 'O'``);
+        ``mlflow models serve`` writes both alike."""
+        identity = getattr(self, "identity", None)
+        if identity is not None:
+            frame = frame.assign(**dict(zip(IDENTITY_COLUMNS, identity, strict=True)))
+        return frame.astype({c: object for c in frame.columns
+                             if pd.api.types.is_string_dtype(frame[c].dtype)})
+
+    def _predict_rows(self, model_input: pd.DataFrame, params: dict[str, Any] | None):
         self._check_param_names(_requested_names(params))
         if self.task.request_columns != IMAGE_REQUEST:  # e.g. the GAN: class, seed -> image
             if not isinstance(model_input, pd.DataFrame):

@@ -133,6 +133,34 @@ def test_served_model_returns_an_image_of_the_requested_class(trained, monkeypat
         stop_server(server)
 
 
+def test_served_over_v2_answers_as_over_mlflow(trained, monkeypatch, tmp_path):
+    """The GAN's request (class, seed; truncation as a param) through MLServer's V2: the
+    images `mlflow models serve` answers, and a class the model lacks is HTTP 400."""
+    from dermml.serving.client import PredictionError, predict_frame
+    from dermml.serving.server import serve_model, stop_server
+
+    home, outcome = trained
+    monkeypatch.setenv("DERMML_HOME", str(home))
+    request = pd.DataFrame({"class": ["red", "blue"], "seed": [3, 4]})
+    answers = {}
+    for protocol in ("v2", "mlflow"):
+        server, url = serve_model(outcome.model_uri, log_file=str(tmp_path / f"{protocol}.log"),
+                                  protocol=protocol)
+        try:
+            answers[protocol] = predict_frame(url, request, {"truncation": 0.5},
+                                              protocol=protocol)
+            with pytest.raises(PredictionError, match="green") as refused:
+                predict_frame(url, pd.DataFrame({"class": ["green"], "seed": [1]}),
+                              protocol=protocol)
+            assert refused.value.status == 400
+        finally:
+            stop_server(server)
+    v2, mlflow = answers["v2"], answers["mlflow"]
+    assert v2["image"].tolist() == mlflow["image"].tolist()
+    assert v2["class"].tolist() == ["red", "blue"] and set(v2["truncation"]) == {0.5}
+    assert v2["model_name"].tolist() == ["model", "model"]  # a run's model: no registered name
+
+
 def test_evaluate_scores_the_generator_against_a_split_with_its_extractor(trained, colours,
                                                                           monkeypatch):
     from dermml.evaluation.run import evaluate
