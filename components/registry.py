@@ -23,11 +23,12 @@ def register_model(model_uri: str, task: str,
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)  # scores the model
 def promote_model(task: str, version: str, manifest_uri: str, split: str, min_delta: float,
-                  parent_run_id: str) -> bool:
+                  parent_run_id: str, min_per_group: list = []) -> bool:  # noqa: B006
     from dermml.orchestration.tracking import failing_parent
-    from dermml.registry.gate import promote
+    from dermml.registry.gate import parse_floors, promote
 
     with failing_parent(parent_run_id):
-        decision = promote(task, version, manifest_uri, split, None, min_delta, parent_run_id)
+        decision = promote(task, version, manifest_uri, split, None, min_delta, parent_run_id,
+                           min_per_group=parse_floors([str(f) for f in min_per_group]))
     print(decision.reason)
     return decision.promoted

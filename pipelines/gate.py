@@ -14,7 +14,8 @@ from dermml.orchestration.platform import active_platform, platform_json
 
 
 def register_evaluate_promote(task: str, model_uri, manifest_uri, parent, test_split: str,
-                              min_delta: float, bootstrap_resamples: int) -> dict:
+                              min_delta: float, bootstrap_resamples: int,
+                              min_per_group=None) -> dict:
     """Steps by stage name: register -> evaluate -> promote (gate) -> [rollout] -> finish.
 
     The rollout step is there when the platform in force has ``serving.kserve``: the
@@ -25,7 +26,9 @@ def register_evaluate_promote(task: str, model_uri, manifest_uri, parent, test_s
                                parent_run_id=parent.output, n_resamples=bootstrap_resamples)
     promoted = promote_model(task=task, version=registered.outputs["version"],
                              manifest_uri=manifest_uri, split=test_split,
-                             min_delta=min_delta, parent_run_id=parent.output).after(evaluated)
+                             min_delta=min_delta, parent_run_id=parent.output,
+                             min_per_group=[] if min_per_group is None else min_per_group
+                             ).after(evaluated)
     steps = {"register": registered, "evaluate": evaluated, "promote": promoted}
     last = promoted
     if active_platform().serving.kserve:

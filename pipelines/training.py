@@ -32,7 +32,8 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                       min_delta: float = 0.0, bootstrap_resamples: int = 200,
                       validation_suite: str = "", validation_overrides: list = [],  # noqa: B006
                       validation_warn_only: bool = False,
-                      synthetic_views: str = "") -> TrainingOutputs:
+                      synthetic_views: str = "",
+                      gate_min_per_group: list = []) -> TrainingOutputs:  # noqa: B006
     parent = start_pipeline_run(task=task, pipeline="training")
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
                         demo_size=demo_size, seed=seed, parent_run_id=parent.output)
@@ -46,7 +47,7 @@ def training_pipeline(task: str = "segmentation", config: str = "", overrides: l
                           synthetic_manifest=synthetic_views)
     tail = register_evaluate_promote(task, trained.outputs["model_uri"],
                                      checked.outputs["Output"], parent, test_split, min_delta,
-                                     bootstrap_resamples)
+                                     bootstrap_resamples, gate_min_per_group)
     place_steps({"tracking": parent, "data": data, "validate": checked, "train": trained,
                  **tail})
     registered, promoted = tail["register"], tail["promote"]

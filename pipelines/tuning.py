@@ -37,7 +37,8 @@ def tuning_pipeline(task: str = "segmentation", config: str = "", overrides: lis
                     required_splits: str = "train,val,test", test_split: str = "test",
                     min_delta: float = 0.0, bootstrap_resamples: int = 200,
                     validation_suite: str = "", validation_overrides: list = [],  # noqa: B006
-                    validation_warn_only: bool = False) -> TuningOutputs:
+                    validation_warn_only: bool = False,
+                    gate_min_per_group: list = []) -> TuningOutputs:  # noqa: B006
     parent = start_pipeline_run(task=task, pipeline="tuning")
     data = prepare_data(manifest_uri=manifest_uri, demo_root=demo_root, demo_n=demo_n,
                         demo_size=demo_size, seed=seed, parent_run_id=parent.output)
@@ -52,7 +53,7 @@ def tuning_pipeline(task: str = "segmentation", config: str = "", overrides: lis
                        platform=platform_json())
     tail = register_evaluate_promote(task, tuned.outputs["model_uri"],
                                      checked.outputs["Output"], parent, test_split, min_delta,
-                                     bootstrap_resamples)
+                                     bootstrap_resamples, gate_min_per_group)
     place_steps({"tracking": parent, "data": data, "validate": checked, "tune": tuned,
                  **tail})
     registered, promoted = tail["register"], tail["promote"]

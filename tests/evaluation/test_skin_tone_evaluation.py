@@ -154,3 +154,31 @@ def test_the_gate_refuses_a_model_with_a_group_below_the_floor(segmentation_mode
                      min_per_group={"dice": worst.metrics["dice"] - 1e-3})
     assert passed.promoted and all(c["passed"] for c in passed.group_floors)
     assert len(passed.group_floors) == len(reported)
+
+
+def test_the_pipelines_promote_step_takes_the_per_group_floors(monkeypatch, tmp_path):
+    """`gate_min_per_group` of the training and tuning pipelines reaches the gate."""
+    import yaml
+
+    import dermml.registry.gate as gate
+    from components.registry import promote_model
+    from dermml.orchestration.kfp_local import compile_pipeline
+    from pipelines import get_pipeline
+
+    seen = {}
+
+    def fake_promote(task, version, manifest_uri, split, metric, min_delta, parent_run_id,
+                     min_per_group=None):
+        seen["floors"] = min_per_group
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(gate, "promote", fake_promote)
+    with pytest.raises(RuntimeError, match="stop"):
+        promote_model.python_func(task="segmentation", version="1", manifest_uri="m.parquet",
+                                  split="test", min_delta=0.0, parent_run_id="",
+                                  min_per_group=["dice=0.7"])
+    assert seen["floors"] == {"dice": 0.7}
+    spec = yaml.safe_load(open(compile_pipeline(get_pipeline("training"),
+                                                str(tmp_path / "t.yaml"))).read()
+                          .split("\n---\n")[0])
+    assert "gate_min_per_group" in spec["root"]["inputDefinitions"]["parameters"]
