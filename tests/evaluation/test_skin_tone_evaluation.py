@@ -178,7 +178,6 @@ def test_the_pipelines_promote_step_takes_the_per_group_floors(monkeypatch, tmp_
                                   split="test", min_delta=0.0, parent_run_id="",
                                   min_per_group=["dice=0.7"])
     assert seen["floors"] == {"dice": 0.7}
-    spec = yaml.safe_load(open(compile_pipeline(get_pipeline("training"),
-                                                str(tmp_path / "t.yaml"))).read()
-                          .split("\n---\n")[0])
+    compiled = compile_pipeline(get_pipeline("training"), str(tmp_path / "t.yaml"))
+    spec = yaml.safe_load(Path(compiled).read_text().split("\n---\n")[0])
     assert "gate_min_per_group" in spec["root"]["inputDefinitions"]["parameters"]
