@@ -47,7 +47,7 @@ def test_gan_augmentation_compares_real_and_real_plus_gan_on_one_test_set(tracki
                                    "synthetic_per_class": "nevus=8,melanoma=8,"
                                                           "seborrheic_keratosis=8",
                                    "bootstrap_resamples": 50})
-    client = MlflowClient(tracking_server)
+    client = MlflowClient(tracking_server, registry_uri=tracking_server)
     parent = client.get_run(outputs["parent_run_id"])
     assert parent.info.status == "FINISHED"
     table = pd.read_csv(client.download_artifacts(parent.info.run_id, "comparison/table.csv"))

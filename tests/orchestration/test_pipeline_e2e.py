@@ -46,7 +46,7 @@ def runs_of(client: MlflowClient, parent_run_id: str) -> dict[str, list]:
 
 
 def test_pipeline_trains_registers_promotes_and_serves(tracking_server, demo_data, tmp_path):
-    client = MlflowClient(tracking_server)
+    client = MlflowClient(tracking_server, registry_uri=tracking_server)
     outputs = run_local(TRAINING, pipeline_params(demo_data))
     # The server is the session's: other tests may have registered (and deleted) segmentation
     # versions first, so the number is whatever the registry gave; it is the champion now.
@@ -129,7 +129,7 @@ def test_bad_data_stops_the_pipeline_before_training(tracking_server, demo_data,
     with pytest.raises(PipelineFailed, match="failed at stage 'validate-data'"):
         run_local(TRAINING, pipeline_params(manifest, epochs=1))
 
-    client = MlflowClient(tracking_server)
+    client = MlflowClient(tracking_server, registry_uri=tracking_server)
     experiment = client.get_experiment_by_name("dermml/segmentation")
     parents = client.search_runs([experiment.experiment_id], "tags.`dermml.stage` = 'pipeline'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
@@ -164,7 +164,7 @@ def test_pipeline_task_parameter_trains_and_registers_a_classifier(demo_data):
     outputs = run_local(TRAINING, {"task": "classification", "manifest_uri": demo_data,
                                      "overrides": overrides})
     assert outputs["model_version"] == "1" and outputs["promoted"] is True
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     champion = client.get_model_version_by_alias("dermml-classification", "champion")
     assert champion.run_id == outputs["train_run_id"]
     stages = runs_of(client, outputs["parent_run_id"])
@@ -182,7 +182,7 @@ def test_pipeline_task_parameter_trains_evaluates_and_registers_segdiff(demo_dat
                                      "overrides": ["train.epochs=2", "ray.enabled=false",
                                                    "serving.steps=4", "serving.ensemble=1"]})
     assert outputs["model_version"] == "1" and outputs["promoted"] is True
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     champion = client.get_model_version_by_alias("dermml-segdiff", "champion")
     assert champion.run_id == outputs["train_run_id"]
     stages = runs_of(client, outputs["parent_run_id"])
@@ -199,7 +199,7 @@ def test_a_stage_failing_outside_its_own_run_still_fails_the_pipeline_run():
     parent = start_pipeline_run("segmentation", "training")
     with pytest.raises(ValueError, match="bad override"), failing_parent(parent):
         raise ValueError("bad override")
-    client = MlflowClient(tracking.tracking_uri())
+    client = MlflowClient(tracking.tracking_uri(), registry_uri=tracking.tracking_uri())
     assert client.get_run(parent).info.status == "FAILED"
 
 

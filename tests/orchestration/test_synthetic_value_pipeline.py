@@ -42,7 +42,7 @@ def test_synthetic_value_pipeline_on_demo_data(tracking_server, demo_data, tmp_p
         "view_size": 48, "synth3d_overrides": SYNTH3D, "gan_overrides": GAN,
         "synthetic_per_class": "nevus=6,melanoma=6,seborrheic_keratosis=6",
         "fractions": "0.25", "seeds": "0", "bootstrap_resamples": 30})
-    client = MlflowClient(tracking_server)
+    client = MlflowClient(tracking_server, registry_uri=tracking_server)
     table = pd.read_csv(client.download_artifacts(outputs["parent_run_id"],
                                                   "synthetic_value/table.csv"))
     overall = table[(table["group"] == "all") & (table["metric"] == "dice")]
