@@ -76,12 +76,15 @@ def test_pipeline_trains_registers_promotes_and_serves(tracking_server, demo_dat
 
     # models:/m-... resolves through the global tracking URI, which earlier tests in the same
     # process may have pointed at their own store: point it at this pipeline's server.
+    # (set_tracking_uri also exports MLFLOW_TRACKING_URI: restoring an earlier test's URI
+    # would send this test's later registry lookups there; the fixture's value stays.)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_server)
     try:
         info = mlflow.models.get_model_info(train_run.data.tags["dermml.model_uri"])
     finally:
         mlflow.set_tracking_uri(previous)
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_server  # the fixture restores it after
     assert [c.name for c in info.signature.inputs.inputs] == ["image"]
     assert "mask" in [c.name for c in info.signature.outputs.inputs]
     assert "threshold" in [p.name for p in info.signature.params.params]
